@@ -1,1 +1,24 @@
+//! Transformer architectures and their quantized forward pass on candle tensors.
+//!
+//! Weights stay in the GGUF memory map in their block format: no weight is copied at load, a
+//! layer's bytes are read from the page cache when its matmuls run ([`Linear`]). Activations
+//! are quantized exactly as ggml does and dotted with candle's block kernels; attention runs
+//! over an f16 KV cache with ggml's flash-attention numerics. Other ops are candle tensor ops.
 
+mod activation_quant;
+mod attention;
+mod config;
+mod error;
+mod kv_cache;
+mod linear;
+mod mapped;
+mod model;
+mod rope;
+mod weights;
+
+pub use config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+pub use error::ModelError;
+pub use kv_cache::KvCache;
+pub use linear::Linear;
+pub use model::{Logits, Model};
+pub use weights::{LayerWeights, Weights};

@@ -1,0 +1,144 @@
+//! Causal grouped-query attention over an f16 KV cache, with the numerics of ggml's CPU
+//! flash-attention kernel (what llama.cpp runs by default), so logits agree with llama.cpp's.
+//!
+//! One pass per query row with an online softmax (running max `m`, running sum `s`), reading
+//! each cached key and value once. Like ggml: for fewer than [`F32_QUERY_ROWS`] query rows the
+//! query is rounded to f16 and the value accumulator is kept in f16; for more, both stay f32.
+
+use half::f16;
+
+/// From this many query rows on, ggml switches to its tiled f32 kernel.
+pub const F32_QUERY_ROWS: usize = 64;
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Positions the cache can hold (stride between KV heads, in rows).
+    pub capacity: usize,
+}
+
+/// Attention of `n` query rows at positions `start..start + n` over cached positions
+/// `0..start + n`. `q` is (heads, n, head_dim); `keys`/`values` are (kv_heads, capacity, head_dim);
+/// the result is (n, heads * head_dim).
+pub fn causal_attention(q: &[f32], keys: &[f16], values: &[f16], start: usize, n: usize, s: AttentionShape) -> Vec<f32> {
+    let d = s.head_dim;
+    let group = s.heads / s.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let f16_path = n < F32_QUERY_ROWS;
+    let mut out = vec![0f32; n * s.heads * d];
+    let mut q_row = vec![0f32; d];
+    let mut acc = vec![0f32; d];
+    let mut v_row = vec![0f32; d];
+    let mut k_row = vec![0f32; d];
+    for h in 0..s.heads {
+        let kv = h / group;
+        let k_head = &keys[kv * s.capacity * d..(kv + 1) * s.capacity * d];
+        let v_head = &values[kv * s.capacity * d..(kv + 1) * s.capacity * d];
+        for i in 0..n {
+            q_row.copy_from_slice(&q[(h * n + i) * d..(h * n + i + 1) * d]);
+            if f16_path {
+                q_row.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+            }
+            acc.fill(0.0);
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+            for j in 0..=start + i {
+                convert(&k_head[j * d..(j + 1) * d], &mut k_row);
+                let score = dot(&k_row, &q_row) * scale;
+                // As ggml: on a new maximum rescale the accumulator, then add the weighted value.
+                let (rescale, weight) = if score > max {
+                    let r = (max - score).exp();
+                    max = score;
+                    acc.iter_mut().for_each(|a| *a *= r);
+                    if f16_path {
+                        round_f16(&mut acc);
+                    }
+                    (r, 1.0)
+                } else {
+                    (1.0, (score - max).exp())
+                };
+                convert(&v_head[j * d..(j + 1) * d], &mut v_row);
+                for (a, &v) in acc.iter_mut().zip(&v_row) {
+                    *a += v * weight;
+                }
+                if f16_path {
+                    round_f16(&mut acc);
+                }
+                sum = sum * rescale + weight;
+            }
+            let dst = &mut out[(i * s.heads + h) * d..(i * s.heads + h + 1) * d];
+            for (o, a) in dst.iter_mut().zip(&acc) {
+                *o = a / sum;
+            }
+        }
+    }
+    out
+}
+
+fn convert(src: &[f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+fn round_f16(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain softmax attention in f64 as the oracle.
+    fn naive(q: &[f32], k: &[f16], v: &[f16], start: usize, n: usize, s: AttentionShape) -> Vec<f32> {
+        let d = s.head_dim;
+        let mut out = vec![0f32; n * s.heads * d];
+        for h in 0..s.heads {
+            let kv = h / (s.heads / s.kv_heads);
+            for i in 0..n {
+                let qr = &q[(h * n + i) * d..(h * n + i + 1) * d];
+                let scores: Vec<f64> = (0..=start + i)
+                    .map(|j| {
+                        let kr = &k[(kv * s.capacity + j) * d..(kv * s.capacity + j + 1) * d];
+                        qr.iter().zip(kr).map(|(a, b)| *a as f64 * b.to_f64()).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let total: f64 = w.iter().sum();
+                for c in 0..d {
+                    let val: f64 = w.iter().enumerate().map(|(j, wj)| wj * v[(kv * s.capacity + j) * d + c].to_f64()).sum();
+                    out[(i * s.heads + h) * d + c] = (val / total) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_plain_softmax_attention() {
+        let s = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8, capacity: 100 };
+        let mut seed = 1u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let kv_len = s.kv_heads * s.capacity * s.head_dim;
+        let k: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd() * 4.0)).collect();
+        let v: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd())).collect();
+        for (start, n) in [(0, 1), (5, 3), (0, 70), (20, 1)] {
+            let q: Vec<f32> = (0..s.heads * n * s.head_dim).map(|_| rnd() * 4.0).collect();
+            let got = causal_attention(&q, &k, &v, start, n, s);
+            let want = naive(&q, &k, &v, start, n, s);
+            let tolerance = if n < F32_QUERY_ROWS { 2e-2 } else { 1e-5 };
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < tolerance, "start {start} n {n}: {g} vs {w}");
+            }
+        }
+    }
+}

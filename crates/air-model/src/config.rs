@@ -1,0 +1,119 @@
+use crate::ModelError;
+use air_gguf::Metadata;
+
+/// Architecture families the forward pass implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama and its many look-alikes (SmolLM, Mistral-style files).
+    Llama,
+    /// Qwen2: llama with biases on Q/K/V and NeoX-style RoPE.
+    Qwen2,
+}
+
+impl Architecture {
+    fn from_name(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "llama" => Ok(Architecture::Llama),
+            "qwen2" => Ok(Architecture::Qwen2),
+            other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+}
+
+/// How RoPE pairs up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" RoPE for llama GGUFs.
+    Interleaved,
+    /// Halves (x[i], x[i + d/2]): GPT-NeoX style, used by Qwen2 and Gemma.
+    Neox,
+}
+
+/// RoPE frequency scaling from `{arch}.rope.scaling.*`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by the factor.
+    Linear { factor: f32 },
+}
+
+/// Hyper-parameters of a model, read from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub arch_name: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub context_length: usize,
+    pub rms_norm_eps: f32,
+    pub rope_base: f32,
+    pub rope_dim: usize,
+    pub rope_style: RopeStyle,
+    pub rope_scaling: RopeScaling,
+}
+
+impl ModelConfig {
+    /// Reads the configuration of the file's architecture.
+    pub fn from_gguf(md: &Metadata) -> Result<Self, ModelError> {
+        let arch_name = md.get_str("general.architecture")?.to_string();
+        let architecture = Architecture::from_name(&arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let usize_of = |k: &str| -> Result<usize, ModelError> { Ok(md.get_u64(&key(k))? as usize) };
+        let n_embd = usize_of("embedding_length")?;
+        let n_head = usize_of("attention.head_count")?;
+        let n_head_kv = match md.opt(md.get_u64(&key("attention.head_count_kv")))? {
+            Some(n) => n as usize,
+            None => n_head,
+        };
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(ModelError::Config(format!("{n_head} attention heads cannot be grouped over {n_head_kv} KV heads")));
+        }
+        let head_dim = match md.opt(md.get_u64(&key("attention.key_length")))? {
+            Some(d) => d as usize,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => return Err(ModelError::Config(format!("embedding {n_embd} is not divisible by {n_head} heads"))),
+        };
+        let rope_dim = match md.opt(md.get_u64(&key("rope.dimension_count")))? {
+            Some(d) => d as usize,
+            None => head_dim,
+        };
+        if rope_dim > head_dim || rope_dim % 2 != 0 {
+            return Err(ModelError::Config(format!("rope dimension {rope_dim} does not fit head dimension {head_dim}")));
+        }
+        let rope_scaling = match md.opt(md.get_str(&key("rope.scaling.type")))? {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => {
+                let factor = md.get_f64(&key("rope.scaling.factor"))? as f32;
+                if factor > 0.0 && factor != 1.0 { RopeScaling::Linear { factor } } else { RopeScaling::None }
+            }
+            Some(other) => return Err(ModelError::Config(format!("RoPE scaling {other:?} is not supported yet"))),
+        };
+        let config = Self {
+            architecture,
+            n_layer: usize_of("block_count")?,
+            n_embd,
+            n_ff: usize_of("feed_forward_length")?,
+            n_head,
+            n_head_kv,
+            head_dim,
+            context_length: usize_of("context_length")?,
+            rms_norm_eps: md.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
+            rope_base: md.opt(md.get_f64(&key("rope.freq_base")))?.unwrap_or(10_000.0) as f32,
+            rope_dim,
+            rope_style: match architecture {
+                Architecture::Llama => RopeStyle::Interleaved,
+                Architecture::Qwen2 => RopeStyle::Neox,
+            },
+            rope_scaling,
+            arch_name,
+        };
+        if config.n_layer == 0 || config.n_embd == 0 || config.context_length == 0 {
+            return Err(ModelError::Config("zero layers, embedding size or context length".into()));
+        }
+        Ok(config)
+    }
+}

@@ -1,0 +1,150 @@
+//! Quantized linear layers on the CPU: weights in their GGUF block format (mapped in place),
+//! activations quantized as ggml does ([`crate::activation_quant`]), dot products by candle's
+//! block kernels (`GgmlType::vec_dot`), spread over the rayon pool by output columns.
+
+use crate::activation_quant::ActivationQuant;
+use crate::mapped::MappedBlocks;
+use crate::ModelError;
+use air_gguf::{GgufFile, TensorInfo, TensorType};
+use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::{Device, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Columns per parallel work item.
+const COLUMNS_PER_TASK: usize = 32;
+
+/// The math a weight matrix of one block type supports.
+trait Blocks: Send + Sync {
+    /// out (m, n) = x (m, k) · Wᵀ, W being (n, k) in blocks.
+    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]);
+    /// Dequantizes row `row` (k values) into `out`.
+    fn row(&self, row: usize, k: usize, out: &mut [f32]);
+}
+
+/// Pointer to the output, shared by workers that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+// SAFETY: workers write disjoint elements (distinct columns), see `matmul`.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl<T> Blocks for MappedBlocks<T>
+where
+    T: GgmlType + 'static,
+    T::VecDotType: ActivationQuant,
+{
+    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+        let w = self.blocks();
+        let kb = k / T::BLCK_SIZE;
+        let mut xq = vec![T::VecDotType::zeros(); m * kb];
+        for (src, dst) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
+            T::VecDotType::quantize(src, dst);
+        }
+        assert!(out.len() >= m * n && w.len() >= n * kb);
+        let dst = Output(out.as_mut_ptr());
+        (0..n.div_ceil(COLUMNS_PER_TASK)).into_par_iter().for_each(|task| {
+            let dst = dst;
+            let cols = task * COLUMNS_PER_TASK..((task + 1) * COLUMNS_PER_TASK).min(n);
+            for col in cols {
+                let wc = &w[col * kb..(col + 1) * kb];
+                for (row, xr) in xq.chunks_exact(kb).enumerate() {
+                    let v = T::vec_dot(k, wc, xr);
+                    // SAFETY: row < m, col < n, out holds m * n; each (row, col) has one writer.
+                    unsafe { *dst.0.add(row * n + col) = v };
+                }
+            }
+        });
+    }
+
+    fn row(&self, row: usize, k: usize, out: &mut [f32]) {
+        let kb = k / T::BLCK_SIZE;
+        T::to_float(&self.blocks()[row * kb..(row + 1) * kb], out);
+    }
+}
+
+/// A weight matrix of shape (n outputs, k inputs) applied as y = x·Wᵀ.
+pub struct Linear {
+    blocks: Box<dyn Blocks>,
+    ty: TensorType,
+    n: usize,
+    k: usize,
+}
+
+fn boxed<T>(file: &GgufFile, info: &TensorInfo) -> Option<Box<dyn Blocks>>
+where
+    T: GgmlType + 'static,
+    T::VecDotType: ActivationQuant,
+{
+    let blocks = MappedBlocks::<T>::new(file, info)?;
+    Some(Box::new(blocks))
+}
+
+impl Linear {
+    /// Maps a 2-D GGUF tensor (GGUF dims [k, n]) as a linear layer.
+    pub fn new(file: &GgufFile, info: &TensorInfo) -> Result<Self, ModelError> {
+        use k_quants::*;
+        let (k, n) = match info.dims[..] {
+            [k, n] => (k as usize, n as usize),
+            [k] => (k as usize, 1),
+            _ => return Err(ModelError::Config(format!("tensor {:?} is not a matrix: {:?}", info.name, info.dims))),
+        };
+        let blocks = match info.ty {
+            TensorType::F32 => boxed::<f32>(file, info),
+            TensorType::F16 => boxed::<f16>(file, info),
+            TensorType::BF16 => boxed::<bf16>(file, info),
+            TensorType::Q4_0 => boxed::<BlockQ4_0>(file, info),
+            TensorType::Q4_1 => boxed::<BlockQ4_1>(file, info),
+            TensorType::Q5_0 => boxed::<BlockQ5_0>(file, info),
+            TensorType::Q5_1 => boxed::<BlockQ5_1>(file, info),
+            TensorType::Q8_0 => boxed::<BlockQ8_0>(file, info),
+            TensorType::Q2_K => boxed::<BlockQ2K>(file, info),
+            TensorType::Q3_K => boxed::<BlockQ3K>(file, info),
+            TensorType::Q4_K => boxed::<BlockQ4K>(file, info),
+            TensorType::Q5_K => boxed::<BlockQ5K>(file, info),
+            TensorType::Q6_K => boxed::<BlockQ6K>(file, info),
+            _ => return Err(ModelError::UnsupportedTensorType { name: info.name.clone(), ty: info.ty }),
+        }
+        .ok_or_else(|| ModelError::Config(format!("tensor {:?} data is misaligned in the file", info.name)))?;
+        Ok(Self { blocks, ty: info.ty, n, k })
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
+    /// The weight's block type.
+    pub fn tensor_type(&self) -> TensorType {
+        self.ty
+    }
+
+    /// y (m, n) = x (m, k) · Wᵀ.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let (m, k) = x.dims2()?;
+        if k != self.k {
+            return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", self.k)));
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; m * self.n];
+        self.blocks.matmul(&xs, m, self.n, self.k, &mut out);
+        Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?)
+    }
+
+    /// Rows of W dequantized, as an embedding lookup: (ids.len(), k).
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor, ModelError> {
+        let mut out = vec![0f32; ids.len() * self.k];
+        for (dst, &id) in out.chunks_exact_mut(self.k).zip(ids) {
+            if id as usize >= self.n {
+                return Err(ModelError::TokenOutOfRange { id, vocab: self.n });
+            }
+            self.blocks.row(id as usize, self.k, dst);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)?)
+    }
+}

@@ -1,0 +1,67 @@
+//! Greedy decoding against llama.cpp's recorded outputs (tests/reference/), by the rule of
+//! tests/reference/README.md: prompt ids identical, greedy ids identical for 64 steps or up to
+//! llama.cpp's first near-tie (top-1/top-2 margin < 0.05), first-step top-5 within 0.1.
+//! Needs the models: `scripts/fetch-models.sh all`.
+
+use air_gguf::GgufFile;
+use air_model::{Logits, Model};
+use serde_json::Value;
+use std::path::PathBuf;
+
+const NEAR_TIE: f64 = 0.05;
+const LOGIT_TOLERANCE: f64 = 10.0;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    xs.iter().enumerate().fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
+}
+
+fn check_model(model: &str) {
+    let dir = std::env::var_os("AIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let file = GgufFile::open(dir.join(format!("{model}.gguf")))
+        .unwrap_or_else(|e| panic!("{e} (fetch the models with scripts/fetch-models.sh all)"));
+    let m = Model::load(&file).unwrap();
+    let text = std::fs::read_to_string(root().join(format!("tests/reference/public_{model}.json"))).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    for case in reference["prompts"].as_array().unwrap() {
+        let prompt: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let steps = case["steps"].as_array().unwrap();
+        let mut cache = m.new_cache(prompt.len() + steps.len()).unwrap();
+        let mut logits = m.forward(&prompt, &mut cache, Logits::Last).unwrap();
+        // First step: top-5 ids and logits.
+        let top5 = steps[0]["top5"].as_array().unwrap();
+        for entry in top5 {
+            let id = entry["id"].as_u64().unwrap() as usize;
+            let expected = entry["logit"].as_f64().unwrap();
+            let got = logits[id] as f64;
+            assert!((got - expected).abs() < LOGIT_TOLERANCE, "{model} {:?}: logit of {id} is {got}, llama.cpp {expected}", case["prompt"]);
+        }
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let ours: Vec<u64> = order[..5].iter().map(|&i| i as u64).collect();
+        let theirs: Vec<u64> = top5.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+        assert_eq!(ours, theirs, "{model} {:?}: first-step top-5", case["prompt"]);
+
+        for (i, step) in steps.iter().enumerate() {
+            let t = step["top5"].as_array().unwrap();
+            let margin = t[0]["logit"].as_f64().unwrap() - t[1]["logit"].as_f64().unwrap();
+            if margin < NEAR_TIE {
+                break;
+            }
+            let expected = step["id"].as_u64().unwrap() as usize;
+            let got = argmax(&logits);
+            assert_eq!(got, expected, "{model} {:?}: step {i} differs", case["prompt"]);
+            if i + 1 < steps.len() {
+                logits = m.forward(&[got as u32], &mut cache, Logits::Last).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn smollm2_greedy_matches_llamacpp() {
+    check_model("SmolLM2-135M-Instruct.Q4_1");
+}
