@@ -15,7 +15,7 @@ pub trait ActivationQuant: GgmlType {
 
 /// ggml's `nearest_int`: round half to even.
 fn nearest(x: f32) -> i32 {
-    if std::env::var_os("RAWAY").is_some() { x.round() as i32 } else { x.round_ties_even() as i32 }
+    x.round_ties_even() as i32
 }
 
 fn max_abs(xs: &[f32]) -> f32 {

@@ -61,7 +61,7 @@ pub fn causal_attention(q: &[f32], keys: &[f16], values: &[f16], start: usize, n
                 };
                 convert(&v_head[j * d..(j + 1) * d], &mut v_row);
                 for (a, &v) in acc.iter_mut().zip(&v_row) {
-                    *a += v * weight;
+                    *a = v.mul_add(weight, *a);
                 }
                 if f16_path {
                     round_f16(&mut acc);

@@ -12,6 +12,7 @@ mod error;
 mod kv_cache;
 mod linear;
 mod mapped;
+mod ops;
 mod model;
 mod rope;
 mod weights;

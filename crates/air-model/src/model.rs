@@ -71,7 +71,7 @@ impl Model {
             Logits::Last => x.narrow(0, n - 1, 1)?,
             Logits::All => x,
         };
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.weights.output_norm, self.config.rms_norm_eps)?;
+        let x = crate::ops::rms_norm(&x.contiguous()?, &self.weights.output_norm, self.config.rms_norm_eps)?;
         let out = self.weights.output.forward(&x)?;
         Ok(out.flatten_all()?.to_vec1::<f32>()?)
     }
@@ -87,7 +87,7 @@ impl Model {
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let n = x.dim(0)?;
-        let h = candle_nn::ops::rms_norm(x, &w.attn_norm, c.rms_norm_eps)?;
+        let h = crate::ops::rms_norm(x, &w.attn_norm, c.rms_norm_eps)?;
         let project = |m: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor, ModelError> {
             let mut y = m.forward(&h)?;
             if let Some(b) = bias {
@@ -107,7 +107,7 @@ impl Model {
         let attn = Tensor::from_vec(attn, (n, c.n_head * c.head_dim), &self.device)?;
         let x = (x + w.wo.forward(&attn)?)?;
 
-        let h = candle_nn::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
+        let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
         let gated = (candle_nn::ops::silu(&w.w_gate.forward(&h)?)? * w.w_up.forward(&h)?)?;
         Ok((x + w.w_down.forward(&gated)?)?)
     }
