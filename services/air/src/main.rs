@@ -1,1 +1,24 @@
-fn main(){}
+//! `air`: the command-line front end. Each subcommand lives in its own module; this file only
+//! parses flags and turns errors into one line on stderr with a non-zero exit.
+
+mod bench;
+mod cli;
+mod generate;
+mod generation;
+mod info;
+mod loaded;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Generate(args) => generate::run(args),
+        cli::Command::Info(args) => info::run(args),
+        cli::Command::Bench(args) => bench::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,114 @@
+//! Every flag of every subcommand, in one place.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Air runs GGUF language models on the CPU, streaming layers from disk when the model is larger
+/// than memory.
+#[derive(Parser, Debug)]
+#[command(name = "air", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout as it is produced.
+    Generate(GenerateArgs),
+    /// Describe a GGUF file: architecture, sizes, tokenizer, tensors by type.
+    Info(InfoArgs),
+    /// Measure prompt-processing and generation speed (tokens/s) and peak memory.
+    Bench(BenchArgs),
+}
+
+/// Output format of a command.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object, for machines.
+    Json,
+}
+
+/// Options shared by every command that runs a model.
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Path to a GGUF model file.
+    #[arg(short, long, env = "AIR_MODEL")]
+    pub model: PathBuf,
+    /// Compute threads (default: all cores).
+    #[arg(short, long, env = "AIR_THREADS")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// The prompt text (special tokens such as <|im_start|> written in it are recognised).
+    #[arg(short, long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Context size in tokens (default: the model's, capped at prompt + max tokens).
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
+    /// Sampling temperature; 0 is greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample among the K most likely tokens only (0 = off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Sample among the most likely tokens whose probabilities add up to P (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed, for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `text` streams the generated text; `json` prints one object with token ids, text and timings.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Path to a GGUF file.
+    pub path: PathBuf,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Prompt length to process in one pass (0 skips the prompt test).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate one at a time (0 skips the generation test).
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions of each test; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}

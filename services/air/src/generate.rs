@@ -1,0 +1,79 @@
+//! `air generate`: text from a prompt, streamed to stdout.
+
+use crate::cli::{Format, GenerateArgs};
+use crate::generation::generate;
+use crate::loaded::Loaded;
+use air_sampling::{Sampler, SamplingParams};
+use air_tokenizer::{ChatMessage, ChatTemplate};
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        penalty_last_n: args.repeat_last_n,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    let mut sampler = Sampler::new(params)?;
+    let loaded = Loaded::open(&args.runtime)?;
+    let prompt = prompt_tokens(&loaded, &args)?;
+    let context_length = loaded.model.config().context_length;
+    let ctx = args.ctx_size.unwrap_or(context_length);
+    if ctx == 0 || ctx > context_length {
+        bail!("--ctx-size {ctx} is outside 1..={context_length}, the model's context length");
+    }
+    if prompt.len() >= ctx {
+        bail!("the prompt has {} tokens, which does not fit the context of {ctx} tokens", prompt.len());
+    }
+    let max_tokens = args.max_tokens.min(ctx - prompt.len());
+    let stream = args.format == Format::Text;
+    let mut stdout = std::io::stdout().lock();
+    // The KV cache is sized for what this run can use, not the whole context.
+    let capacity = prompt.len() + max_tokens;
+    let result = generate(&loaded.model, &loaded.tokenizer, prompt, max_tokens, capacity, &mut sampler, |piece| {
+        if stream && !piece.is_empty() {
+            // A closed stdout (e.g. `| head`) ends the output, not the process with a panic.
+            let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
+        }
+    })?;
+    if stream {
+        let _ = writeln!(stdout);
+    } else {
+        serde_json::to_writer(&mut stdout, &result)?;
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
+
+fn prompt_tokens(loaded: &Loaded, args: &GenerateArgs) -> Result<Vec<u32>> {
+    let tok = &loaded.tokenizer;
+    let text = if args.chat {
+        let md = loaded.file.metadata();
+        let source = md
+            .opt(md.get_str("tokenizer.chat_template"))?
+            .context("this model has no chat template (tokenizer.chat_template); run without --chat")?;
+        let token_text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+        let template = ChatTemplate::new(source, &token_text(tok.bos()), &token_text(tok.eos()))?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", &args.prompt));
+        template.render(&messages, true)?
+    } else {
+        args.prompt.clone()
+    };
+    // A template that writes the BOS token itself must not get a second one.
+    let bos_text = tok.bos().and_then(|b| tok.token_text(b)).filter(|t| !t.is_empty());
+    let add_special = !(args.chat && bos_text.is_some_and(|b| text.starts_with(b)));
+    let ids = tok.encode(&text, add_special)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    Ok(ids)
+}
