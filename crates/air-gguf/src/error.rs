@@ -3,7 +3,7 @@ use std::path::PathBuf;
 /// Everything that can be wrong with a GGUF file; offsets are byte positions in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("not a GGUF file: the first bytes are {found:?}, expected \"GGUF\"")]
     NotGguf { found: Vec<u8> },

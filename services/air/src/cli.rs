@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Air runs GGUF language models on the CPU, streaming layers from disk when the model is larger
 /// than memory.
 #[derive(Parser, Debug)]
-#[command(name = "air", version, about, long_about = None)]
+#[command(name = "air", version, about, long_about = None, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -44,6 +44,7 @@ pub struct RuntimeArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub runtime: RuntimeArgs,

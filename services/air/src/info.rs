@@ -3,12 +3,12 @@
 use crate::cli::{Format, InfoArgs};
 use air_gguf::{GgufFile, TensorType, Value};
 use air_model::ModelConfig;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::json;
 use std::collections::BTreeMap;
 
 pub fn run(args: InfoArgs) -> Result<()> {
-    let file = GgufFile::open(&args.path).with_context(|| format!("cannot read {}", args.path.display()))?;
+    let file = GgufFile::open(&args.path)?;
     let md = file.metadata();
     let arch = md.get_str("general.architecture").unwrap_or("unknown");
     let name = md.opt(md.get_str("general.name"))?.unwrap_or("");

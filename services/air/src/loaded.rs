@@ -21,7 +21,7 @@ impl Loaded {
             rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start compute threads")?;
         }
         let path = &args.model;
-        let file = GgufFile::open(path).with_context(|| format!("cannot load model {}", path.display()))?;
+        let file = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf(file.metadata()).with_context(|| format!("cannot load the tokenizer of {}", path.display()))?;
         let model = Model::load(&file).with_context(|| format!("cannot load model {}", path.display()))?;
         Ok(Self { file, tokenizer, model })

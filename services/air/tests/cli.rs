@@ -1,0 +1,123 @@
+//! The `air` binary end to end on the default model (fetch it with scripts/fetch-models.sh).
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model(file: &str) -> String {
+    let dir = std::env::var_os("AIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let path = dir.join(file);
+    assert!(path.exists(), "{} is missing: run scripts/fetch-models.sh all", path.display());
+    path.display().to_string()
+}
+
+fn smollm2() -> String {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn air(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_air")).args(args).output().unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A failure: non-zero exit and exactly one line on stderr that contains `needle`.
+fn assert_fails(args: &[&str], needle: &str) {
+    let out = air(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
+}
+
+#[test]
+fn greedy_generation_matches_llamacpp_text() {
+    let m = smollm2();
+    let out = json(&air(&["generate", "-m", &m, "-p", "The capital of France is", "-n", "8", "--temperature", "0", "--format", "json"]));
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/public_SmolLM2-135M-Instruct.Q4_1.json")).unwrap()).unwrap();
+    let case = &reference["prompts"][0];
+    assert_eq!(out["prompt_tokens"], case["prompt_ids"]);
+    let expected: Vec<Value> = case["output_ids"].as_array().unwrap()[..8].to_vec();
+    assert_eq!(out["tokens"].as_array().unwrap(), &expected);
+    assert!(out["text"].as_str().unwrap().starts_with(" Paris."), "{}", out["text"]);
+    for key in ["prompt_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms"] {
+        assert!(out["timings"][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+}
+
+#[test]
+fn text_output_streams_the_same_text() {
+    let m = smollm2();
+    let args = ["generate", "-m", &m, "-p", "Once upon a time", "-n", "12", "--temperature", "0"];
+    let text = air(&args);
+    assert!(text.status.success());
+    let json = json(&air(&[&args[..], &["--format", "json"]].concat()));
+    assert_eq!(String::from_utf8(text.stdout).unwrap().trim_end_matches('\n'), json["text"].as_str().unwrap());
+}
+
+#[test]
+fn chat_uses_the_template_and_stops_at_end_of_turn() {
+    let m = smollm2();
+    let out = json(&air(&["generate", "-m", &m, "-p", "What is the capital of France?", "--chat", "-n", "64", "--temperature", "0", "--format", "json"]));
+    assert_eq!(out["prompt_tokens"][0], 1, "starts with <|im_start|>");
+    assert_eq!(out["finish_reason"], "eos");
+    assert!(out["text"].as_str().unwrap().contains("Paris"), "{}", out["text"]);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let m = smollm2();
+    let args = ["generate", "-m", &m, "-p", "Once upon a time", "-n", "16", "--temperature", "1", "--seed", "42", "--format", "json"];
+    assert_eq!(json(&air(&args))["tokens"], json(&air(&args))["tokens"]);
+}
+
+#[test]
+fn info_describes_the_file() {
+    let out = json(&air(&["info", &smollm2(), "--format", "json"]));
+    assert_eq!(out["architecture"], "llama");
+    assert_eq!(out["block_count"], 30);
+    assert_eq!(out["vocab_size"], 49152);
+    assert_eq!(out["chat_template"], true);
+    assert_eq!(out["supported"], true);
+    let types: Vec<&str> = out["tensors_by_type"].as_array().unwrap().iter().map(|t| t["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["F32", "Q4_1", "Q8_0"]);
+}
+
+#[test]
+fn bench_reports_speed_and_memory() {
+    let out = json(&air(&["bench", "-m", &smollm2(), "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1", "--format", "json"]));
+    for key in ["prompt_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(out[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert!(out["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+}
+
+#[test]
+fn bad_input_gives_one_clear_line() {
+    let m = smollm2();
+    assert_fails(&["generate", "-m", "/nonexistent.gguf", "-p", "hi"], "cannot read /nonexistent.gguf");
+    let cargo_toml = root().join("Cargo.toml").display().to_string();
+    assert_fails(&["generate", "-m", &cargo_toml, "-p", "hi"], "not a GGUF file");
+    assert_fails(&["info", &cargo_toml], "not a GGUF file");
+    assert_fails(&["generate", "-m", &model("gemma-3-270m-q4_k_m.gguf"), "-p", "hi"], "unsupported architecture \"gemma3\"");
+    assert_fails(&["generate", "-m", &m, "-p", "one two three four", "-c", "3"], "does not fit the context of 3 tokens");
+    assert_fails(&["generate", "-m", &m, "-p", "hi", "--temperature", "-1"], "temperature");
+    assert_fails(&["generate", "-m", &m, "-p", ""], "the prompt is empty");
+    assert_fails(&["bench", "-m", &m, "--runs", "0"], "--runs");
+}
+
+#[test]
+fn truncated_model_is_reported_not_panicked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(smollm2()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&["generate", "-m", cut.to_str().unwrap(), "-p", "hi"], "lies outside the file");
+}
