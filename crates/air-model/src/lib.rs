@@ -7,6 +7,7 @@
 
 mod activation_quant;
 mod attention;
+mod block_dot;
 mod config;
 mod error;
 mod kv_cache;

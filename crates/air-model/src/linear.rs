@@ -1,8 +1,10 @@
 //! Quantized linear layers on the CPU: weights in their GGUF block format (mapped in place),
 //! activations quantized as ggml does ([`crate::activation_quant`]), dot products by candle's
-//! block kernels (`GgmlType::vec_dot`), spread over the rayon pool by output columns.
+//! block kernels or Air's where candle's are slow ([`crate::block_dot`]), spread over the
+//! rayon pool by output columns.
 
 use crate::activation_quant::ActivationQuant;
+use crate::block_dot::BlockDot;
 use crate::mapped::MappedBlocks;
 use crate::ModelError;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
@@ -31,7 +33,7 @@ unsafe impl Sync for Output {}
 
 impl<T> Blocks for MappedBlocks<T>
 where
-    T: GgmlType + 'static,
+    T: BlockDot + 'static,
     T::VecDotType: ActivationQuant,
 {
     fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
@@ -49,7 +51,7 @@ where
             for col in cols {
                 let wc = &w[col * kb..(col + 1) * kb];
                 for (row, xr) in xq.chunks_exact(kb).enumerate() {
-                    let v = T::vec_dot(k, wc, xr);
+                    let v = T::dot(k, wc, xr);
                     // SAFETY: row < m, col < n, out holds m * n; each (row, col) has one writer.
                     unsafe { *dst.0.add(row * n + col) = v };
                 }
@@ -73,7 +75,7 @@ pub struct Linear {
 
 fn boxed<T>(file: &GgufFile, info: &TensorInfo) -> Option<Box<dyn Blocks>>
 where
-    T: GgmlType + 'static,
+    T: BlockDot + 'static,
     T::VecDotType: ActivationQuant,
 {
     let blocks = MappedBlocks::<T>::new(file, info)?;
