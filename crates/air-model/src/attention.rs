@@ -24,54 +24,62 @@ pub struct AttentionShape {
 /// `0..start + n`. `q` is (heads, n, head_dim); `keys`/`values` are (kv_heads, capacity, head_dim);
 /// the result is (n, heads * head_dim).
 pub fn causal_attention(q: &[f32], keys: &[f16], values: &[f16], start: usize, n: usize, s: AttentionShape) -> Vec<f32> {
+    use rayon::prelude::*;
     let d = s.head_dim;
-    let group = s.heads / s.kv_heads;
+    // Heads are independent: each worker computes one head's (n, d) block.
+    let per_head: Vec<Vec<f32>> = (0..s.heads).into_par_iter().map(|h| head_attention(q, keys, values, start, n, h, s)).collect();
+    let mut out = vec![0f32; n * s.heads * d];
+    for (h, block) in per_head.iter().enumerate() {
+        for (i, row) in block.chunks_exact(d).enumerate() {
+            out[(i * s.heads + h) * d..(i * s.heads + h + 1) * d].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// One query head over its KV head: (n, head_dim).
+fn head_attention(q: &[f32], keys: &[f16], values: &[f16], start: usize, n: usize, h: usize, s: AttentionShape) -> Vec<f32> {
+    let d = s.head_dim;
+    let kv = h / (s.heads / s.kv_heads);
     let scale = 1.0 / (d as f32).sqrt();
     let f16_path = n < F32_QUERY_ROWS;
-    let mut out = vec![0f32; n * s.heads * d];
-    let mut q_row = vec![0f32; d];
-    let mut acc = vec![0f32; d];
-    let mut v_row = vec![0f32; d];
-    let mut k_row = vec![0f32; d];
-    for h in 0..s.heads {
-        let kv = h / group;
-        let k_head = &keys[kv * s.capacity * d..(kv + 1) * s.capacity * d];
-        let v_head = &values[kv * s.capacity * d..(kv + 1) * s.capacity * d];
-        for i in 0..n {
-            q_row.copy_from_slice(&q[(h * n + i) * d..(h * n + i + 1) * d]);
-            if f16_path {
-                q_row.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
-            }
-            acc.fill(0.0);
-            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-            for j in 0..=start + i {
-                convert(&k_head[j * d..(j + 1) * d], &mut k_row);
-                let score = dot(&k_row, &q_row) * scale;
-                // As ggml: on a new maximum rescale the accumulator, then add the weighted value.
-                let (rescale, weight) = if score > max {
-                    let r = (max - score).exp();
-                    max = score;
-                    acc.iter_mut().for_each(|a| *a *= r);
-                    if f16_path {
-                        round_f16(&mut acc);
-                    }
-                    (r, 1.0)
-                } else {
-                    (1.0, (score - max).exp())
-                };
-                convert(&v_head[j * d..(j + 1) * d], &mut v_row);
-                for (a, &v) in acc.iter_mut().zip(&v_row) {
-                    *a = v.mul_add(weight, *a);
-                }
+    let k_head = &keys[kv * s.capacity * d..(kv + 1) * s.capacity * d];
+    let v_head = &values[kv * s.capacity * d..(kv + 1) * s.capacity * d];
+    let mut out = vec![0f32; n * d];
+    let (mut q_row, mut acc, mut v_row, mut k_row) = (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+    for i in 0..n {
+        q_row.copy_from_slice(&q[(h * n + i) * d..(h * n + i + 1) * d]);
+        if f16_path {
+            round_f16(&mut q_row);
+        }
+        acc.fill(0.0);
+        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+        for j in 0..=start + i {
+            convert(&k_head[j * d..(j + 1) * d], &mut k_row);
+            let score = dot(&k_row, &q_row) * scale;
+            // As ggml: on a new maximum rescale the accumulator, then add the weighted value.
+            let (rescale, weight) = if score > max {
+                let r = (max - score).exp();
+                max = score;
+                acc.iter_mut().for_each(|a| *a *= r);
                 if f16_path {
                     round_f16(&mut acc);
                 }
-                sum = sum * rescale + weight;
+                (r, 1.0)
+            } else {
+                (1.0, (score - max).exp())
+            };
+            convert(&v_head[j * d..(j + 1) * d], &mut v_row);
+            for (a, &v) in acc.iter_mut().zip(&v_row) {
+                *a = v.mul_add(weight, *a);
             }
-            let dst = &mut out[(i * s.heads + h) * d..(i * s.heads + h + 1) * d];
-            for (o, a) in dst.iter_mut().zip(&acc) {
-                *o = a / sum;
+            if f16_path {
+                round_f16(&mut acc);
             }
+            sum = sum * rescale + weight;
+        }
+        for (o, a) in out[i * d..(i + 1) * d].iter_mut().zip(&acc) {
+            *o = a / sum;
         }
     }
     out
