@@ -12,9 +12,14 @@ pub struct TensorDesc {
 }
 
 impl TensorDesc {
-    /// Bytes of data this tensor takes.
-    pub fn size_bytes(&self) -> u64 {
-        self.ty.bytes_for(self.dims.iter().product()).unwrap_or(u64::MAX)
+    /// Bytes of data this tensor takes; None if its shape is not whole blocks or overflows.
+    pub fn size_bytes(&self) -> Option<u64> {
+        let first = *self.dims.first()?;
+        if first % self.ty.block_size() != 0 {
+            return None;
+        }
+        let elements = self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
+        self.ty.bytes_for(elements)
     }
 }
 
@@ -23,7 +28,7 @@ impl TensorDesc {
 /// files of any size can be streamed out.
 pub struct GgufWriter<W: Write> {
     out: W,
-    tensors: Vec<TensorDesc>,
+    tensors: Vec<(TensorDesc, u64)>,
     next: usize,
     written: u64,
     alignment: u64,
@@ -47,8 +52,15 @@ impl<W: Write> GgufWriter<W> {
             head.extend_from_slice(&(value.value_type() as u32).to_le_bytes());
             put_value(&mut head, value);
         }
-        let mut offset = 0u64;
+        let mut sizes = Vec::with_capacity(tensors.len());
         for t in &tensors {
+            let size = t.size_bytes().ok_or_else(|| {
+                std::io::Error::other(format!("tensor {:?}: shape {:?} is not whole {} blocks", t.name, t.dims, t.ty))
+            })?;
+            sizes.push(size);
+        }
+        let mut offset = 0u64;
+        for (t, size) in tensors.iter().zip(&sizes) {
             put_string(&mut head, &t.name);
             head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
@@ -56,24 +68,24 @@ impl<W: Write> GgufWriter<W> {
             }
             head.extend_from_slice(&t.ty.id().to_le_bytes());
             head.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + t.size_bytes()).next_multiple_of(alignment);
+            offset = (offset + size).next_multiple_of(alignment);
         }
         head.resize((head.len() as u64).next_multiple_of(alignment) as usize, 0);
         out.write_all(&head)?;
-        Ok(Self { out, tensors, next: 0, written: 0, alignment })
+        Ok(Self { out, tensors: tensors.into_iter().zip(sizes).collect(), next: 0, written: 0, alignment })
     }
 
     /// The next tensor whose data is expected, if any.
     pub fn next_tensor(&self) -> Option<&TensorDesc> {
-        self.tensors.get(self.next)
+        self.tensors.get(self.next).map(|(t, _)| t)
     }
 
     /// Appends data of the next tensor; may be called several times per tensor, in order.
     pub fn write_tensor(&mut self, data: &[u8]) -> Result<(), GgufError> {
-        let Some(t) = self.tensors.get(self.next) else {
+        let Some((t, size)) = self.tensors.get(self.next) else {
             return Err(GgufError::Write(std::io::Error::other("more tensor data than tensors")));
         };
-        let size = t.size_bytes();
+        let size = *size;
         if self.written + data.len() as u64 > size {
             return Err(GgufError::Write(std::io::Error::other(format!("too much data for tensor {:?}", t.name))));
         }

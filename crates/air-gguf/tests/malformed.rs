@@ -193,3 +193,9 @@ fn open_reports_io_and_format_errors() {
     let f = GgufFile::open(&good).unwrap();
     assert_eq!(f.tensor_data(f.tensor("weight.b").unwrap()), &[2u8; 12]);
 }
+
+#[test]
+fn writer_rejects_shapes_that_are_not_whole_blocks() {
+    let bad = vec![TensorDesc { name: "w".into(), dims: vec![33, 2], ty: TensorType::Q8_0 }];
+    assert!(matches!(GgufWriter::new(Vec::new(), &[], bad), Err(GgufError::Write(_))));
+}

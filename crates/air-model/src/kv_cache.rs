@@ -50,11 +50,6 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// Bytes of memory the cache holds.
-    pub fn size_bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|t| t.len() * size_of::<f16>()).sum()
-    }
-
     /// Writes keys and values (kv_heads, n, head_dim) of `layer` for the `n` positions after the
     /// current end (rounded to f16).
     pub(crate) fn write(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) {

@@ -31,6 +31,14 @@ struct Output(*mut f32);
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
+impl Output {
+    /// Writes element `i`.
+    /// SAFETY (caller): `i` is in bounds and no other thread writes it.
+    unsafe fn write(self, i: usize, v: f32) {
+        unsafe { *self.0.add(i) = v }
+    }
+}
+
 impl<T> Blocks for MappedBlocks<T>
 where
     T: BlockDot + 'static,
@@ -46,14 +54,13 @@ where
         assert!(out.len() >= m * n && w.len() >= n * kb);
         let dst = Output(out.as_mut_ptr());
         (0..n.div_ceil(COLUMNS_PER_TASK)).into_par_iter().for_each(|task| {
-            let dst = dst;
             let cols = task * COLUMNS_PER_TASK..((task + 1) * COLUMNS_PER_TASK).min(n);
             for col in cols {
                 let wc = &w[col * kb..(col + 1) * kb];
                 for (row, xr) in xq.chunks_exact(kb).enumerate() {
                     let v = T::dot(k, wc, xr);
                     // SAFETY: row < m, col < n, out holds m * n; each (row, col) has one writer.
-                    unsafe { *dst.0.add(row * n + col) = v };
+                    unsafe { dst.write(row * n + col, v) };
                 }
             }
         });
@@ -68,7 +75,6 @@ where
 /// A weight matrix of shape (n outputs, k inputs) applied as y = x·Wᵀ.
 pub struct Linear {
     blocks: Box<dyn Blocks>,
-    ty: TensorType,
     n: usize,
     k: usize,
 }
@@ -108,22 +114,7 @@ impl Linear {
             _ => return Err(ModelError::UnsupportedTensorType { name: info.name.clone(), ty: info.ty }),
         }
         .ok_or_else(|| ModelError::Config(format!("tensor {:?} data is misaligned in the file", info.name)))?;
-        Ok(Self { blocks, ty: info.ty, n, k })
-    }
-
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        self.n
-    }
-
-    /// Input features.
-    pub fn in_features(&self) -> usize {
-        self.k
-    }
-
-    /// The weight's block type.
-    pub fn tensor_type(&self) -> TensorType {
-        self.ty
+        Ok(Self { blocks, n, k })
     }
 
     /// y (m, n) = x (m, k) · Wᵀ.

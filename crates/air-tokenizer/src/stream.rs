@@ -23,8 +23,7 @@ impl StreamDecoder {
             Err(e) => e.valid_up_to(),
         };
         let rest = self.pending.split_off(valid);
-        let text = String::from_utf8(std::mem::replace(&mut self.pending, rest)).expect("checked valid");
-        text
+        String::from_utf8(std::mem::replace(&mut self.pending, rest)).expect("checked valid")
     }
 
     /// Returns whatever is pending, invalid bytes replaced; call at the end of a generation.

@@ -59,6 +59,7 @@ pub fn generate(
     let mut decoder = StreamDecoder::new();
     let mut finish_reason = FinishReason::Length;
     let mut first_token_at = None;
+    let mut decode_passes = 0usize;
     let decode_started = Instant::now();
     while tokens.len() < max_tokens {
         let token = sampler.sample(&logits, &history);
@@ -76,13 +77,12 @@ pub fn generate(
             break;
         }
         logits = model.forward(&[token], &mut cache, Logits::Last)?;
+        decode_passes += 1;
     }
     let rest = decoder.flush();
     on_text(&rest);
     text.push_str(&rest);
     let decode_time = decode_started.elapsed();
-    // Decode speed counts the forward passes after the prompt (one per token but the last).
-    let decode_passes = tokens.len().saturating_sub(1) + usize::from(finish_reason == FinishReason::Eos && !tokens.is_empty());
     let per_s = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
     Ok(Generation {
         timings: Timings {
