@@ -22,7 +22,7 @@ mod tensor_type;
 mod writer;
 
 pub use error::GgufError;
-pub use header::{GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, MAGIC};
+pub use header::{DEFAULT_ALIGNMENT, GgufHeader, MAGIC, TensorInfo};
 pub use metadata::{Metadata, Value, ValueType};
 pub use tensor_type::TensorType;
 pub use writer::{GgufWriter, TensorDesc};

@@ -261,7 +261,9 @@ impl Metadata {
         let items = self.get_array(key)?;
         items
             .iter()
-            .map(|v| conv(v).ok_or_else(|| GgufError::WrongType { key: key.to_string(), found: v.type_name(), expected }))
+            .map(|v| {
+                conv(v).ok_or_else(|| GgufError::WrongType { key: key.to_string(), found: v.type_name(), expected })
+            })
             .collect()
     }
 

@@ -18,8 +18,14 @@ fn sample() -> Vec<u8> {
         ("u64".into(), Value::U64(1 << 40)),
         ("i64".into(), Value::I64(-(1 << 40))),
         ("f64".into(), Value::F64(0.25)),
-        ("strings".into(), Value::Array(ValueType::String, vec![Value::String("a".into()), Value::String("é🦊".into())])),
-        ("nested".into(), Value::Array(ValueType::Array, vec![Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(2)])])),
+        (
+            "strings".into(),
+            Value::Array(ValueType::String, vec![Value::String("a".into()), Value::String("é🦊".into())]),
+        ),
+        (
+            "nested".into(),
+            Value::Array(ValueType::Array, vec![Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(2)])]),
+        ),
     ];
     let tensors = vec![
         TensorDesc { name: "weight.a".into(), dims: vec![32, 2], ty: TensorType::Q8_0 },
@@ -91,7 +97,9 @@ fn absurd_counts_are_rejected_before_allocation() {
         let mut bytes = sample();
         bytes[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         match GgufHeader::parse(&bytes) {
-            Err(GgufError::CountTooLarge { what: w, offset, .. }) => assert_eq!((w.as_str(), offset), (what, at as u64)),
+            Err(GgufError::CountTooLarge { what: w, offset, .. }) => {
+                assert_eq!((w.as_str(), offset), (what, at as u64))
+            }
             other => panic!("{what}: {other:?}"),
         }
     }
@@ -155,7 +163,10 @@ fn wrong_alignment_is_rejected() {
     for bad in [0u32, 3, 48] {
         let mut bytes = good.clone();
         bytes[at..at + 4].copy_from_slice(&bad.to_le_bytes());
-        assert!(matches!(GgufHeader::parse(&bytes), Err(GgufError::BadAlignment { value }) if value == bad as u64), "{bad}");
+        assert!(
+            matches!(GgufHeader::parse(&bytes), Err(GgufError::BadAlignment { value }) if value == bad as u64),
+            "{bad}"
+        );
     }
 }
 

@@ -21,7 +21,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reference)?)?;
     let mut worst = 0f64;
     for case in reference["prompts"].as_array().ok_or("no prompts")? {
-        let prompt: Vec<u32> = case["prompt_ids"].as_array().ok_or("no ids")?.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
+        let prompt: Vec<u32> = case["prompt_ids"]
+            .as_array()
+            .ok_or("no ids")?
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect();
         let steps = case["steps"].as_array().ok_or("no steps")?;
         let mut cache = m.new_cache(prompt.len() + steps.len())?;
         let mut logits = m.forward(&prompt, &mut cache, Logits::Last)?;

@@ -4,7 +4,7 @@
 //! signed-maximum scale. llama.cpp's logits depend on these details at the 0.1 level for small
 //! models, so matching them is what makes Air's greedy tokens equal llama.cpp's.
 
-use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ8_0, BlockQ8_1, BlockQ8K, GgmlType};
 use half::{bf16, f16};
 
 /// A block type activations can be quantized into the way ggml does.

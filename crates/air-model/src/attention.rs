@@ -23,11 +23,19 @@ pub struct AttentionShape {
 /// Attention of `n` query rows at positions `start..start + n` over cached positions
 /// `0..start + n`. `q` is (heads, n, head_dim); `keys`/`values` are (kv_heads, capacity, head_dim);
 /// the result is (n, heads * head_dim).
-pub fn causal_attention(q: &[f32], keys: &[f16], values: &[f16], start: usize, n: usize, s: AttentionShape) -> Vec<f32> {
+pub fn causal_attention(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    start: usize,
+    n: usize,
+    s: AttentionShape,
+) -> Vec<f32> {
     use rayon::prelude::*;
     let d = s.head_dim;
     // Heads are independent: each worker computes one head's (n, d) block.
-    let per_head: Vec<Vec<f32>> = (0..s.heads).into_par_iter().map(|h| head_attention(q, keys, values, start, n, h, s)).collect();
+    let per_head: Vec<Vec<f32>> =
+        (0..s.heads).into_par_iter().map(|h| head_attention(q, keys, values, start, n, h, s)).collect();
     let mut out = vec![0f32; n * s.heads * d];
     for (h, block) in per_head.iter().enumerate() {
         for (i, row) in block.chunks_exact(d).enumerate() {
@@ -38,7 +46,15 @@ pub fn causal_attention(q: &[f32], keys: &[f16], values: &[f16], start: usize, n
 }
 
 /// One query head over its KV head: (n, head_dim).
-fn head_attention(q: &[f32], keys: &[f16], values: &[f16], start: usize, n: usize, h: usize, s: AttentionShape) -> Vec<f32> {
+fn head_attention(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    start: usize,
+    n: usize,
+    h: usize,
+    s: AttentionShape,
+) -> Vec<f32> {
     let d = s.head_dim;
     let kv = h / (s.heads / s.kv_heads);
     let scale = 1.0 / (d as f32).sqrt();
@@ -120,7 +136,8 @@ mod tests {
                 let w: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let total: f64 = w.iter().sum();
                 for c in 0..d {
-                    let val: f64 = w.iter().enumerate().map(|(j, wj)| wj * v[(kv * s.capacity + j) * d + c].to_f64()).sum();
+                    let val: f64 =
+                        w.iter().enumerate().map(|(j, wj)| wj * v[(kv * s.capacity + j) * d + c].to_f64()).sum();
                     out[(i * s.heads + h) * d + c] = (val / total) as f32;
                 }
             }

@@ -23,8 +23,18 @@ macro_rules! candle_dot {
 }
 
 candle_dot!(
-    f32, f16, bf16, k_quants::BlockQ4_0, k_quants::BlockQ5_0, k_quants::BlockQ5_1, k_quants::BlockQ8_0,
-    k_quants::BlockQ2K, k_quants::BlockQ3K, k_quants::BlockQ4K, k_quants::BlockQ5K, k_quants::BlockQ6K
+    f32,
+    f16,
+    bf16,
+    k_quants::BlockQ4_0,
+    k_quants::BlockQ5_0,
+    k_quants::BlockQ5_1,
+    k_quants::BlockQ8_0,
+    k_quants::BlockQ2K,
+    k_quants::BlockQ3K,
+    k_quants::BlockQ4K,
+    k_quants::BlockQ5K,
+    k_quants::BlockQ6K
 );
 
 impl BlockDot for k_quants::BlockQ4_1 {

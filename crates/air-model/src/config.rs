@@ -34,7 +34,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by the factor.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
 }
 
 /// Hyper-parameters of a model, read from GGUF metadata.
@@ -70,7 +72,9 @@ impl ModelConfig {
             None => n_head,
         };
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
-            return Err(ModelError::Config(format!("{n_head} attention heads cannot be grouped over {n_head_kv} KV heads")));
+            return Err(ModelError::Config(format!(
+                "{n_head} attention heads cannot be grouped over {n_head_kv} KV heads"
+            )));
         }
         let head_dim = match md.opt(md.get_u64(&key("attention.key_length")))? {
             Some(d) => d as usize,
@@ -82,7 +86,9 @@ impl ModelConfig {
             None => head_dim,
         };
         if rope_dim > head_dim || rope_dim % 2 != 0 {
-            return Err(ModelError::Config(format!("rope dimension {rope_dim} does not fit head dimension {head_dim}")));
+            return Err(ModelError::Config(format!(
+                "rope dimension {rope_dim} does not fit head dimension {head_dim}"
+            )));
         }
         let rope_scaling = match md.opt(md.get_str(&key("rope.scaling.type")))? {
             None | Some("none") => RopeScaling::None,

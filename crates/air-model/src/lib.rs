@@ -13,8 +13,8 @@ mod error;
 mod kv_cache;
 mod linear;
 mod mapped;
-mod ops;
 mod model;
+mod ops;
 mod rope;
 mod weights;
 

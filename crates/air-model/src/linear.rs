@@ -3,10 +3,10 @@
 //! block kernels or Air's where candle's are slow ([`crate::block_dot`]), spread over the
 //! rayon pool by output columns.
 
+use crate::ModelError;
 use crate::activation_quant::ActivationQuant;
 use crate::block_dot::BlockDot;
 use crate::mapped::MappedBlocks;
-use crate::ModelError;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
 use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::{Device, Tensor};

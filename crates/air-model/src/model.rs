@@ -1,8 +1,8 @@
-use crate::attention::{causal_attention, AttentionShape};
+use crate::Linear;
+use crate::attention::{AttentionShape, causal_attention};
 use crate::rope::{Rope, RopeTables};
 use crate::{KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
-use crate::Linear;
 use candle_core::{Device, Tensor};
 
 /// Which positions of a forward pass to compute logits for.
@@ -27,8 +27,10 @@ impl Model {
     /// Loads the model in `file` for the CPU.
     pub fn load(file: &GgufFile) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(file.metadata())?;
-        let embd = file.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        let vocab_size = *embd.dims.get(1).ok_or_else(|| ModelError::Config("token_embd.weight is not 2-D".into()))? as usize;
+        let embd =
+            file.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let vocab_size =
+            *embd.dims.get(1).ok_or_else(|| ModelError::Config("token_embd.weight is not 2-D".into()))? as usize;
         let device = Device::Cpu;
         let weights = Weights::load(file, &config, vocab_size)?;
         Ok(Self { rope: Rope::new(&config), config, weights, vocab_size, device })
@@ -57,7 +59,7 @@ impl Model {
         if n == 0 {
             return Ok(Vec::new());
         }
-                let start = cache.len();
+        let start = cache.len();
         if start + n > cache.capacity() {
             return Err(ModelError::ContextOverflow { needed: start + n, capacity: cache.capacity() });
         }
@@ -102,7 +104,8 @@ impl Model {
         let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
         cache.write(index, &flat(k)?, &flat(v)?, n);
         let (keys, values) = cache.layer(index);
-        let shape = AttentionShape { heads: c.n_head, kv_heads: c.n_head_kv, head_dim: c.head_dim, capacity: cache.capacity() };
+        let shape =
+            AttentionShape { heads: c.n_head, kv_heads: c.n_head_kv, head_dim: c.head_dim, capacity: cache.capacity() };
         let attn = causal_attention(&flat(q)?, keys, values, cache.len(), n, shape);
         let attn = Tensor::from_vec(attn, (n, c.n_head * c.head_dim), &self.device)?;
         let x = (x + w.wo.forward(&attn)?)?;
@@ -112,4 +115,3 @@ impl Model {
         Ok((x + w.w_down.forward(&gated)?)?)
     }
 }
-

@@ -72,7 +72,9 @@ impl Weights {
             .map(|i| {
                 let name = |t: &str| format!("blk.{i}.{t}");
                 let biased = config.architecture == Architecture::Qwen2;
-                let bias = |t: &str, len| if biased { l.vector(&name(t), len).map(Some) } else { l.optional_vector(&name(t), len) };
+                let bias = |t: &str, len| {
+                    if biased { l.vector(&name(t), len).map(Some) } else { l.optional_vector(&name(t), len) }
+                };
                 Ok(LayerWeights {
                     attn_norm: l.vector(&name("attn_norm.weight"), d)?,
                     wq: l.linear(&name("attn_q.weight"), &[d, q_dim])?,

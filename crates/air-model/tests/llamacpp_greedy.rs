@@ -33,7 +33,8 @@ fn check_model(model: &str) {
     let text = std::fs::read_to_string(root().join(format!("tests/reference/public_{model}.json"))).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
     for case in reference["prompts"].as_array().unwrap() {
-        let prompt: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let prompt: Vec<u32> =
+            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let steps = case["steps"].as_array().unwrap();
         let mut cache = m.new_cache(prompt.len() + steps.len()).unwrap();
         let mut logits = m.forward(&prompt, &mut cache, Logits::Last).unwrap();
@@ -43,7 +44,11 @@ fn check_model(model: &str) {
             let id = entry["id"].as_u64().unwrap() as usize;
             let expected = entry["logit"].as_f64().unwrap();
             let got = logits[id] as f64;
-            assert!((got - expected).abs() < LOGIT_TOLERANCE, "{model} {:?}: logit of {id} is {got}, llama.cpp {expected}", case["prompt"]);
+            assert!(
+                (got - expected).abs() < LOGIT_TOLERANCE,
+                "{model} {:?}: logit of {id} is {got}, llama.cpp {expected}",
+                case["prompt"]
+            );
         }
         // Air's top 5 may hold a token outside llama.cpp's only where it could be 5th within the
         // tolerance: ranks inside the top 5 swap where logits are closer than the tolerance.
@@ -53,7 +58,12 @@ fn check_model(model: &str) {
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         assert_eq!(order[0], theirs[0], "{model} {:?}: first token", case["prompt"]);
         for &id in order[..5].iter().filter(|id| !theirs.contains(id)) {
-            assert!((logits[id] as f64) < fifth + LOGIT_TOLERANCE, "{model} {:?}: {id} in Air's top 5 at {}", case["prompt"], logits[id]);
+            assert!(
+                (logits[id] as f64) < fifth + LOGIT_TOLERANCE,
+                "{model} {:?}: {id} in Air's top 5 at {}",
+                case["prompt"],
+                logits[id]
+            );
         }
 
         for (i, step) in steps.iter().enumerate() {

@@ -201,7 +201,8 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_follows_the_distribution() {
         let logits = [0.0f32, 1.0, 2.0, 3.0];
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(7), ..Default::default() };
+        let params =
+            SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(7), ..Default::default() };
         let draw = |n| {
             let mut s = sampler(params.clone());
             (0..n).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()

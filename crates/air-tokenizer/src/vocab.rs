@@ -1,6 +1,6 @@
-use crate::{bytes, pretokenize, TokenizerError};
+use crate::{TokenizerError, bytes, pretokenize};
 use air_gguf::{Metadata, Value};
-use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
@@ -96,22 +96,25 @@ impl Tokenizer {
             "llama" => TokenizerModel::SentencePiece,
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
-        let texts: Vec<String> = md.get_array_of("tokenizer.ggml.tokens", "string", |v| v.as_str().map(String::from))?;
+        let texts: Vec<String> =
+            md.get_array_of("tokenizer.ggml.tokens", "string", |v| v.as_str().map(String::from))?;
         let n = texts.len();
         if n == 0 {
             return Err(TokenizerError::Invalid("tokenizer.ggml.tokens is empty".into()));
         }
-        let kinds: Vec<TokenKind> = match md.opt(md.get_array_of("tokenizer.ggml.token_type", "integer", Value::as_i64))? {
-            Some(ids) if ids.len() == n => ids.into_iter().map(TokenKind::from_id).collect(),
-            Some(ids) => {
-                return Err(TokenizerError::Invalid(format!("{} token types for {n} tokens", ids.len())));
-            }
-            None => vec![TokenKind::Normal; n],
-        };
+        let kinds: Vec<TokenKind> =
+            match md.opt(md.get_array_of("tokenizer.ggml.token_type", "integer", Value::as_i64))? {
+                Some(ids) if ids.len() == n => ids.into_iter().map(TokenKind::from_id).collect(),
+                Some(ids) => {
+                    return Err(TokenizerError::Invalid(format!("{} token types for {n} tokens", ids.len())));
+                }
+                None => vec![TokenKind::Normal; n],
+            };
         let bos = optional_id(md, "tokenizer.ggml.bos_token_id", n)?;
         let eos = optional_id(md, "tokenizer.ggml.eos_token_id", n)?;
         let unk = optional_id(md, "tokenizer.ggml.unknown_token_id", n)?;
-        let add_bos = md.opt(md.get_bool("tokenizer.ggml.add_bos_token"))?.unwrap_or(model == TokenizerModel::SentencePiece);
+        let add_bos =
+            md.opt(md.get_bool("tokenizer.ggml.add_bos_token"))?.unwrap_or(model == TokenizerModel::SentencePiece);
         let add_eos = md.opt(md.get_bool("tokenizer.ggml.add_eos_token"))?.unwrap_or(false);
 
         let vocab: Vocab = texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
@@ -130,7 +133,8 @@ impl Tokenizer {
                 let pre = md.opt(md.get_str("tokenizer.ggml.pre"))?.unwrap_or("default");
                 let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
                 for regex in pretokenize::regexes(pre)? {
-                    let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)?;
+                    let split =
+                        Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)?;
                     steps.push(split.into());
                 }
                 steps.push(ByteLevel::new(false, false, false).into());
@@ -139,10 +143,15 @@ impl Tokenizer {
                 t
             }
             TokenizerModel::SentencePiece => {
-                let scores: Vec<f64> = match md.opt(md.get_array_of("tokenizer.ggml.scores", "number", Value::as_f64))? {
-                    Some(s) if s.len() == n => s,
-                    _ => return Err(TokenizerError::Invalid("tokenizer.ggml.scores must give one score per token".into())),
-                };
+                let scores: Vec<f64> =
+                    match md.opt(md.get_array_of("tokenizer.ggml.scores", "number", Value::as_f64))? {
+                        Some(s) if s.len() == n => s,
+                        _ => {
+                            return Err(TokenizerError::Invalid(
+                                "tokenizer.ggml.scores must give one score per token".into(),
+                            ));
+                        }
+                    };
                 let merges = merges_from_scores(&texts, &kinds, &scores, &vocab);
                 let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true);
                 if let Some(unk) = unk {
@@ -174,7 +183,9 @@ impl Tokenizer {
                 (TokenKind::Control | TokenKind::Unused, _) => Vec::new(),
                 (TokenKind::UserDefined, _) => text.as_bytes().to_vec(),
                 (TokenKind::Byte, _) => parse_byte_token(text).map(|b| vec![b]).unwrap_or_default(),
-                (_, TokenizerModel::BytePairGpt2) => bytes::decode_byte_level(text).unwrap_or_else(|| text.as_bytes().to_vec()),
+                (_, TokenizerModel::BytePairGpt2) => {
+                    bytes::decode_byte_level(text).unwrap_or_else(|| text.as_bytes().to_vec())
+                }
                 (TokenKind::Unknown, TokenizerModel::SentencePiece) => " \u{2047} ".as_bytes().to_vec(),
                 (_, TokenizerModel::SentencePiece) => text.replace('▁', " ").into_bytes(),
             })
@@ -185,7 +196,9 @@ impl Tokenizer {
             end_of_generation.extend(optional_id(md, key, n)?);
         }
         for (i, (text, kind)) in texts.iter().zip(&kinds).enumerate() {
-            if matches!(kind, TokenKind::Control | TokenKind::UserDefined) && END_OF_GENERATION_TEXTS.contains(&text.as_str()) {
+            if matches!(kind, TokenKind::Control | TokenKind::UserDefined)
+                && END_OF_GENERATION_TEXTS.contains(&text.as_str())
+            {
                 end_of_generation.push(i as u32);
             }
         }
@@ -276,15 +289,9 @@ fn parse_byte_token(text: &str) -> Option<u8> {
 /// SentencePiece BPE as llama.cpp runs it merges the adjacent pair whose concatenation is the
 /// highest-scoring token. As BPE merges: every split of a token into two tokens, ranked by the
 /// whole token's score (stable by id on equal scores).
-fn merges_from_scores(
-    texts: &[String],
-    kinds: &[TokenKind],
-    scores: &[f64],
-    vocab: &Vocab,
-) -> Vec<(String, String)> {
-    let mut order: Vec<usize> = (0..texts.len())
-        .filter(|&i| matches!(kinds[i], TokenKind::Normal | TokenKind::UserDefined))
-        .collect();
+fn merges_from_scores(texts: &[String], kinds: &[TokenKind], scores: &[f64], vocab: &Vocab) -> Vec<(String, String)> {
+    let mut order: Vec<usize> =
+        (0..texts.len()).filter(|&i| matches!(kinds[i], TokenKind::Normal | TokenKind::UserDefined)).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     let mut merges = Vec::new();
     for i in order {

@@ -13,7 +13,8 @@ fn root() -> PathBuf {
 fn load(file: &str) -> (GgufFile, Tokenizer) {
     let dir = std::env::var_os("AIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
     let path = dir.join(file);
-    let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("{e} (fetch the models with scripts/fetch-models.sh all)"));
+    let gguf =
+        GgufFile::open(&path).unwrap_or_else(|e| panic!("{e} (fetch the models with scripts/fetch-models.sh all)"));
     let tok = Tokenizer::from_gguf(gguf.metadata()).unwrap();
     (gguf, tok)
 }

@@ -5,13 +5,16 @@
 use crate::cli::{BenchArgs, Format};
 use crate::loaded::Loaded;
 use air_model::Logits;
-use anyhow::{ensure, Result};
+use anyhow::{Result, ensure};
 use serde_json::json;
 use std::time::Instant;
 
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    ensure!(args.prompt_tokens + args.gen_tokens > 0, "nothing to measure: --prompt-tokens and --gen-tokens are both 0");
+    ensure!(
+        args.prompt_tokens + args.gen_tokens > 0,
+        "nothing to measure: --prompt-tokens and --gen-tokens are both 0"
+    );
     let loaded = Loaded::open(&args.runtime)?;
     let model = &loaded.model;
     let ctx = model.config().context_length;

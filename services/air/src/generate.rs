@@ -5,7 +5,7 @@ use crate::generation::generate;
 use crate::loaded::Loaded;
 use air_sampling::{Sampler, SamplingParams};
 use air_tokenizer::{ChatMessage, ChatTemplate};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::io::Write;
 
 pub fn run(args: GenerateArgs) -> Result<()> {

@@ -76,9 +76,24 @@ fn print_text(info: &serde_json::Value) {
         v => v.to_string(),
     };
     for key in [
-        "path", "gguf_version", "architecture", "name", "file_size_bytes", "parameters", "context_length",
-        "embedding_length", "block_count", "feed_forward_length", "head_count", "head_count_kv", "rope_freq_base",
-        "vocab_size", "tokenizer_model", "tokenizer_pre", "chat_template", "supported",
+        "path",
+        "gguf_version",
+        "architecture",
+        "name",
+        "file_size_bytes",
+        "parameters",
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "head_count",
+        "head_count_kv",
+        "rope_freq_base",
+        "vocab_size",
+        "tokenizer_model",
+        "tokenizer_pre",
+        "chat_template",
+        "supported",
     ] {
         println!("{key:<22} {}", show(&info[key]));
     }

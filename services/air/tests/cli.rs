@@ -40,8 +40,23 @@ fn assert_fails(args: &[&str], needle: &str) {
 #[test]
 fn greedy_generation_matches_llamacpp_text() {
     let m = smollm2();
-    let out = json(&air(&["generate", "-m", &m, "-p", "The capital of France is", "-n", "8", "--temperature", "0", "--format", "json"]));
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/public_SmolLM2-135M-Instruct.Q4_1.json")).unwrap()).unwrap();
+    let out = json(&air(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "The capital of France is",
+        "-n",
+        "8",
+        "--temperature",
+        "0",
+        "--format",
+        "json",
+    ]));
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/reference/public_SmolLM2-135M-Instruct.Q4_1.json")).unwrap(),
+    )
+    .unwrap();
     let case = &reference["prompts"][0];
     assert_eq!(out["prompt_tokens"], case["prompt_ids"]);
     let expected: Vec<Value> = case["output_ids"].as_array().unwrap()[..8].to_vec();
@@ -65,7 +80,20 @@ fn text_output_streams_the_same_text() {
 #[test]
 fn chat_uses_the_template_and_stops_at_end_of_turn() {
     let m = smollm2();
-    let out = json(&air(&["generate", "-m", &m, "-p", "What is the capital of France?", "--chat", "-n", "64", "--temperature", "0", "--format", "json"]));
+    let out = json(&air(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "What is the capital of France?",
+        "--chat",
+        "-n",
+        "64",
+        "--temperature",
+        "0",
+        "--format",
+        "json",
+    ]));
     assert_eq!(out["prompt_tokens"][0], 1, "starts with <|im_start|>");
     assert_eq!(out["finish_reason"], "eos");
     assert!(out["text"].as_str().unwrap().contains("Paris"), "{}", out["text"]);
@@ -74,7 +102,21 @@ fn chat_uses_the_template_and_stops_at_end_of_turn() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let m = smollm2();
-    let args = ["generate", "-m", &m, "-p", "Once upon a time", "-n", "16", "--temperature", "1", "--seed", "42", "--format", "json"];
+    let args = [
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "Once upon a time",
+        "-n",
+        "16",
+        "--temperature",
+        "1",
+        "--seed",
+        "42",
+        "--format",
+        "json",
+    ];
     assert_eq!(json(&air(&args))["tokens"], json(&air(&args))["tokens"]);
 }
 
@@ -86,13 +128,26 @@ fn info_describes_the_file() {
     assert_eq!(out["vocab_size"], 49152);
     assert_eq!(out["chat_template"], true);
     assert_eq!(out["supported"], true);
-    let types: Vec<&str> = out["tensors_by_type"].as_array().unwrap().iter().map(|t| t["type"].as_str().unwrap()).collect();
+    let types: Vec<&str> =
+        out["tensors_by_type"].as_array().unwrap().iter().map(|t| t["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["F32", "Q4_1", "Q8_0"]);
 }
 
 #[test]
 fn bench_reports_speed_and_memory() {
-    let out = json(&air(&["bench", "-m", &smollm2(), "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1", "--format", "json"]));
+    let out = json(&air(&[
+        "bench",
+        "-m",
+        &smollm2(),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--format",
+        "json",
+    ]));
     for key in ["prompt_tokens_per_s", "decode_tokens_per_s"] {
         assert!(out[key].as_f64().unwrap() > 0.0, "{key}");
     }
@@ -106,8 +161,14 @@ fn bad_input_gives_one_clear_line() {
     let cargo_toml = root().join("Cargo.toml").display().to_string();
     assert_fails(&["generate", "-m", &cargo_toml, "-p", "hi"], "not a GGUF file");
     assert_fails(&["info", &cargo_toml], "not a GGUF file");
-    assert_fails(&["generate", "-m", &model("gemma-3-270m-q4_k_m.gguf"), "-p", "hi"], "unsupported architecture \"gemma3\"");
-    assert_fails(&["generate", "-m", &m, "-p", "one two three four", "-c", "3"], "does not fit the context of 3 tokens");
+    assert_fails(
+        &["generate", "-m", &model("gemma-3-270m-q4_k_m.gguf"), "-p", "hi"],
+        "unsupported architecture \"gemma3\"",
+    );
+    assert_fails(
+        &["generate", "-m", &m, "-p", "one two three four", "-c", "3"],
+        "does not fit the context of 3 tokens",
+    );
     assert_fails(&["generate", "-m", &m, "-p", "hi", "--temperature", "-1"], "temperature");
     assert_fails(&["generate", "-m", &m, "-p", ""], "the prompt is empty");
     assert_fails(&["bench", "-m", &m, "--runs", "0"], "--runs");
