@@ -11,4 +11,4 @@ model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ $# -eq 0 ]; then
   set -- --prompt "The three most important inventions of the industrial revolution were" --max-tokens 64 --temperature 0
 fi
-exec target/release/air generate --model "$model" "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/air" generate --model "$model" "$@"

@@ -20,6 +20,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Measure prompt-processing and generation speed (tokens/s) and peak memory.
     Bench(BenchArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
 }
 
 /// Output format of a command.
@@ -110,6 +112,26 @@ pub struct BenchArgs {
     /// Repetitions of each test; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// The text file to score.
+    #[arg(short, long)]
+    pub file: PathBuf,
+    /// Tokens per window; each window is scored on its second half.
+    #[arg(short = 'c', long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Tokens per forward pass within a window (default: the whole window).
+    #[arg(short, long)]
+    pub batch: Option<usize>,
+    /// Score at most this many windows (default: all).
+    #[arg(long)]
+    pub chunks: Option<usize>,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
 }

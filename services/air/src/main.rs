@@ -7,6 +7,7 @@ mod generate;
 mod generation;
 mod info;
 mod loaded;
+mod perplexity;
 
 use clap::Parser;
 
@@ -16,6 +17,7 @@ fn main() {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Info(args) => info::run(args),
         cli::Command::Bench(args) => bench::run(args),
+        cli::Command::Perplexity(args) => perplexity::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -78,9 +78,9 @@ fn text_output_streams_the_same_text() {
 }
 
 #[test]
-fn chat_uses_the_template_and_stops_at_end_of_turn() {
+fn chat_renders_the_model_template() {
     let m = smollm2();
-    let out = json(&air(&[
+    let chat = json(&air(&[
         "generate",
         "-m",
         &m,
@@ -88,15 +88,37 @@ fn chat_uses_the_template_and_stops_at_end_of_turn() {
         "What is the capital of France?",
         "--chat",
         "-n",
-        "64",
+        "4",
+        "--format",
+        "json",
+    ]));
+    // The same conversation written out by hand in SmolLM2's template (with its default system line).
+    let rendered = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+                    <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let plain = json(&air(&["generate", "-m", &m, "-p", rendered, "-n", "4", "--format", "json"]));
+    assert_eq!(chat["prompt_tokens"], plain["prompt_tokens"]);
+    assert_eq!(chat["prompt_tokens"][0], 1, "starts with <|im_start|>");
+}
+
+#[test]
+fn generation_stops_at_end_of_generation_token() {
+    // llama.cpp's greedy answer to this prompt is <|im_end|> at once (tests/reference).
+    let m = smollm2();
+    let out = json(&air(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "Explain, step by step, how a bicycle stays upright.",
+        "-n",
+        "16",
         "--temperature",
         "0",
         "--format",
         "json",
     ]));
-    assert_eq!(out["prompt_tokens"][0], 1, "starts with <|im_start|>");
     assert_eq!(out["finish_reason"], "eos");
-    assert!(out["text"].as_str().unwrap().contains("Paris"), "{}", out["text"]);
+    assert_eq!(out["tokens"].as_array().unwrap().len(), 0);
 }
 
 #[test]
