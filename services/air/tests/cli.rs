@@ -194,6 +194,8 @@ fn bad_input_gives_one_clear_line() {
     assert_fails(&["generate", "-m", &m, "-p", "hi", "--temperature", "-1"], "temperature");
     assert_fails(&["generate", "-m", &m, "-p", ""], "the prompt is empty");
     assert_fails(&["bench", "-m", &m, "--runs", "0"], "--runs");
+    assert_fails(&["perplexity", "-m", &m, "-f", "/nonexistent.txt"], "cannot read /nonexistent.txt");
+    assert_fails(&["perplexity", "-m", &m, "-f", &cargo_toml, "-c", "100000"], "larger than the model's context");
 }
 
 #[test]
@@ -203,4 +205,23 @@ fn truncated_model_is_reported_not_panicked() {
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     assert_fails(&["generate", "-m", cut.to_str().unwrap(), "-p", "hi"], "lies outside the file");
+}
+
+#[test]
+fn perplexity_matches_llamacpp_within_half_a_percent() {
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/perplexity.json")).unwrap())
+            .unwrap();
+    let case = reference
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["model"] == "SmolLM2-135M-Instruct.Q4_1" && c["ctx"] == 128)
+        .unwrap();
+    let text = root().join("tests/reference/GPL-3.txt").display().to_string();
+    let out =
+        json(&air(&["perplexity", "-m", &smollm2(), "-f", &text, "-c", "128", "--chunks", "8", "--format", "json"]));
+    let (ours, theirs) = (out["ppl"].as_f64().unwrap(), case["ppl"].as_f64().unwrap());
+    assert!((ours / theirs - 1.0).abs() < 0.005, "air {ours} vs llama.cpp {theirs}");
+    assert_eq!(out["tokens_scored"], 8 * 63);
 }
