@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Air runs GGUF language models on the CPU, streaming layers from disk when the model is larger
 /// than memory.
 #[derive(Parser, Debug)]
-#[command(name = "air", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(name = "air", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -51,8 +51,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     /// The prompt text (special tokens such as <|im_start|> written in it are recognised).
-    #[arg(short, long)]
-    pub prompt: String,
+    #[arg(short, long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file instead.
+    #[arg(short = 'f', long)]
+    pub prompt_file: Option<PathBuf>,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,

@@ -50,8 +50,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn prompt_text(args: &GenerateArgs) -> Result<String> {
+    match (&args.prompt, &args.prompt_file) {
+        (Some(text), _) => Ok(text.clone()),
+        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display())),
+        (None, None) => bail!("give a prompt with --prompt or --prompt-file"),
+    }
+}
+
 fn prompt_tokens(loaded: &Loaded, args: &GenerateArgs) -> Result<Vec<u32>> {
     let tok = &loaded.tokenizer;
+    let prompt = prompt_text(args)?;
     let text = if args.chat {
         let md = loaded.file.metadata();
         let source = md
@@ -63,10 +72,10 @@ fn prompt_tokens(loaded: &Loaded, args: &GenerateArgs) -> Result<Vec<u32>> {
         if let Some(system) = &args.system {
             messages.push(ChatMessage::new("system", system));
         }
-        messages.push(ChatMessage::new("user", &args.prompt));
+        messages.push(ChatMessage::new("user", prompt));
         template.render(&messages, true)?
     } else {
-        args.prompt.clone()
+        prompt
     };
     // A template that writes the BOS token itself must not get a second one.
     let bos_text = tok.bos().and_then(|b| tok.token_text(b)).filter(|t| !t.is_empty());

@@ -225,3 +225,14 @@ fn perplexity_matches_llamacpp_within_half_a_percent() {
     assert!((ours / theirs - 1.0).abs() < 0.005, "air {ours} vs llama.cpp {theirs}");
     assert_eq!(out["tokens_scored"], 8 * 63);
 }
+
+#[test]
+fn prompt_file_is_read_verbatim() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prompt.txt");
+    std::fs::write(&path, "The capital of France is").unwrap();
+    let m = smollm2();
+    let from_file = json(&air(&["generate", "-m", &m, "-f", path.to_str().unwrap(), "-n", "1", "--format", "json"]));
+    let inline = json(&air(&["generate", "-m", &m, "-p", "The capital of France is", "-n", "1", "--format", "json"]));
+    assert_eq!(from_file["prompt_tokens"], inline["prompt_tokens"]);
+}
