@@ -9,6 +9,6 @@ scripts/fetch-models.sh smollm2
 cargo build --release
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ $# -eq 0 ]; then
-  set -- --prompt "The three most important inventions of the industrial revolution were" --max-tokens 64 --temperature 0
+  set -- --prompt "Once upon a time, in a small village," --max-tokens 64 --temperature 0
 fi
 exec "${CARGO_TARGET_DIR:-target}/release/air" generate --model "$model" "$@"
