@@ -33,7 +33,9 @@ impl Model {
             *embd.dims.get(1).ok_or_else(|| ModelError::Config("token_embd.weight is not 2-D".into()))? as usize;
         let device = Device::Cpu;
         let weights = Weights::load(file, &config, vocab_size)?;
-        Ok(Self { rope: Rope::new(&config), config, weights, vocab_size, device })
+        let freq_factors = weights.rope_freqs.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
+        let rope = Rope::new(&config, freq_factors.as_deref());
+        Ok(Self { rope, config, weights, vocab_size, device })
     }
 
     /// The model's hyper-parameters.

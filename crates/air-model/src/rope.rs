@@ -1,8 +1,9 @@
 use crate::{ModelConfig, RopeScaling, RopeStyle};
 use candle_core::{Device, Tensor};
 
-/// Rotary position embedding: inverse frequencies theta_i = base^(-2i/dim), positions scaled
-/// as the model's RoPE scaling says.
+/// Rotary position embedding: inverse frequencies theta_i = base^(-2i/dim), divided by the
+/// per-pair factors of a `rope_freqs.weight` tensor when the file has one (Llama 3.1 style),
+/// positions scaled as the model's RoPE scaling says.
 pub struct Rope {
     inv_freq: Vec<f32>,
     position_scale: f32,
@@ -17,10 +18,12 @@ pub struct RopeTables {
 }
 
 impl Rope {
-    pub fn new(config: &ModelConfig) -> Self {
+    /// RoPE for `config`; `freq_factors` (one per pair) divide the frequencies when given.
+    pub fn new(config: &ModelConfig, freq_factors: Option<&[f32]>) -> Self {
         let dim = config.rope_dim;
+        let factor = |i: usize| freq_factors.map_or(1.0, |f| f[i]);
         Self {
-            inv_freq: (0..dim / 2).map(|i| config.rope_base.powf(-((2 * i) as f32) / dim as f32)).collect(),
+            inv_freq: (0..dim / 2).map(|i| config.rope_base.powf(-((2 * i) as f32) / dim as f32) / factor(i)).collect(),
             position_scale: match config.rope_scaling {
                 RopeScaling::None => 1.0,
                 RopeScaling::Linear { factor } => 1.0 / factor,
@@ -63,5 +66,50 @@ impl Rope {
             let rest = x.narrow(3, self.dim, head_dim - self.dim)?;
             Tensor::cat(&[&rotated, &rest], 3)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Architecture, ModelConfig};
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            arch_name: "llama".into(),
+            n_layer: 1,
+            n_embd: 8,
+            n_ff: 8,
+            n_head: 1,
+            n_head_kv: 1,
+            head_dim: 8,
+            context_length: 16,
+            rms_norm_eps: 1e-5,
+            rope_base: 10_000.0,
+            rope_dim: 8,
+            rope_style: RopeStyle::Interleaved,
+            rope_scaling: RopeScaling::None,
+        }
+    }
+
+    fn angles(rope: &Rope, pos: usize) -> Vec<f32> {
+        let t = rope.tables(pos, 1, &Device::Cpu).unwrap();
+        let (c, s) = (
+            t.cos.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            t.sin.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        c.iter().zip(&s).map(|(c, s)| s.atan2(*c)).collect()
+    }
+
+    #[test]
+    fn frequency_factors_and_linear_scaling_slow_the_rotation() {
+        let plain = angles(&Rope::new(&config(), None), 2);
+        assert!((plain[0] - 2.0).abs() < 1e-6 && (plain[1] - 0.2).abs() < 1e-6, "{plain:?}");
+        let halved = angles(&Rope::new(&config(), Some(&[1.0, 2.0, 4.0, 1.0])), 2);
+        assert!((halved[1] - 0.1).abs() < 1e-6 && (halved[2] - plain[2] / 4.0).abs() < 1e-6, "{halved:?}");
+        let linear = ModelConfig { rope_scaling: RopeScaling::Linear { factor: 2.0 }, ..config() };
+        let scaled = angles(&Rope::new(&linear, None), 2);
+        assert!((scaled[0] - 1.0).abs() < 1e-6, "{scaled:?}");
     }
 }

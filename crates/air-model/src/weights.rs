@@ -26,6 +26,8 @@ pub struct Weights {
     pub output_norm: Tensor,
     /// The output head: `output.weight`, or the token embedding when the file ties them.
     pub output: Arc<Linear>,
+    /// Per-pair RoPE frequency divisors (`rope_freqs.weight`, Llama 3.1 style), if any.
+    pub rope_freqs: Option<Tensor>,
     pub layers: Vec<LayerWeights>,
 }
 
@@ -91,6 +93,7 @@ impl Weights {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
-        Ok(Self { output_norm: l.vector("output_norm.weight", d)?, token_embd, output, layers })
+        let rope_freqs = l.optional_vector("rope_freqs.weight", config.rope_dim / 2)?;
+        Ok(Self { output_norm: l.vector("output_norm.weight", d)?, token_embd, output, rope_freqs, layers })
     }
 }
