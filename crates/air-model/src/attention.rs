@@ -18,6 +18,10 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Positions the cache can hold (stride between KV heads, in rows).
     pub capacity: usize,
+    /// Multiplier of the scores (usually 1/sqrt(head_dim)).
+    pub scale: f32,
+    /// Sliding window: a query sees only the last `window` positions (itself included).
+    pub window: Option<usize>,
 }
 
 /// Attention of `n` query rows at positions `start..start + n` over cached positions
@@ -57,7 +61,7 @@ fn head_attention(
 ) -> Vec<f32> {
     let d = s.head_dim;
     let kv = h / (s.heads / s.kv_heads);
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = s.scale;
     let f16_path = n < F32_QUERY_ROWS;
     let k_head = &keys[kv * s.capacity * d..(kv + 1) * s.capacity * d];
     let v_head = &values[kv * s.capacity * d..(kv + 1) * s.capacity * d];
@@ -70,7 +74,9 @@ fn head_attention(
         }
         acc.fill(0.0);
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for j in 0..=start + i {
+        let pos = start + i;
+        let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for j in first..=pos {
             convert(&k_head[j * d..(j + 1) * d], &mut k_row);
             let score = dot(&k_row, &q_row) * scale;
             // As ggml: on a new maximum rescale the accumulator, then add the weighted value.
@@ -126,10 +132,12 @@ mod tests {
             let kv = h / (s.heads / s.kv_heads);
             for i in 0..n {
                 let qr = &q[(h * n + i) * d..(h * n + i + 1) * d];
+                let first = s.window.map_or(0, |w| (start + i + 1).saturating_sub(w));
                 let scores: Vec<f64> = (0..=start + i)
                     .map(|j| {
                         let kr = &k[(kv * s.capacity + j) * d..(kv * s.capacity + j + 1) * d];
-                        qr.iter().zip(kr).map(|(a, b)| *a as f64 * b.to_f64()).sum::<f64>() / (d as f64).sqrt()
+                        let dot = qr.iter().zip(kr).map(|(a, b)| *a as f64 * b.to_f64()).sum::<f64>();
+                        if j < first { f64::NEG_INFINITY } else { dot * s.scale as f64 }
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -147,7 +155,14 @@ mod tests {
 
     #[test]
     fn matches_plain_softmax_attention() {
-        let s = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8, capacity: 100 };
+        let s = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            capacity: 100,
+            scale: 1.0 / 8f32.sqrt(),
+            window: None,
+        };
         let mut seed = 1u32;
         let mut rnd = move || {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
@@ -156,7 +171,8 @@ mod tests {
         let kv_len = s.kv_heads * s.capacity * s.head_dim;
         let k: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd() * 4.0)).collect();
         let v: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd())).collect();
-        for (start, n) in [(0, 1), (5, 3), (0, 70), (20, 1)] {
+        let windowed = AttentionShape { window: Some(4), ..s };
+        for (start, n, s) in [(0, 1, s), (5, 3, s), (0, 70, s), (20, 1, s), (20, 1, windowed), (2, 70, windowed)] {
             let q: Vec<f32> = (0..s.heads * n * s.head_dim).map(|_| rnd() * 4.0).collect();
             let got = causal_attention(&q, &k, &v, start, n, s);
             let want = naive(&q, &k, &v, start, n, s);

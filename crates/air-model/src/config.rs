@@ -8,6 +8,9 @@ pub enum Architecture {
     Llama,
     /// Qwen2: llama with biases on Q/K/V and NeoX-style RoPE.
     Qwen2,
+    /// Gemma 3: scaled embeddings, QK-norm, post-attention and post-FFN norms, GELU-gated FFN,
+    /// sliding-window layers with their own RoPE base.
+    Gemma3,
 }
 
 impl Architecture {
@@ -15,6 +18,7 @@ impl Architecture {
         match name {
             "llama" => Ok(Architecture::Llama),
             "qwen2" => Ok(Architecture::Qwen2),
+            "gemma3" => Ok(Architecture::Gemma3),
             other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -27,6 +31,25 @@ pub enum RopeStyle {
     Interleaved,
     /// Halves (x[i], x[i + d/2]): GPT-NeoX style, used by Qwen2 and Gemma.
     Neox,
+}
+
+/// The activation of the gated feed-forward network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU): llama, qwen2.
+    Silu,
+    /// GELU, tanh approximation (GeGLU): gemma.
+    GeluTanh,
+}
+
+/// Local attention of some layers: each query sees only the last `size` positions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    /// Every `pattern`-th layer (the last of each group) is global; the others are local.
+    pub pattern: usize,
+    /// RoPE base of the local layers.
+    pub rope_base: f32,
 }
 
 /// RoPE frequency scaling from `{arch}.rope.scaling.*`.
@@ -56,6 +79,26 @@ pub struct ModelConfig {
     pub rope_dim: usize,
     pub rope_style: RopeStyle,
     pub rope_scaling: RopeScaling,
+    /// Multiplier of the token embeddings (gemma: sqrt(n_embd)).
+    pub embedding_scale: Option<f32>,
+    /// Scale of attention scores (1/sqrt(head_dim) unless the family says otherwise).
+    pub attention_scale: f32,
+    /// RMSNorm of each query and key head before RoPE (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and FFN outputs before their residual adds.
+    pub post_norms: bool,
+    pub activation: Activation,
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+impl ModelConfig {
+    /// The attention window of layer `layer` (None: global) and its RoPE base.
+    pub fn layer_attention(&self, layer: usize) -> (Option<usize>, f32) {
+        match self.sliding_window {
+            Some(w) if (layer + 1) % w.pattern != 0 => (Some(w.size), w.rope_base),
+            _ => (None, self.rope_base),
+        }
+    }
 }
 
 impl ModelConfig {
@@ -98,6 +141,16 @@ impl ModelConfig {
             }
             Some(other) => return Err(ModelError::Config(format!("RoPE scaling {other:?} is not supported yet"))),
         };
+        let gemma = architecture == Architecture::Gemma3;
+        let sliding_window = match md.opt(md.get_u64(&key("attention.sliding_window")))? {
+            Some(size) if size > 0 && gemma => Some(SlidingWindow {
+                size: size as usize,
+                // Gemma 3 stores neither the pattern nor the local base: llama.cpp's constants.
+                pattern: md.opt(md.get_u64(&key("attention.sliding_window_pattern")))?.unwrap_or(6).max(1) as usize,
+                rope_base: md.opt(md.get_f64(&key("rope.freq_base_swa")))?.unwrap_or(10_000.0) as f32,
+            }),
+            _ => None,
+        };
         let config = Self {
             architecture,
             n_layer: usize_of("block_count")?,
@@ -112,9 +165,20 @@ impl ModelConfig {
             rope_dim,
             rope_style: match architecture {
                 Architecture::Llama => RopeStyle::Interleaved,
-                Architecture::Qwen2 => RopeStyle::Neox,
+                Architecture::Qwen2 | Architecture::Gemma3 => RopeStyle::Neox,
             },
             rope_scaling,
+            embedding_scale: gemma.then(|| (n_embd as f32).sqrt()),
+            // Gemma 3 27B scales by the embedding per head instead (llama.cpp's rule).
+            attention_scale: if gemma && md.get_u64(&key("block_count"))? == 62 {
+                1.0 / ((n_embd / n_head) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
+            },
+            qk_norm: gemma,
+            post_norms: gemma,
+            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            sliding_window,
             arch_name,
         };
         if config.n_layer == 0 || config.n_embd == 0 || config.context_length == 0 {

@@ -5,7 +5,7 @@ use air_gguf::TensorType;
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] air_gguf::GgufError),
-    #[error("unsupported architecture {0:?} (supported: llama, qwen2)")]
+    #[error("unsupported architecture {0:?} (supported: llama, qwen2, gemma3)")]
     UnsupportedArchitecture(String),
     #[error("tensor {name:?} has type {ty}, which Air cannot compute with yet")]
     UnsupportedTensorType { name: String, ty: TensorType },

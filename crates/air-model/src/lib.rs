@@ -18,7 +18,7 @@ mod ops;
 mod rope;
 mod weights;
 
-pub use config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+pub use config::{Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::Linear;

@@ -1,7 +1,7 @@
 use crate::Linear;
 use crate::attention::{AttentionShape, causal_attention};
 use crate::rope::{Rope, RopeTables};
-use crate::{KvCache, LayerWeights, ModelConfig, ModelError, Weights};
+use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
 use candle_core::{Device, Tensor};
 
@@ -18,7 +18,9 @@ pub enum Logits {
 pub struct Model {
     config: ModelConfig,
     weights: Weights,
+    /// RoPE of the global layers, and of the sliding-window layers when they have their own base.
     rope: Rope,
+    local_rope: Option<Rope>,
     vocab_size: usize,
     device: Device,
 }
@@ -34,8 +36,9 @@ impl Model {
         let device = Device::Cpu;
         let weights = Weights::load(file, &config, vocab_size)?;
         let freq_factors = weights.rope_freqs.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
-        let rope = Rope::new(&config, freq_factors.as_deref());
-        Ok(Self { rope, config, weights, vocab_size, device })
+        let rope = Rope::new(&config, config.rope_base, freq_factors.as_deref());
+        let local_rope = config.sliding_window.map(|w| Rope::new(&config, w.rope_base, freq_factors.as_deref()));
+        Ok(Self { rope, local_rope, config, weights, vocab_size, device })
     }
 
     /// The model's hyper-parameters.
@@ -66,9 +69,18 @@ impl Model {
             return Err(ModelError::ContextOverflow { needed: start + n, capacity: cache.capacity() });
         }
         let mut x = self.weights.token_embd.rows(tokens)?;
-        let rope = self.rope.tables(start, n, &self.device)?;
+        if let Some(scale) = self.config.embedding_scale {
+            x = (x * scale as f64)?;
+        }
+        let tables = self.rope.tables(start, n, &self.device)?;
+        let local_tables = self.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
         for (i, layer) in self.weights.layers.iter().enumerate() {
-            x = self.block(i, layer, &x, cache, &rope)?;
+            let (window, _) = self.config.layer_attention(i);
+            let rope = match (&self.local_rope, &local_tables, window) {
+                (Some(r), Some(t), Some(_)) => (r, t),
+                _ => (&self.rope, &tables),
+            };
+            x = self.block(i, layer, &x, cache, rope, window)?;
         }
         cache.advance(n);
         let x = match logits {
@@ -80,40 +92,66 @@ impl Model {
         Ok(out.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// One transformer block: pre-norm attention and SwiGLU feed-forward, each with a residual.
+    /// One transformer block: pre-norm attention and gated feed-forward, each with a residual
+    /// (and, per family, QK-norm and post-norms).
     fn block(
         &self,
         index: usize,
         w: &LayerWeights,
         x: &Tensor,
         cache: &mut KvCache,
-        rope: &RopeTables,
+        (rope, tables): (&Rope, &RopeTables),
+        window: Option<usize>,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let n = x.dim(0)?;
         let h = crate::ops::rms_norm(x, &w.attn_norm, c.rms_norm_eps)?;
-        let project = |m: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor, ModelError> {
-            let mut y = m.forward(&h)?;
-            if let Some(b) = bias {
-                y = y.broadcast_add(b)?;
-            }
-            // (n, heads * head_dim) -> (1, heads, n, head_dim)
-            Ok(y.reshape((1, n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = self.rope.apply(&project(&w.wq, &w.bq, c.n_head)?, rope)?;
-        let k = self.rope.apply(&project(&w.wk, &w.bk, c.n_head_kv)?, rope)?;
-        let v = project(&w.wv, &w.bv, c.n_head_kv)?;
+        let project =
+            |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| -> Result<Tensor, ModelError> {
+                let mut y = m.forward(&h)?;
+                if let Some(b) = bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(norm) = norm {
+                    let per_head = y.reshape((n * heads, c.head_dim))?;
+                    y = crate::ops::rms_norm(&per_head, norm, c.rms_norm_eps)?;
+                }
+                // (n, heads * head_dim) -> (1, heads, n, head_dim)
+                Ok(y.reshape((1, n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+            };
+        let q = rope.apply(&project(&w.wq, &w.bq, &w.q_norm, c.n_head)?, tables)?;
+        let k = rope.apply(&project(&w.wk, &w.bk, &w.k_norm, c.n_head_kv)?, tables)?;
+        let v = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
         let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
         cache.write(index, &flat(k)?, &flat(v)?, n);
         let (keys, values) = cache.layer(index);
-        let shape =
-            AttentionShape { heads: c.n_head, kv_heads: c.n_head_kv, head_dim: c.head_dim, capacity: cache.capacity() };
+        let shape = AttentionShape {
+            heads: c.n_head,
+            kv_heads: c.n_head_kv,
+            head_dim: c.head_dim,
+            capacity: cache.capacity(),
+            scale: c.attention_scale,
+            window,
+        };
         let attn = causal_attention(&flat(q)?, keys, values, cache.len(), n, shape);
         let attn = Tensor::from_vec(attn, (n, c.n_head * c.head_dim), &self.device)?;
-        let x = (x + w.wo.forward(&attn)?)?;
+        let x = (x + self.post_norm(w.wo.forward(&attn)?, &w.post_attn_norm)?)?;
 
         let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
-        let gated = (candle_nn::ops::silu(&w.w_gate.forward(&h)?)? * w.w_up.forward(&h)?)?;
-        Ok((x + w.w_down.forward(&gated)?)?)
+        let (gate, up) = (w.w_gate.forward(&h)?, w.w_up.forward(&h)?);
+        let gated = match c.activation {
+            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Activation::GeluTanh => crate::ops::geglu(&gate, &up)?,
+        };
+        let ffn = w.w_down.forward(&gated)?;
+        Ok((x + self.post_norm(ffn, &w.post_ffn_norm)?)?)
+    }
+
+    /// RMSNorm of a sub-layer's output before its residual add, where the family has one.
+    fn post_norm(&self, y: Tensor, norm: &Option<Tensor>) -> Result<Tensor, ModelError> {
+        Ok(match norm {
+            Some(norm) => crate::ops::rms_norm(&y, norm, self.config.rms_norm_eps)?,
+            None => y,
+        })
     }
 }

@@ -17,3 +17,31 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
     }
     Tensor::from_vec(xs, (m, d), &Device::Cpu)
 }
+
+/// GELU-gated product `gelu(gate) * up` as ggml computes it on the CPU: GELU (tanh form) of the
+/// gate rounded to f16 and its result rounded to f16 (ggml reads it from an f16 table), exact
+/// beyond ±10.
+pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    use half::f16;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044715;
+    let shape = gate.shape().clone();
+    let g = gate.flatten_all()?.to_vec1::<f32>()?;
+    let u = up.flatten_all()?.to_vec1::<f32>()?;
+    let out: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&x, &u)| {
+            if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x * u
+            } else {
+                let x = f16::from_f32(x).to_f32();
+                let gelu = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
+                f16::from_f32(gelu).to_f32() * u
+            }
+        })
+        .collect();
+    Tensor::from_vec(out, shape, &Device::Cpu)
+}

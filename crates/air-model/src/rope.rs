@@ -18,12 +18,13 @@ pub struct RopeTables {
 }
 
 impl Rope {
-    /// RoPE for `config`; `freq_factors` (one per pair) divide the frequencies when given.
-    pub fn new(config: &ModelConfig, freq_factors: Option<&[f32]>) -> Self {
+    /// RoPE for `config` with frequency base `base`; `freq_factors` (one per pair) divide the
+    /// frequencies when given.
+    pub fn new(config: &ModelConfig, base: f32, freq_factors: Option<&[f32]>) -> Self {
         let dim = config.rope_dim;
         let factor = |i: usize| freq_factors.map_or(1.0, |f| f[i]);
         Self {
-            inv_freq: (0..dim / 2).map(|i| config.rope_base.powf(-((2 * i) as f32) / dim as f32) / factor(i)).collect(),
+            inv_freq: (0..dim / 2).map(|i| base.powf(-((2 * i) as f32) / dim as f32) / factor(i)).collect(),
             position_scale: match config.rope_scaling {
                 RopeScaling::None => 1.0,
                 RopeScaling::Linear { factor } => 1.0 / factor,
@@ -90,6 +91,12 @@ mod tests {
             rope_dim: 8,
             rope_style: RopeStyle::Interleaved,
             rope_scaling: RopeScaling::None,
+            embedding_scale: None,
+            attention_scale: 0.25,
+            qk_norm: false,
+            post_norms: false,
+            activation: crate::Activation::Silu,
+            sliding_window: None,
         }
     }
 
@@ -104,12 +111,12 @@ mod tests {
 
     #[test]
     fn frequency_factors_and_linear_scaling_slow_the_rotation() {
-        let plain = angles(&Rope::new(&config(), None), 2);
+        let plain = angles(&Rope::new(&config(), 10_000.0, None), 2);
         assert!((plain[0] - 2.0).abs() < 1e-6 && (plain[1] - 0.2).abs() < 1e-6, "{plain:?}");
-        let halved = angles(&Rope::new(&config(), Some(&[1.0, 2.0, 4.0, 1.0])), 2);
+        let halved = angles(&Rope::new(&config(), 10_000.0, Some(&[1.0, 2.0, 4.0, 1.0])), 2);
         assert!((halved[1] - 0.1).abs() < 1e-6 && (halved[2] - plain[2] / 4.0).abs() < 1e-6, "{halved:?}");
         let linear = ModelConfig { rope_scaling: RopeScaling::Linear { factor: 2.0 }, ..config() };
-        let scaled = angles(&Rope::new(&linear, None), 2);
+        let scaled = angles(&Rope::new(&linear, 10_000.0, None), 2);
         assert!((scaled[0] - 1.0).abs() < 1e-6, "{scaled:?}");
     }
 }

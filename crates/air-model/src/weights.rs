@@ -14,10 +14,17 @@ pub struct LayerWeights {
     pub bq: Option<Tensor>,
     pub bk: Option<Tensor>,
     pub bv: Option<Tensor>,
+    /// Per-head RMSNorm weights of queries and keys (QK-norm, gemma).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// RMSNorm of the attention output before its residual add (gemma).
+    pub post_attn_norm: Option<Tensor>,
     pub ffn_norm: Tensor,
     pub w_gate: Linear,
     pub w_up: Linear,
     pub w_down: Linear,
+    /// RMSNorm of the FFN output before its residual add (gemma).
+    pub post_ffn_norm: Option<Tensor>,
 }
 
 /// All weights of a model, as views into the GGUF mapping.
@@ -77,6 +84,9 @@ impl Weights {
                 let bias = |t: &str, len| {
                     if biased { l.vector(&name(t), len).map(Some) } else { l.optional_vector(&name(t), len) }
                 };
+                // A vector the configuration requires, absent otherwise.
+                let when = |needed: bool, t: &str, len| needed.then(|| l.vector(&name(t), len)).transpose();
+                let hd = config.head_dim;
                 Ok(LayerWeights {
                     attn_norm: l.vector(&name("attn_norm.weight"), d)?,
                     wq: l.linear(&name("attn_q.weight"), &[d, q_dim])?,
@@ -86,10 +96,14 @@ impl Weights {
                     bq: bias("attn_q.bias", q_dim)?,
                     bk: bias("attn_k.bias", kv_dim)?,
                     bv: bias("attn_v.bias", kv_dim)?,
+                    q_norm: when(config.qk_norm, "attn_q_norm.weight", hd)?,
+                    k_norm: when(config.qk_norm, "attn_k_norm.weight", hd)?,
+                    post_attn_norm: when(config.post_norms, "post_attention_norm.weight", d)?,
                     ffn_norm: l.vector(&name("ffn_norm.weight"), d)?,
                     w_gate: l.linear(&name("ffn_gate.weight"), &[d, ff])?,
                     w_up: l.linear(&name("ffn_up.weight"), &[d, ff])?,
                     w_down: l.linear(&name("ffn_down.weight"), &[ff, d])?,
+                    post_ffn_norm: when(config.post_norms, "post_ffw_norm.weight", d)?,
                 })
             })
             .collect::<Result<_, ModelError>>()?;

@@ -22,9 +22,9 @@ impl Loaded {
         }
         let path = &args.model;
         let file = GgufFile::open(path)?;
+        let model = Model::load(&file).with_context(|| format!("cannot load model {}", path.display()))?;
         let tokenizer = Tokenizer::from_gguf(file.metadata())
             .with_context(|| format!("cannot load the tokenizer of {}", path.display()))?;
-        let model = Model::load(&file).with_context(|| format!("cannot load model {}", path.display()))?;
         Ok(Self { file, tokenizer, model })
     }
 
