@@ -95,7 +95,7 @@ impl ModelConfig {
     /// The attention window of layer `layer` (None: global) and its RoPE base.
     pub fn layer_attention(&self, layer: usize) -> (Option<usize>, f32) {
         match self.sliding_window {
-            Some(w) if (layer + 1) % w.pattern != 0 => (Some(w.size), w.rope_base),
+            Some(w) if !(layer + 1).is_multiple_of(w.pattern) => (Some(w.size), w.rope_base),
             _ => (None, self.rope_base),
         }
     }

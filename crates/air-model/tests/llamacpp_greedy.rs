@@ -86,3 +86,18 @@ fn check_model(model: &str) {
 fn smollm2_greedy_matches_llamacpp() {
     check_model("SmolLM2-135M-Instruct.Q4_1");
 }
+
+#[test]
+fn gemma3_configuration_has_its_fixed_constants() {
+    let dir = std::env::var_os("AIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let file = GgufFile::open(dir.join("gemma-3-270m-q4_k_m.gguf")).unwrap();
+    let c = air_model::ModelConfig::from_gguf(file.metadata()).unwrap();
+    assert_eq!(c.embedding_scale, Some(640f32.sqrt()));
+    assert_eq!(c.attention_scale, 1.0 / 16.0);
+    assert!(c.qk_norm && c.post_norms);
+    // Five local layers (window 512, RoPE base 10,000), then one global (base 1,000,000).
+    assert_eq!(c.layer_attention(0), (Some(512), 10_000.0));
+    assert_eq!(c.layer_attention(4), (Some(512), 10_000.0));
+    assert_eq!(c.layer_attention(5), (None, 1_000_000.0));
+    assert_eq!(c.layer_attention(17), (None, 1_000_000.0));
+}
