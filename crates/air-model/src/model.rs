@@ -10,8 +10,9 @@ use candle_core::{Device, Tensor};
 pub enum Logits {
     /// Only the last position (generation).
     Last,
-    /// Every position (perplexity, scoring).
-    All,
+    /// The positions of this call from index `i` on (`From(0)`: all of them; perplexity scoring
+    /// asks only for the half it scores, sparing the output head the rest).
+    From(usize),
 }
 
 /// A loaded model: configuration, mapped weights and RoPE.
@@ -85,7 +86,8 @@ impl Model {
         cache.advance(n);
         let x = match logits {
             Logits::Last => x.narrow(0, n - 1, 1)?,
-            Logits::All => x,
+            Logits::From(i) if i >= n => return Ok(Vec::new()),
+            Logits::From(i) => x.narrow(0, i, n - i)?,
         };
         let x = crate::ops::rms_norm(&x.contiguous()?, &self.weights.output_norm, self.config.rms_norm_eps)?;
         let out = self.weights.output.forward(&x)?;

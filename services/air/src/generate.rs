@@ -33,9 +33,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let max_tokens = args.max_tokens.min(ctx - prompt.len());
     let stream = args.format == Format::Text;
     let mut stdout = std::io::stdout().lock();
-    // The KV cache is sized for what this run can use, not the whole context.
-    let capacity = prompt.len() + max_tokens;
-    let result = generate(&loaded.model, &loaded.tokenizer, prompt, max_tokens, capacity, &mut sampler, |piece| {
+    let result = generate(&loaded.model, &loaded.tokenizer, prompt, max_tokens, &mut sampler, |piece| {
         if stream && !piece.is_empty() {
             // A closed stdout (e.g. `| head`) ends the output, not the process with a panic.
             let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());

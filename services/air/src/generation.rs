@@ -40,16 +40,16 @@ pub struct Generation {
 }
 
 /// Generates up to `max_tokens` after `prompt`, calling `on_text` with each complete piece of text.
+/// The KV cache is sized for exactly what this run can use.
 pub fn generate(
     model: &Model,
     tokenizer: &Tokenizer,
     prompt: Vec<u32>,
     max_tokens: usize,
-    ctx_size: usize,
     sampler: &mut Sampler,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
-    let mut cache = model.new_cache(ctx_size)?;
+    let mut cache = model.new_cache(prompt.len() + max_tokens)?;
     let started = Instant::now();
     let mut logits = model.forward(&prompt, &mut cache, Logits::Last)?;
     let prompt_time = started.elapsed();

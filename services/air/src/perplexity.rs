@@ -39,12 +39,14 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
             window[0] = bos;
         }
         cache.clear();
-        let mut logits = Vec::with_capacity(args.ctx * vocab);
-        for part in window.chunks(batch) {
-            logits.extend(model.forward(part, &mut cache, Logits::All)?);
+        // Logits of positions first.. only: rows of `logits` are positions first, first + 1, ...
+        let mut logits = Vec::with_capacity((args.ctx - first) * vocab);
+        for (index, part) in window.chunks(batch).enumerate() {
+            let offset = index * batch;
+            logits.extend(model.forward(part, &mut cache, Logits::From(first.saturating_sub(offset)))?);
         }
         for pos in first..args.ctx - 1 {
-            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            let row = &logits[(pos - first) * vocab..(pos - first + 1) * vocab];
             let lp = -log_softmax_at(row, window[pos + 1] as usize);
             nll += lp;
             nll2 += lp * lp;

@@ -23,6 +23,11 @@ fn air(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_air")).args(args).output().unwrap()
 }
 
+/// `air generate -m MODEL ARGS... --format json`, parsed.
+fn generate_json(model: &str, args: &[&str]) -> Value {
+    json(&air(&[&["generate", "-m", model], args, &["--format", "json"]].concat()))
+}
+
 fn json(out: &Output) -> Value {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
@@ -40,19 +45,7 @@ fn assert_fails(args: &[&str], needle: &str) {
 #[test]
 fn greedy_generation_matches_llamacpp_text() {
     let m = smollm2();
-    let out = json(&air(&[
-        "generate",
-        "-m",
-        &m,
-        "-p",
-        "The capital of France is",
-        "-n",
-        "8",
-        "--temperature",
-        "0",
-        "--format",
-        "json",
-    ]));
+    let out = generate_json(&m, &["-p", "The capital of France is", "-n", "8", "--temperature", "0"]);
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("tests/reference/public_SmolLM2-135M-Instruct.Q4_1.json")).unwrap(),
     )
@@ -80,22 +73,11 @@ fn text_output_streams_the_same_text() {
 #[test]
 fn chat_renders_the_model_template() {
     let m = smollm2();
-    let chat = json(&air(&[
-        "generate",
-        "-m",
-        &m,
-        "-p",
-        "What is the capital of France?",
-        "--chat",
-        "-n",
-        "4",
-        "--format",
-        "json",
-    ]));
+    let chat = generate_json(&m, &["-p", "What is the capital of France?", "--chat", "-n", "4"]);
     // The same conversation written out by hand in SmolLM2's template (with its default system line).
     let rendered = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
                     <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
-    let plain = json(&air(&["generate", "-m", &m, "-p", rendered, "-n", "4", "--format", "json"]));
+    let plain = generate_json(&m, &["-p", rendered, "-n", "4"]);
     assert_eq!(chat["prompt_tokens"], plain["prompt_tokens"]);
     assert_eq!(chat["prompt_tokens"][0], 1, "starts with <|im_start|>");
 }
@@ -104,19 +86,10 @@ fn chat_renders_the_model_template() {
 fn generation_stops_at_end_of_generation_token() {
     // llama.cpp's greedy answer to this prompt is <|im_end|> at once (tests/reference).
     let m = smollm2();
-    let out = json(&air(&[
-        "generate",
-        "-m",
+    let out = generate_json(
         &m,
-        "-p",
-        "Explain, step by step, how a bicycle stays upright.",
-        "-n",
-        "16",
-        "--temperature",
-        "0",
-        "--format",
-        "json",
-    ]));
+        &["-p", "Explain, step by step, how a bicycle stays upright.", "-n", "16", "--temperature", "0"],
+    );
     assert_eq!(out["finish_reason"], "eos");
     assert_eq!(out["tokens"].as_array().unwrap().len(), 0);
 }
@@ -246,7 +219,7 @@ fn prompt_file_is_read_verbatim() {
     let path = dir.path().join("prompt.txt");
     std::fs::write(&path, "The capital of France is").unwrap();
     let m = smollm2();
-    let from_file = json(&air(&["generate", "-m", &m, "-f", path.to_str().unwrap(), "-n", "1", "--format", "json"]));
-    let inline = json(&air(&["generate", "-m", &m, "-p", "The capital of France is", "-n", "1", "--format", "json"]));
+    let from_file = generate_json(&m, &["-f", path.to_str().unwrap(), "-n", "1"]);
+    let inline = generate_json(&m, &["-p", "The capital of France is", "-n", "1"]);
     assert_eq!(from_file["prompt_tokens"], inline["prompt_tokens"]);
 }
