@@ -13,8 +13,11 @@ use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Columns per parallel work item.
+/// Weight rows (output columns) per parallel work item.
 const COLUMNS_PER_TASK: usize = 32;
+/// Activation rows per parallel work item: with the task's weight rows, a tile of blocks that
+/// stays in the core's cache while the kernel works through it.
+const ROWS_PER_TASK: usize = 48;
 
 /// The math a weight matrix of one block type supports.
 trait Blocks: Send + Sync {
@@ -24,18 +27,18 @@ trait Blocks: Send + Sync {
     fn row(&self, row: usize, k: usize, out: &mut [f32]);
 }
 
-/// Pointer to the output, shared by workers that write disjoint columns.
+/// Pointer to the output, shared by workers that write disjoint elements.
 #[derive(Clone, Copy)]
 struct Output(*mut f32);
-// SAFETY: workers write disjoint elements (distinct columns), see `matmul`.
+// SAFETY: workers write disjoint elements (distinct tiles), see `matmul`.
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
 impl Output {
-    /// Writes element `i`.
-    /// SAFETY (caller): `i` is in bounds and no other thread writes it.
-    unsafe fn write(self, i: usize, v: f32) {
-        unsafe { *self.0.add(i) = v }
+    /// Writes `values` at element `at`.
+    /// SAFETY (caller): the range is in bounds and no other thread writes or reads it.
+    unsafe fn write(self, at: usize, values: &[f32]) {
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) }
     }
 }
 
@@ -53,15 +56,17 @@ where
         }
         assert!(out.len() >= m * n && w.len() >= n * kb);
         let dst = Output(out.as_mut_ptr());
-        (0..n.div_ceil(COLUMNS_PER_TASK)).into_par_iter().for_each(|task| {
-            let cols = task * COLUMNS_PER_TASK..((task + 1) * COLUMNS_PER_TASK).min(n);
-            for col in cols {
-                let wc = &w[col * kb..(col + 1) * kb];
-                for (row, xr) in xq.chunks_exact(kb).enumerate() {
-                    let v = T::dot(k, wc, xr);
-                    // SAFETY: row < m, col < n, out holds m * n; each (row, col) has one writer.
-                    unsafe { dst.write(row * n + col, v) };
-                }
+        let column_tasks = n.div_ceil(COLUMNS_PER_TASK);
+        (0..column_tasks * m.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            let cols = (task % column_tasks) * COLUMNS_PER_TASK..((task % column_tasks + 1) * COLUMNS_PER_TASK).min(n);
+            let rows = (task / column_tasks) * ROWS_PER_TASK..((task / column_tasks + 1) * ROWS_PER_TASK).min(m);
+            let mut tile = [0f32; COLUMNS_PER_TASK * ROWS_PER_TASK];
+            let width = cols.len();
+            T::dots(kb, &w[cols.start * kb..cols.end * kb], &xq[rows.start * kb..rows.end * kb], &mut tile, width);
+            for (r, values) in rows.zip(tile.chunks_exact(width)) {
+                // SAFETY: r < m and cols within n, so the range is inside out (m * n); tasks
+                // cover disjoint (rows, cols) tiles.
+                unsafe { dst.write(r * n + cols.start, values) };
             }
         });
     }
