@@ -19,7 +19,8 @@ fn nearest(x: f32) -> i32 {
 }
 
 fn max_abs(xs: &[f32]) -> f32 {
-    xs.iter().fold(0f32, |m, x| m.max(x.abs()))
+    // Written so that it vectorizes (no NaN semantics of f32::max to keep).
+    xs.iter().fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m })
 }
 
 /// Writes a repr(C) block from its bytes (candle keeps the fields crate-private).
@@ -30,17 +31,71 @@ fn write_block<T>(dst: &mut T, bytes: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst as *mut T as *mut u8, bytes.len()) }
 }
 
+/// One block of 32 activations as ggml's Q8_0/Q8_1 quantize it: the scale `d`, the 8-bit
+/// values, and their sum.
+pub(crate) fn quantize_q8_block(x: &[f32]) -> (f32, [i8; 32], i32) {
+    let x: &[f32; 32] = x.try_into().expect("a block is 32 values");
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    // SAFETY: AVX2 is enabled for the whole build (cfg).
+    return unsafe { quantize_q8_block_avx2(x) };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    quantize_q8_block_scalar(x)
+}
+
+/// [`quantize_q8_block`] one value at a time.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
+fn quantize_q8_block_scalar(x: &[f32; 32]) -> (f32, [i8; 32], i32) {
+    let max = max_abs(x);
+    let d = max / 127.0;
+    let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+    let q: [i8; 32] = std::array::from_fn(|i| nearest(x[i] * id) as i8);
+    (d, q, q.iter().map(|&v| v as i32).sum())
+}
+
+/// [`quantize_q8_block`] in AVX2 registers, as ggml's x86 `quantize_row_q8_0`.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+unsafe fn quantize_q8_block_avx2(x: &[f32; 32]) -> (f32, [i8; 32], i32) {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX2 is enabled for the build; `x` holds 4 × 8 floats.
+    unsafe {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+        let sign = _mm256_set1_ps(-0.0);
+        let abs: [__m256; 4] = std::array::from_fn(|i| _mm256_andnot_ps(sign, v[i]));
+        let m8 = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+        let mut m4 = _mm_max_ps(_mm256_extractf128_ps(m8, 1), _mm256_castps256_ps128(m8));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let max = _mm_cvtss_f32(m4);
+        let d = max / 127.0;
+        let id = _mm256_set1_ps(if max != 0.0 { 127.0 / max } else { 0.0 });
+        let ints: [__m256i; 4] = std::array::from_fn(|i| {
+            _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))
+        });
+        let sums = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+        let mut s4 = _mm_add_epi32(_mm256_extracti128_si256(sums, 1), _mm256_castsi256_si128(sums));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b10_11_00_01));
+        // Packing works within 128-bit halves; the permutation puts the values back in order.
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+        let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut q = [0i8; 32];
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+        (d, q, _mm_cvtsi128_si32(s4))
+    }
+}
+
+/// Q8_1's `s`: d · Σq, computed in f32 and stored as f16.
+pub(crate) fn q8_1_sum(d: f32, sum: i32) -> f16 {
+    f16::from_f32(d * sum as f32)
+}
+
 impl ActivationQuant for BlockQ8_0 {
     fn quantize(xs: &[f32], ys: &mut [Self]) {
         let mut buf = [0u8; 34];
         for (x, y) in xs.chunks_exact(32).zip(ys) {
-            let max = max_abs(x);
-            let d = max / 127.0;
-            let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+            let (d, q, _) = quantize_q8_block(x);
             buf[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-            for (b, &v) in buf[2..].iter_mut().zip(x) {
-                *b = nearest(v * id) as i8 as u8;
-            }
+            buf[2..].copy_from_slice(&q.map(|v| v as u8));
             write_block(y, &buf);
         }
     }
@@ -50,17 +105,10 @@ impl ActivationQuant for BlockQ8_1 {
     fn quantize(xs: &[f32], ys: &mut [Self]) {
         let mut buf = [0u8; 36];
         for (x, y) in xs.chunks_exact(32).zip(ys) {
-            let max = max_abs(x);
-            let d = max / 127.0;
-            let id = if max != 0.0 { 127.0 / max } else { 0.0 };
-            let mut sum = 0i32;
-            for (b, &v) in buf[4..].iter_mut().zip(x) {
-                let q = nearest(v * id);
-                sum += q;
-                *b = q as i8 as u8;
-            }
+            let (d, q, sum) = quantize_q8_block(x);
             buf[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-            buf[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
+            buf[2..4].copy_from_slice(&q8_1_sum(d, sum).to_le_bytes());
+            buf[4..].copy_from_slice(&q.map(|v| v as u8));
             write_block(y, &buf);
         }
     }
@@ -128,6 +176,20 @@ mod tests {
         let mut back = [0f32; 32];
         BlockQ8_0::to_float(&ys, &mut back);
         assert_eq!(&back[..4], &[127.0, 2.0, -4.0, 10.0]);
+    }
+
+    #[test]
+    fn q8_block_quantizers_agree() {
+        let mut seed = 3u32;
+        for scale in [0.0, 1e-3, 1.0, 300.0] {
+            let x: [f32; 32] = std::array::from_fn(|_| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
+            });
+            let (d, q, sum) = quantize_q8_block(&x);
+            let (d0, q0, sum0) = quantize_q8_block_scalar(&x);
+            assert_eq!((d.to_bits(), q, sum), (d0.to_bits(), q0, sum0));
+        }
     }
 
     #[test]

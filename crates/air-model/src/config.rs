@@ -83,6 +83,9 @@ pub struct ModelConfig {
     pub embedding_scale: Option<f32>,
     /// Scale of attention scores (1/sqrt(head_dim) unless the family says otherwise).
     pub attention_scale: f32,
+    /// The scale multiplies the queries before attention instead of the scores (gemma, as
+    /// llama.cpp orders it; the rounding differs).
+    pub scale_queries: bool,
     /// RMSNorm of each query and key head before RoPE (`attn_q_norm`, `attn_k_norm`).
     pub qk_norm: bool,
     /// RMSNorm of the attention and FFN outputs before their residual adds.
@@ -175,6 +178,7 @@ impl ModelConfig {
             } else {
                 1.0 / (head_dim as f32).sqrt()
             },
+            scale_queries: gemma,
             qk_norm: gemma,
             post_norms: gemma,
             activation: if gemma { Activation::GeluTanh } else { Activation::Silu },

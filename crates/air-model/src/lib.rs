@@ -10,6 +10,7 @@ mod attention;
 mod block_dot;
 mod config;
 mod error;
+mod exp;
 mod kv_cache;
 mod linear;
 mod mapped;

@@ -4,11 +4,10 @@
 //! rayon pool by output columns.
 
 use crate::ModelError;
-use crate::activation_quant::ActivationQuant;
 use crate::block_dot::BlockDot;
 use crate::mapped::MappedBlocks;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
-use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::quantized::k_quants;
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -45,15 +44,11 @@ impl Output {
 impl<T> Blocks for MappedBlocks<T>
 where
     T: BlockDot + 'static,
-    T::VecDotType: ActivationQuant,
 {
     fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
         let w = self.blocks();
         let kb = k / T::BLCK_SIZE;
-        let mut xq = vec![T::VecDotType::zeros(); m * kb];
-        for (src, dst) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
-            T::VecDotType::quantize(src, dst);
-        }
+        let xq = T::quantize(&x[..m * k], k);
         assert!(out.len() >= m * n && w.len() >= n * kb);
         let dst = Output(out.as_mut_ptr());
         let column_tasks = n.div_ceil(COLUMNS_PER_TASK);
@@ -62,7 +57,7 @@ where
             let rows = (task / column_tasks) * ROWS_PER_TASK..((task / column_tasks + 1) * ROWS_PER_TASK).min(m);
             let mut tile = [0f32; COLUMNS_PER_TASK * ROWS_PER_TASK];
             let width = cols.len();
-            T::dots(kb, &w[cols.start * kb..cols.end * kb], &xq[rows.start * kb..rows.end * kb], &mut tile, width);
+            T::dots(kb, &w[cols.start * kb..cols.end * kb], &xq, rows.clone(), &mut tile, width);
             for (r, values) in rows.zip(tile.chunks_exact(width)) {
                 // SAFETY: r < m and cols within n, so the range is inside out (m * n); tasks
                 // cover disjoint (rows, cols) tiles.
@@ -87,7 +82,6 @@ pub struct Linear {
 fn boxed<T>(file: &GgufFile, info: &TensorInfo) -> Option<Box<dyn Blocks>>
 where
     T: BlockDot + 'static,
-    T::VecDotType: ActivationQuant,
 {
     let blocks = MappedBlocks::<T>::new(file, info)?;
     Some(Box::new(blocks))

@@ -121,7 +121,10 @@ impl Model {
                 // (n, heads * head_dim) -> (1, heads, n, head_dim)
                 Ok(y.reshape((1, n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
             };
-        let q = rope.apply(&project(&w.wq, &w.bq, &w.q_norm, c.n_head)?, tables)?;
+        let mut q = rope.apply(&project(&w.wq, &w.bq, &w.q_norm, c.n_head)?, tables)?;
+        if c.scale_queries {
+            q = (q * c.attention_scale as f64)?;
+        }
         let k = rope.apply(&project(&w.wk, &w.bk, &w.k_norm, c.n_head_kv)?, tables)?;
         let v = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
         let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
@@ -132,7 +135,7 @@ impl Model {
             kv_heads: c.n_head_kv,
             head_dim: c.head_dim,
             capacity: cache.capacity(),
-            scale: c.attention_scale,
+            scale: if c.scale_queries { 1.0 } else { c.attention_scale },
             window,
         };
         let attn = causal_attention(&flat(q)?, keys, values, cache.len(), n, shape);
@@ -142,7 +145,7 @@ impl Model {
         let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
         let (gate, up) = (w.w_gate.forward(&h)?, w.w_up.forward(&h)?);
         let gated = match c.activation {
-            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Activation::Silu => crate::ops::swiglu(&gate, &up)?,
             Activation::GeluTanh => crate::ops::geglu(&gate, &up)?,
         };
         let ffn = w.w_down.forward(&gated)?;

@@ -45,3 +45,26 @@ pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         .collect();
     Tensor::from_vec(out, shape, &Device::Cpu)
 }
+
+/// SiLU-gated product `silu(gate) * up` as ggml's `ggml_vec_swiglu_f32` computes it:
+/// `x / (1 + e^-x)` with ggml's vectorized exponential, 16 values at a time, libm's `expf` for
+/// a remainder.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    use crate::exp::{EXP_LANES, exp16};
+    let shape = gate.shape().clone();
+    let mut g = gate.flatten_all()?.to_vec1::<f32>()?;
+    let u = up.flatten_all()?.to_vec1::<f32>()?;
+    let mut chunks = g.chunks_exact_mut(EXP_LANES);
+    let mut ups = u.chunks_exact(EXP_LANES);
+    for (x, up) in (&mut chunks).zip(&mut ups) {
+        let negated: [f32; EXP_LANES] = std::array::from_fn(|i| -x[i]);
+        let e = exp16(&negated);
+        for i in 0..EXP_LANES {
+            x[i] = x[i] / (1.0 + e[i]) * up[i];
+        }
+    }
+    for (x, up) in chunks.into_remainder().iter_mut().zip(ups.remainder()) {
+        *x = *x / (1.0 + (-*x).exp()) * up;
+    }
+    Tensor::from_vec(g, shape, &Device::Cpu)
+}

@@ -1,12 +1,15 @@
 use crate::{ModelConfig, RopeScaling, RopeStyle};
 use candle_core::{Device, Tensor};
 
-/// Rotary position embedding: inverse frequencies theta_i = base^(-2i/dim), divided by the
-/// per-pair factors of a `rope_freqs.weight` tensor when the file has one (Llama 3.1 style),
-/// positions scaled as the model's RoPE scaling says.
+/// Rotary position embedding, with the angles computed as ggml computes them (the angle of pair
+/// i is the position times theta_scale^i, built by repeated multiplication in f32, divided by
+/// the pair's factor from a `rope_freqs.weight` tensor when the file has one (Llama 3.1 style),
+/// times the linear scaling's frequency scale), so that rotations round as llama.cpp's do.
 pub struct Rope {
-    inv_freq: Vec<f32>,
-    position_scale: f32,
+    /// base^(-2/dim).
+    theta_scale: f32,
+    freq_factors: Option<Vec<f32>>,
+    freq_scale: f32,
     dim: usize,
     style: RopeStyle,
 }
@@ -22,10 +25,10 @@ impl Rope {
     /// frequencies when given.
     pub fn new(config: &ModelConfig, base: f32, freq_factors: Option<&[f32]>) -> Self {
         let dim = config.rope_dim;
-        let factor = |i: usize| freq_factors.map_or(1.0, |f| f[i]);
         Self {
-            inv_freq: (0..dim / 2).map(|i| base.powf(-((2 * i) as f32) / dim as f32) / factor(i)).collect(),
-            position_scale: match config.rope_scaling {
+            theta_scale: base.powf(-2.0 / dim as f32),
+            freq_factors: freq_factors.map(<[f32]>::to_vec),
+            freq_scale: match config.rope_scaling {
                 RopeScaling::None => 1.0,
                 RopeScaling::Linear { factor } => 1.0 / factor,
             },
@@ -40,11 +43,13 @@ impl Rope {
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in start..start + len {
-            let p = p as f32 * self.position_scale;
-            for f in &self.inv_freq {
-                let (s, c) = (p * f).sin_cos();
+            let mut theta = p as f32;
+            for i in 0..half {
+                let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+                let (s, c) = (self.freq_scale * (theta / factor)).sin_cos();
                 cos.push(c);
                 sin.push(s);
+                theta *= self.theta_scale;
             }
         }
         Ok(RopeTables {
@@ -93,6 +98,7 @@ mod tests {
             rope_scaling: RopeScaling::None,
             embedding_scale: None,
             attention_scale: 0.25,
+            scale_queries: false,
             qk_norm: false,
             post_norms: false,
             activation: crate::Activation::Silu,

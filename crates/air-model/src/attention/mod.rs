@@ -3,9 +3,9 @@
 //!
 //! Like ggml, two paths. For fewer than [`F32_QUERY_ROWS`] query rows (generation), one pass
 //! per query row with an online softmax (running max, running sum), the query rounded to f16 and
-//! the value accumulator kept in f16. For more (prompts), f32 throughout: scores of a chunk of
-//! queries against all the keys they see as one GEMM, a softmax per row, and the values as a
-//! second GEMM.
+//! the value accumulator kept in f16. For more (prompts), f32 tiles ([`tiled`]).
+
+mod tiled;
 
 use half::f16;
 
@@ -46,7 +46,7 @@ pub fn causal_attention(
             if n < F32_QUERY_ROWS {
                 head_attention(q, keys, values, start, n, h, s)
             } else {
-                head_attention_f32(q, keys, values, start, n, h, s)
+                tiled::head_attention(q, keys, values, start, n, h, s)
             }
         })
         .collect();
@@ -54,107 +54,6 @@ pub fn causal_attention(
     for (h, block) in per_head.iter().enumerate() {
         for (i, row) in block.chunks_exact(d).enumerate() {
             out[(i * s.heads + h) * d..(i * s.heads + h + 1) * d].copy_from_slice(row);
-        }
-    }
-    out
-}
-
-/// Query rows per score GEMM of the f32 path: bounds the score block to this many rows of
-/// the context.
-const QUERY_CHUNK: usize = 128;
-
-/// One query head over its KV head, f32 path: (n, head_dim).
-fn head_attention_f32(
-    q: &[f32],
-    keys: &[f16],
-    values: &[f16],
-    start: usize,
-    n: usize,
-    h: usize,
-    s: AttentionShape,
-) -> Vec<f32> {
-    let d = s.head_dim;
-    let kv = h / (s.heads / s.kv_heads);
-    let len = start + n;
-    let widen = |cache: &[f16]| {
-        let mut out = vec![0f32; len * d];
-        convert(&cache[kv * s.capacity * d..(kv * s.capacity + len) * d], &mut out);
-        out
-    };
-    let (k, v) = (widen(keys), widen(values));
-    let q = &q[h * n * d..(h + 1) * n * d];
-    let mut out = vec![0f32; n * d];
-    let mut scores = vec![0f32; QUERY_CHUNK.min(n) * len];
-    for first_row in (0..n).step_by(QUERY_CHUNK) {
-        let rows = QUERY_CHUNK.min(n - first_row);
-        // Keys seen by the chunk's last row; earlier rows mask the rest.
-        let seen = start + first_row + rows;
-        let scores = &mut scores[..rows * seen];
-        // SAFETY: q holds rows × d from first_row, k holds seen × d, scores rows × seen; all
-        // strides describe those row-major layouts.
-        unsafe {
-            gemm::gemm(
-                rows,
-                seen,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                seen as isize,
-                false,
-                q[first_row * d..].as_ptr(),
-                1,
-                d as isize,
-                k.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                s.scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        };
-        let mut sums = vec![0f32; rows];
-        for (r, (row, sum)) in scores.chunks_exact_mut(seen).zip(&mut sums).enumerate() {
-            let pos = start + first_row + r;
-            let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let visible = &mut row[first..=pos];
-            let max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            for x in visible.iter_mut() {
-                *x = (*x - max).exp();
-            }
-            *sum = visible.iter().sum();
-            row[..first].fill(0.0);
-            row[pos + 1..].fill(0.0);
-        }
-        let out = &mut out[first_row * d..(first_row + rows) * d];
-        // SAFETY: scores rows × seen, v seen × d, out rows × d, row-major.
-        unsafe {
-            gemm::gemm(
-                rows,
-                d,
-                seen,
-                out.as_mut_ptr(),
-                1,
-                d as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                seen as isize,
-                v.as_ptr(),
-                1,
-                d as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        };
-        for (row, sum) in out.chunks_exact_mut(d).zip(&sums) {
-            row.iter_mut().for_each(|x| *x /= sum);
         }
     }
     out
@@ -279,11 +178,23 @@ mod tests {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        let kv_len = s.kv_heads * s.capacity * s.head_dim;
+        let kv_len = s.kv_heads * s.capacity * 64;
         let k: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd() * 4.0)).collect();
         let v: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd())).collect();
         let windowed = AttentionShape { window: Some(4), ..s };
-        for (start, n, s) in [(0, 1, s), (5, 3, s), (0, 70, s), (20, 1, s), (20, 1, windowed), (2, 70, windowed)] {
+        let wide = AttentionShape { head_dim: 64, scale: 0.125, ..s };
+        let cases = [
+            (0, 1, s),
+            (5, 3, s),
+            (0, 70, s),
+            (20, 1, s),
+            (20, 1, windowed),
+            (2, 70, windowed),
+            (0, 98, wide),
+            (1, 80, wide),
+            (0, 90, AttentionShape { window: Some(70), ..wide }),
+        ];
+        for (start, n, s) in cases {
             let q: Vec<f32> = (0..s.heads * n * s.head_dim).map(|_| rnd() * 4.0).collect();
             let got = causal_attention(&q, &k, &v, start, n, s);
             let want = naive(&q, &k, &v, start, n, s);

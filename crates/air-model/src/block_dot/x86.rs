@@ -1,0 +1,369 @@
+//! x86 tile kernels for the 32-element block types: AVX2 and FMA, with the VNNI dot-product
+//! instruction where the CPU has it (chosen at run time; the integer sums are the same).
+//!
+//! A weight block unpacks to 32 8-bit values in one register and its scales. The 8-bit dot
+//! products are u8 × i8 (`maddubs` or `dpbusd`), so each weight type says how its values get
+//! there ([`Encoding`]). Activations are quantized once per matmul into [`Activations`], a layout
+//! made for the tiles: scales as f32, transposed so that a tile reads its rows' scales as one
+//! vector, and the lane sums the offset encodings start from.
+
+use super::BlockDot;
+use crate::activation_quant::{q8_1_sum, quantize_q8_block};
+use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+use half::f16;
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// f32 lanes of a register: the padding of the transposed scale arrays.
+const LANES: usize = 8;
+/// Weight rows per tile.
+const TILE_W: usize = 4;
+/// Activation rows per tile.
+const TILE_X: usize = 3;
+
+/// How a weight type's values enter the u8 × i8 products.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Encoding {
+    /// Signed values (Q8_0): |w| times the activations given w's signs.
+    Signed,
+    /// value = u − offset, u unsigned (Q4_0: 8, Q5_0: 16): u times the activations, summed from
+    /// −offset × Σx (exactly the signed sum, in integers).
+    Offset(i32),
+    /// value = d·u + m, u unsigned (Q4_1, Q5_1): u times the activations, plus m·s where the
+    /// activation block's s is d_x · Σq_x (Q8_1).
+    Min,
+}
+
+/// A weight block unpacked into registers.
+#[derive(Clone, Copy)]
+pub(super) struct Unpacked {
+    d: f32,
+    /// The minimum, for [`Encoding::Min`].
+    m: f32,
+    /// The 32 values as the encoding has them.
+    q: __m256i,
+}
+
+/// A weight block type the kernels read.
+pub(super) trait Weight: BlockDot + Sized {
+    const ENCODING: Encoding;
+    /// Unpacks the block at `p`.
+    /// SAFETY (caller): `p` points to a whole block.
+    unsafe fn unpack(p: *const Self) -> Unpacked;
+}
+
+/// SAFETY (caller): two readable bytes at `p`.
+#[inline(always)]
+unsafe fn half_at(p: *const u8) -> f32 {
+    f16::from_bits(unsafe { (p as *const u16).read_unaligned() }).to_f32()
+}
+
+/// 16 bytes of nibbles to 32 bytes: low nibbles first, then high nibbles (ggml's layout).
+/// SAFETY (caller): 16 readable bytes at `p`.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    unsafe {
+        let packed = _mm_loadu_si128(p as *const __m128i);
+        _mm256_and_si256(_mm256_set1_epi8(0x0F), _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed))
+    }
+}
+
+/// 0x10 in byte i where bit i of the 32-bit little-endian word at `p` is set (Q5's fifth bits).
+/// SAFETY (caller): 4 readable bytes at `p`.
+#[inline(always)]
+unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    unsafe {
+        let word = _mm256_set1_epi32((p as *const i32).read_unaligned());
+        // Byte i takes byte i / 8 of the word, then tests bit i % 8 of it.
+        let spread =
+            _mm256_shuffle_epi8(word, _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+        let bits = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits), _mm256_set1_epi8(0x10))
+    }
+}
+
+impl Weight for BlockQ8_0 {
+    const ENCODING: Encoding = Encoding::Signed;
+    #[inline(always)]
+    unsafe fn unpack(p: *const Self) -> Unpacked {
+        let p = p as *const u8; // d: f16, qs: [i8; 32]
+        unsafe { Unpacked { d: half_at(p), m: 0.0, q: _mm256_loadu_si256(p.add(2) as *const __m256i) } }
+    }
+}
+
+impl Weight for BlockQ4_0 {
+    const ENCODING: Encoding = Encoding::Offset(8);
+    #[inline(always)]
+    unsafe fn unpack(p: *const Self) -> Unpacked {
+        let p = p as *const u8; // d: f16, qs: [u8; 16]
+        unsafe { Unpacked { d: half_at(p), m: 0.0, q: nibbles(p.add(2)) } }
+    }
+}
+
+impl Weight for BlockQ4_1 {
+    const ENCODING: Encoding = Encoding::Min;
+    #[inline(always)]
+    unsafe fn unpack(p: *const Self) -> Unpacked {
+        let p = p as *const u8; // d: f16, m: f16, qs: [u8; 16]
+        unsafe { Unpacked { d: half_at(p), m: half_at(p.add(2)), q: nibbles(p.add(4)) } }
+    }
+}
+
+impl Weight for BlockQ5_0 {
+    const ENCODING: Encoding = Encoding::Offset(16);
+    #[inline(always)]
+    unsafe fn unpack(p: *const Self) -> Unpacked {
+        let p = p as *const u8; // d: f16, qh: 32 fifth bits, qs: [u8; 16]
+        unsafe { Unpacked { d: half_at(p), m: 0.0, q: _mm256_or_si256(nibbles(p.add(6)), fifth_bits(p.add(2))) } }
+    }
+}
+
+impl Weight for BlockQ5_1 {
+    const ENCODING: Encoding = Encoding::Min;
+    #[inline(always)]
+    unsafe fn unpack(p: *const Self) -> Unpacked {
+        let p = p as *const u8; // d: f16, m: f16, qh: 32 fifth bits, qs: [u8; 16]
+        unsafe {
+            Unpacked {
+                d: half_at(p),
+                m: half_at(p.add(2)),
+                q: _mm256_or_si256(nibbles(p.add(8)), fifth_bits(p.add(4))),
+            }
+        }
+    }
+}
+
+/// Activation rows quantized as ggml's Q8_0 (or Q8_1 for [`Encoding::Min`]) in the tiles' layout.
+pub struct Activations {
+    kb: usize,
+    /// Rows plus [`LANES`]: the row stride of the transposed arrays.
+    padded: usize,
+    /// The 8-bit values, 32 per block, (row, block).
+    q: Vec<[i8; 32]>,
+    /// Each block's scale (ggml's f16, widened), (block, padded row).
+    d: Vec<f32>,
+    /// [`Encoding::Min`]: each block's s (d · Σq as ggml's f16, widened), (block, padded row).
+    s: Vec<f32>,
+    /// [`Encoding::Offset`]: −offset × the sum of each lane's 4 values, (row, block).
+    offset_sums: Vec<[i32; LANES]>,
+}
+
+impl Activations {
+    /// Quantizes `x`, rows of `k` values, for weights of type `W`.
+    pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
+        let (rows, kb) = (x.len() / k, k / 32);
+        let padded = rows + LANES;
+        let mut a = Self {
+            kb,
+            padded,
+            q: Vec::with_capacity(rows * kb),
+            d: vec![0.0; kb * padded],
+            s: vec![0.0; if W::ENCODING == Encoding::Min { kb * padded } else { 0 }],
+            offset_sums: Vec::new(),
+        };
+        for (r, row) in x.chunks_exact(k).enumerate() {
+            for (b, block) in row.chunks_exact(32).enumerate() {
+                let (d, q, sum) = quantize_q8_block(block);
+                a.d[b * padded + r] = f16::from_f32(d).to_f32();
+                match W::ENCODING {
+                    Encoding::Min => a.s[b * padded + r] = q8_1_sum(d, sum).to_f32(),
+                    Encoding::Offset(offset) => a.offset_sums.push(std::array::from_fn(|lane| {
+                        -offset * q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum::<i32>()
+                    })),
+                    Encoding::Signed => {}
+                }
+                a.q.push(q);
+            }
+        }
+        a
+    }
+}
+
+/// An 8-bit dot-product instruction: per i32 lane, `acc` + Σ of its 4 u8 × i8 products.
+trait Dot {
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+}
+
+/// AVX2: `maddubs` (exact here: |values| ≤ 127 keep the i16 pair sums in range) and `madd`.
+struct Maddubs;
+impl Dot for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(u, s))) }
+    }
+}
+
+/// AVX512-VNNI on 256-bit registers.
+struct Avx512Vnni;
+impl Dot for Avx512Vnni {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+    }
+}
+
+/// AVX-VNNI (the VEX encoding, on CPUs without AVX-512).
+struct AvxVnni;
+impl Dot for AvxVnni {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_avx_epi32(acc, u, s) }
+    }
+}
+
+/// ggml's `hsum_float_8`.
+#[inline(always)]
+unsafe fn hsum(x: __m256) -> f32 {
+    unsafe {
+        let mut r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+}
+
+/// One tile: `RM` weight rows from `w` × `RN` activation rows from `j0`, over all blocks.
+/// SAFETY (caller): `w` points to `RM` rows of `x.kb` blocks; rows `j0..j0 + RN` exist in `x`.
+#[inline(always)]
+unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
+    w: *const W,
+    x: &Activations,
+    j0: usize,
+) -> [[f32; RM]; RN] {
+    let kb = x.kb;
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); RM]; RN];
+        let mut mins = [_mm256_setzero_ps(); RM];
+        let mut scales = [[0f32; LANES]; RM];
+        for b in 0..kb {
+            let ws: [Unpacked; RM] = std::array::from_fn(|i| W::unpack(w.add(i * kb + b)));
+            // d_w · d_x for the tile's pairs, one vector per weight row (lanes: activation rows).
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(b * x.padded + j0));
+            for i in 0..RM {
+                _mm256_storeu_ps(scales[i].as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(ws[i].d), dx));
+            }
+            if W::ENCODING == Encoding::Min {
+                let sx = _mm256_loadu_ps(x.s.as_ptr().add(b * x.padded + j0));
+                for i in 0..RM {
+                    mins[i] = _mm256_fmadd_ps(_mm256_set1_ps(ws[i].m), sx, mins[i]);
+                }
+            }
+            let magnitudes: [__m256i; RM] = std::array::from_fn(|i| match W::ENCODING {
+                Encoding::Signed => _mm256_sign_epi8(ws[i].q, ws[i].q),
+                _ => ws[i].q,
+            });
+            for j in 0..RN {
+                let at = (j0 + j) * kb + b;
+                let xq = _mm256_loadu_si256(x.q.as_ptr().add(at) as *const __m256i);
+                let start = match W::ENCODING {
+                    Encoding::Offset(_) => _mm256_loadu_si256(x.offset_sums.as_ptr().add(at) as *const __m256i),
+                    _ => _mm256_setzero_si256(),
+                };
+                for i in 0..RM {
+                    let s = match W::ENCODING {
+                        Encoding::Signed => _mm256_sign_epi8(xq, ws[i].q),
+                        _ => xq,
+                    };
+                    let sums = _mm256_cvtepi32_ps(D::dot(start, magnitudes[i], s));
+                    acc[j][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[i][j]), sums, acc[j][i]);
+                }
+            }
+        }
+        let mut min_sums = [[0f32; LANES]; RM];
+        if W::ENCODING == Encoding::Min {
+            for i in 0..RM {
+                _mm256_storeu_ps(min_sums[i].as_mut_ptr(), mins[i]);
+            }
+        }
+        std::array::from_fn(|j| {
+            std::array::from_fn(|i| {
+                let dot = hsum(acc[j][i]);
+                if W::ENCODING == Encoding::Min { dot + min_sums[i][j] } else { dot }
+            })
+        })
+    }
+}
+
+/// [`BlockDot::dots`] by tiles of up to `TILE_W` × `TILE_X`.
+/// SAFETY (caller): the CPU has the features `D` needs.
+#[inline(always)]
+unsafe fn tiled_dots<W: Weight, D: Dot>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
+    let kb = x.kb;
+    let rows_w = w.len() / kb;
+    assert!(rows.end * kb <= x.q.len() && (rows.is_empty() || out.len() >= (rows.len() - 1) * stride + rows_w));
+    macro_rules! run {
+        ($i:expr, $j:expr, $rm:literal, $rn:literal) => {{
+            // SAFETY: weight rows i..i + rm and activation rows j..j + rn exist (loop bounds).
+            let t = unsafe { tile::<W, D, $rm, $rn>(w.as_ptr().add($i * kb), x, $j) };
+            for (r, values) in t.iter().enumerate() {
+                out[($j - rows.start + r) * stride + $i..][..$rm].copy_from_slice(values);
+            }
+        }};
+    }
+    for i in (0..rows_w).step_by(TILE_W) {
+        let rm = TILE_W.min(rows_w - i);
+        for j in rows.clone().step_by(TILE_X) {
+            match (rm, TILE_X.min(rows.end - j)) {
+                (4, 3) => run!(i, j, 4, 3),
+                (4, 2) => run!(i, j, 4, 2),
+                (4, 1) => run!(i, j, 4, 1),
+                (3, 3) => run!(i, j, 3, 3),
+                (3, 2) => run!(i, j, 3, 2),
+                (3, 1) => run!(i, j, 3, 1),
+                (2, 3) => run!(i, j, 2, 3),
+                (2, 2) => run!(i, j, 2, 2),
+                (2, 1) => run!(i, j, 2, 1),
+                (1, 3) => run!(i, j, 1, 3),
+                (1, 2) => run!(i, j, 1, 2),
+                (1, 1) => run!(i, j, 1, 1),
+                _ => unreachable!("tile sizes are bounded by TILE_W and TILE_X"),
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512vnni,avx512vl")]
+unsafe fn dots_avx512vnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
+    unsafe { tiled_dots::<W, Avx512Vnni>(w, x, rows, out, stride) }
+}
+
+#[target_feature(enable = "avxvnni")]
+unsafe fn dots_avxvnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
+    unsafe { tiled_dots::<W, AvxVnni>(w, x, rows, out, stride) }
+}
+
+/// The dot-product instruction this CPU has.
+#[derive(Clone, Copy)]
+enum Instructions {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+}
+
+fn instructions() -> Instructions {
+    static DETECTED: OnceLock<Instructions> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            Instructions::Avx512Vnni
+        } else if is_x86_feature_detected!("avxvnni") {
+            Instructions::AvxVnni
+        } else {
+            Instructions::Avx2
+        }
+    })
+}
+
+/// [`BlockDot::dots`] for the tiled types.
+pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
+    assert_eq!(kb, x.kb);
+    // SAFETY: each variant runs only where the CPU reported its features; AVX2 and FMA are
+    // enabled for the whole build (this module's cfg).
+    unsafe {
+        match instructions() {
+            Instructions::Avx512Vnni => dots_avx512vnni(w, x, rows, out, stride),
+            Instructions::AvxVnni => dots_avxvnni(w, x, rows, out, stride),
+            Instructions::Avx2 => tiled_dots::<W, Maddubs>(w, x, rows, out, stride),
+        }
+    }
+}
