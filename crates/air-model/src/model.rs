@@ -61,6 +61,12 @@ impl Model {
     /// appends their keys/values to the cache, and returns logits, row-major, one row of
     /// `vocab_size` per position asked for.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>, ModelError> {
+        // One hand-off to the compute pool per pass: the pass runs on a pool thread, so its
+        // parallel regions (a dozen per layer) do not each wake the calling thread.
+        rayon::scope(|_| self.forward_on_pool(tokens, cache, logits))
+    }
+
+    fn forward_on_pool(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>, ModelError> {
         let n = tokens.len();
         if n == 0 {
             return Ok(Vec::new());

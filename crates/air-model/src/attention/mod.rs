@@ -7,7 +7,9 @@
 
 mod tiled;
 
+use crate::exp::{EXP_LANES, sum16};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// From this many query rows on, ggml switches to its tiled f32 kernel.
 pub const F32_QUERY_ROWS: usize = 64;
@@ -59,7 +61,9 @@ pub fn causal_attention(
     out
 }
 
-/// One query head over its KV head, generation path: (n, head_dim).
+/// One query head over its KV head, generation path: (n, head_dim). As ggml's kernel: the
+/// query rounded to f16, scores by [`dot_f16`], the value accumulator kept in f16 (widened,
+/// updated with one FMA, rounded back), the result times 1/sum.
 fn head_attention(
     q: &[f32],
     keys: &[f16],
@@ -71,63 +75,69 @@ fn head_attention(
 ) -> Vec<f32> {
     let d = s.head_dim;
     let kv = h / (s.heads / s.kv_heads);
-    let scale = s.scale;
-    let f16_path = n < F32_QUERY_ROWS;
     let k_head = &keys[kv * s.capacity * d..(kv + 1) * s.capacity * d];
     let v_head = &values[kv * s.capacity * d..(kv + 1) * s.capacity * d];
     let mut out = vec![0f32; n * d];
     let (mut q_row, mut acc, mut v_row, mut k_row) = (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+    let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
     for i in 0..n {
-        q_row.copy_from_slice(&q[(h * n + i) * d..(h * n + i + 1) * d]);
-        if f16_path {
-            round_f16(&mut q_row);
-        }
-        acc.fill(0.0);
+        q16.convert_from_f32_slice(&q[(h * n + i) * d..(h * n + i + 1) * d]);
+        q16.convert_to_f32_slice(&mut q_row);
+        acc16.fill(f16::ZERO);
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
         let pos = start + i;
         let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         for j in first..=pos {
-            convert(&k_head[j * d..(j + 1) * d], &mut k_row);
-            let score = dot(&k_row, &q_row) * scale;
-            // As ggml: on a new maximum rescale the accumulator, then add the weighted value.
+            k_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut k_row);
+            let score = dot_f16(&k_row, &q_row) * s.scale;
+            // On a new maximum rescale the accumulator, then add the weighted value.
             let (rescale, weight) = if score > max {
                 let r = (max - score).exp();
                 max = score;
+                acc16.convert_to_f32_slice(&mut acc);
                 acc.iter_mut().for_each(|a| *a *= r);
-                if f16_path {
-                    round_f16(&mut acc);
-                }
+                acc16.convert_from_f32_slice(&acc);
                 (r, 1.0)
             } else {
                 (1.0, (score - max).exp())
             };
-            convert(&v_head[j * d..(j + 1) * d], &mut v_row);
+            v_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut v_row);
+            acc16.convert_to_f32_slice(&mut acc);
             for (a, &v) in acc.iter_mut().zip(&v_row) {
                 *a = v.mul_add(weight, *a);
             }
-            if f16_path {
-                round_f16(&mut acc);
-            }
+            acc16.convert_from_f32_slice(&acc);
             sum = sum * rescale + weight;
         }
+        let inverse = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        acc16.convert_to_f32_slice(&mut acc);
         for (o, a) in out[i * d..(i + 1) * d].iter_mut().zip(&acc) {
-            *o = a / sum;
+            *o = a * inverse;
         }
     }
     out
 }
 
-fn convert(src: &[f16], dst: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    src.convert_to_f32_slice(dst);
-}
-
-fn round_f16(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// Σ a·b as ggml's `ggml_vec_dot_f16` sums on AVX-512: four accumulators of 16 lanes over
+/// steps of 64, added pairwise (0+2, 1+3, then together), the 16 lanes reduced as
+/// [`sum16`], a remainder in f64.
+fn dot_f16(a: &[f32], b: &[f32]) -> f32 {
+    const STEP: usize = 4 * EXP_LANES;
+    let mut acc = [[0f32; EXP_LANES]; 4];
+    let whole = a.len() / STEP * STEP;
+    for (sa, sb) in a[..whole].chunks_exact(STEP).zip(b[..whole].chunks_exact(STEP)) {
+        for (j, lanes) in acc.iter_mut().enumerate() {
+            for (l, x) in lanes.iter_mut().enumerate() {
+                *x = sa[j * EXP_LANES + l].mul_add(sb[j * EXP_LANES + l], *x);
+            }
+        }
+    }
+    let lanes: [f32; EXP_LANES] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let mut total = sum16(&lanes) as f64;
+    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+        total += (x * y) as f64;
+    }
+    total as f32
 }
 
 #[cfg(test)]
