@@ -12,11 +12,14 @@ use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Weight rows (output columns) per parallel work item.
-const COLUMNS_PER_TASK: usize = 32;
+/// Fewest weight rows (output columns) per parallel work item.
+const MIN_COLUMNS_PER_TASK: usize = 32;
 /// Activation rows per parallel work item: with the task's weight rows, a tile of blocks that
 /// stays in the core's cache while the kernel works through it.
 const ROWS_PER_TASK: usize = 48;
+/// Work items per thread to aim for: enough to balance the load, few enough that scheduling
+/// stays a small cost (a generation step runs hundreds of matmuls).
+const TASKS_PER_THREAD: usize = 8;
 
 /// The math a weight matrix of one block type supports.
 trait Blocks: Send + Sync {
@@ -51,12 +54,15 @@ where
         let xq = T::quantize(&x[..m * k], k);
         assert!(out.len() >= m * n && w.len() >= n * kb);
         let dst = Output(out.as_mut_ptr());
-        let column_tasks = n.div_ceil(COLUMNS_PER_TASK);
-        (0..column_tasks * m.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
-            let cols = (task % column_tasks) * COLUMNS_PER_TASK..((task % column_tasks + 1) * COLUMNS_PER_TASK).min(n);
+        let row_tasks = m.div_ceil(ROWS_PER_TASK);
+        let wanted = (rayon::current_num_threads() * TASKS_PER_THREAD).div_ceil(row_tasks);
+        let per_task = n.div_ceil(wanted).next_multiple_of(4).max(MIN_COLUMNS_PER_TASK);
+        let column_tasks = n.div_ceil(per_task);
+        (0..column_tasks * row_tasks).into_par_iter().for_each(|task| {
+            let cols = (task % column_tasks) * per_task..((task % column_tasks + 1) * per_task).min(n);
             let rows = (task / column_tasks) * ROWS_PER_TASK..((task / column_tasks + 1) * ROWS_PER_TASK).min(m);
-            let mut tile = [0f32; COLUMNS_PER_TASK * ROWS_PER_TASK];
             let width = cols.len();
+            let mut tile = vec![0f32; width * rows.len()];
             T::dots(kb, &w[cols.start * kb..cols.end * kb], &xq, rows.clone(), &mut tile, width);
             for (r, values) in rows.zip(tile.chunks_exact(width)) {
                 // SAFETY: r < m and cols within n, so the range is inside out (m * n); tasks

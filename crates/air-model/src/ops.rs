@@ -18,13 +18,11 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
     Tensor::from_vec(xs, (m, d), &Device::Cpu)
 }
 
-/// GELU-gated product `gelu(gate) * up` as ggml computes it on the CPU: GELU (tanh form) of the
-/// gate rounded to f16 and its result rounded to f16 (ggml reads it from an f16 table), exact
-/// beyond ±10.
+/// GELU-gated product `gelu(gate) * up` as ggml computes it on the CPU: the gate rounded to f16
+/// and looked up in a table of GELU (tanh form) results rounded to f16, exact beyond ±10.
 pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     use half::f16;
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const COEF_A: f32 = 0.044715;
+    let table = gelu_f16_table();
     let shape = gate.shape().clone();
     let g = gate.flatten_all()?.to_vec1::<f32>()?;
     let u = up.flatten_all()?.to_vec1::<f32>()?;
@@ -37,13 +35,28 @@ pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
             } else if x >= 10.0 {
                 x * u
             } else {
-                let x = f16::from_f32(x).to_f32();
-                let gelu = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
-                f16::from_f32(gelu).to_f32() * u
+                table[f16::from_f32(x).to_bits() as usize].to_f32() * u
             }
         })
         .collect();
     Tensor::from_vec(out, shape, &Device::Cpu)
+}
+
+/// GELU (tanh form) of every f16 value, rounded to f16, indexed by the value's bits (ggml's
+/// `ggml_table_gelu_f16`), built on first use.
+fn gelu_f16_table() -> &'static [half::f16] {
+    use half::f16;
+    static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        const COEF_A: f32 = 0.044715;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = f16::from_bits(bits).to_f32();
+                f16::from_f32(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh()))
+            })
+            .collect()
+    })
 }
 
 /// SiLU-gated product `silu(gate) * up` as ggml's `ggml_vec_swiglu_f32` computes it:

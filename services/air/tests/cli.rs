@@ -194,18 +194,26 @@ fn truncated_model_is_reported_not_panicked() {
     assert_fails(&["generate", "-m", cut.to_str().unwrap(), "-p", "hi"], "lies outside the file");
 }
 
-/// `air perplexity` on tests/reference/GPL-3.txt against llama.cpp's value for the same settings.
+/// `air perplexity` on tests/reference/GPL-3.txt against llama.cpp's value for the same settings:
+/// the reference setting (512-token windows over the whole text, 14 of them). Smaller windows
+/// score too few tokens for a 0.5% comparison: at 128 tokens x 8 windows llama.cpp's own value
+/// for Gemma 3 moves 1.2% when only its attention arithmetic changes (flash attention on/off).
 fn check_perplexity(model_name: &str) {
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference/perplexity.json")).unwrap())
             .unwrap();
-    let case = reference.as_array().unwrap().iter().find(|c| c["model"] == model_name && c["ctx"] == 128).unwrap();
+    let case = reference
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["model"] == model_name && c["ctx"] == 512 && c["chunks"] == 14)
+        .unwrap();
     let text = root().join("tests/reference/GPL-3.txt").display().to_string();
     let m = model(&format!("{model_name}.gguf"));
-    let out = json(&air(&["perplexity", "-m", &m, "-f", &text, "-c", "128", "--chunks", "8", "--format", "json"]));
+    let out = json(&air(&["perplexity", "-m", &m, "-f", &text, "-c", "512", "--format", "json"]));
     let (ours, theirs) = (out["ppl"].as_f64().unwrap(), case["ppl"].as_f64().unwrap());
     assert!((ours / theirs - 1.0).abs() < 0.005, "{model_name}: air {ours} vs llama.cpp {theirs}");
-    assert_eq!(out["tokens_scored"], 8 * 63);
+    assert_eq!(out["tokens_scored"], 14 * 255);
 }
 
 #[test]

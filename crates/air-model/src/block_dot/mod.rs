@@ -7,10 +7,13 @@
 //! it. Every dot in a tile sums in the lane order of ggml's `vec_dot` and llamafile's tinyBLAS
 //! (8 f32 lanes, one fused multiply-add per block, the same horizontal sum), so Air and
 //! llama.cpp round alike. candle 0.11's kernels for these types are scalar, or dot one pair of
-//! rows at a time (docs/benchmarks.md). The other types use candle's row kernels.
+//! rows at a time (docs/benchmarks.md). Q4_K and Q6_K have AVX2 kernels in ggml's lane order
+//! too ([`x86_kquants`]); the other types use candle's row kernels.
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod x86;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod x86_kquants;
 
 use crate::activation_quant::ActivationQuant;
 use candle_core::quantized::k_quants::{self, GgmlType};
@@ -37,11 +40,7 @@ macro_rules! candle_rows {
             type Activations = Vec<<$t as GgmlType>::VecDotType>;
 
             fn quantize(x: &[f32], k: usize) -> Self::Activations {
-                let mut q = vec![<Self as GgmlType>::VecDotType::zeros(); x.len() / <Self as GgmlType>::VecDotType::BLCK_SIZE];
-                for (src, dst) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / <Self as GgmlType>::VecDotType::BLCK_SIZE)) {
-                    ActivationQuant::quantize(src, dst);
-                }
-                q
+                candle_activations::<Self>(x, k)
             }
 
             fn dots(kb: usize, w: &[Self], x: &Self::Activations, rows: Range<usize>, out: &mut [f32], out_stride: usize) {
@@ -57,18 +56,51 @@ macro_rules! candle_rows {
     )*};
 }
 
+/// Quantizes rows of `k` values into candle's activation blocks for `T`.
+fn candle_activations<T: GgmlType>(x: &[f32], k: usize) -> Vec<T::VecDotType>
+where
+    T::VecDotType: ActivationQuant,
+{
+    let per_row = k / T::VecDotType::BLCK_SIZE;
+    let mut q = vec![T::VecDotType::zeros(); x.len() / k * per_row];
+    for (src, dst) in x.chunks_exact(k).zip(q.chunks_exact_mut(per_row)) {
+        ActivationQuant::quantize(src, dst);
+    }
+    q
+}
+
+candle_rows!(f32, f16, bf16, k_quants::BlockQ2K, k_quants::BlockQ3K, k_quants::BlockQ5K);
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
 candle_rows!(
-    f32,
-    f16,
-    bf16,
-    k_quants::BlockQ2K,
-    k_quants::BlockQ3K,
+    k_quants::BlockQ4_0,
+    k_quants::BlockQ4_1,
+    k_quants::BlockQ5_0,
+    k_quants::BlockQ5_1,
+    k_quants::BlockQ8_0,
     k_quants::BlockQ4K,
-    k_quants::BlockQ5K,
     k_quants::BlockQ6K
 );
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-candle_rows!(k_quants::BlockQ4_0, k_quants::BlockQ4_1, k_quants::BlockQ5_0, k_quants::BlockQ5_1, k_quants::BlockQ8_0);
+
+/// K-quants with an AVX2 kernel over candle's Q8_K activation blocks.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+macro_rules! k_tiled {
+    ($($t:ident => $kernel:ident),*) => {$(
+        impl BlockDot for k_quants::$t {
+            type Activations = Vec<k_quants::BlockQ8K>;
+
+            fn quantize(x: &[f32], k: usize) -> Self::Activations {
+                candle_activations::<Self>(x, k)
+            }
+
+            fn dots(kb: usize, w: &[Self], x: &Self::Activations, rows: Range<usize>, out: &mut [f32], out_stride: usize) {
+                x86_kquants::$kernel(kb, w, x, rows, out, out_stride)
+            }
+        }
+    )*};
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+k_tiled!(BlockQ4K => dots_q4k, BlockQ6K => dots_q6k);
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 macro_rules! tiled {
@@ -93,7 +125,7 @@ tiled!(BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k_quants::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+    use k_quants::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0};
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
@@ -106,12 +138,14 @@ mod tests {
     }
 
     /// Every tile shape (rows not multiples of the tile, a row range not from 0) against
-    /// candle's row-by-row dots over candle's activation blocks.
+    /// candle's row-by-row dots over candle's activation blocks. Not bit for bit: candle's
+    /// scalar kernels (Q4_1, Q5_0, Q5_1) and its Q6_K kernel (an older ggml version, which
+    /// subtracts Q6_K's offset in other lanes) sum in other orders.
     fn agrees_with_candle<T: BlockDot>()
     where
         T::VecDotType: ActivationQuant,
     {
-        let (k, rows_w, rows_x) = (8 * 32, 11, 13);
+        let (k, rows_w, rows_x) = (2 * 256, 11, 13);
         let kb = k / T::BLCK_SIZE;
         let mut w = vec![T::zeros(); rows_w * kb];
         T::from_float(&data(rows_w * k, 7), &mut w);
@@ -138,5 +172,7 @@ mod tests {
         agrees_with_candle::<BlockQ5_0>();
         agrees_with_candle::<BlockQ5_1>();
         agrees_with_candle::<BlockQ8_0>();
+        agrees_with_candle::<BlockQ4K>();
+        agrees_with_candle::<BlockQ6K>();
     }
 }
