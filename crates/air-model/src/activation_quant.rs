@@ -19,8 +19,7 @@ fn nearest(x: f32) -> i32 {
 }
 
 fn max_abs(xs: &[f32]) -> f32 {
-    // Written so that it vectorizes (no NaN semantics of f32::max to keep).
-    xs.iter().fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m })
+    xs.iter().fold(0f32, |m, x| m.max(x.abs()))
 }
 
 /// Writes a repr(C) block from its bytes (candle keeps the fields crate-private).

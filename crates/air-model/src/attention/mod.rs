@@ -28,6 +28,15 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
+impl AttentionShape {
+    /// The rows of KV head serving query head `h` in a (kv_heads, capacity, head_dim) cache.
+    fn kv_head<'a>(&self, cache: &'a [f16], h: usize) -> &'a [f16] {
+        let kv = h / (self.heads / self.kv_heads);
+        let rows = self.capacity * self.head_dim;
+        &cache[kv * rows..(kv + 1) * rows]
+    }
+}
+
 /// Attention of `n` query rows at positions `start..start + n` over cached positions
 /// `0..start + n`. `q` is (heads, n, head_dim); `keys`/`values` are (kv_heads, capacity, head_dim);
 /// the result is (n, heads * head_dim).
@@ -74,9 +83,7 @@ fn head_attention(
     s: AttentionShape,
 ) -> Vec<f32> {
     let d = s.head_dim;
-    let kv = h / (s.heads / s.kv_heads);
-    let k_head = &keys[kv * s.capacity * d..(kv + 1) * s.capacity * d];
-    let v_head = &values[kv * s.capacity * d..(kv + 1) * s.capacity * d];
+    let (k_head, v_head) = (s.kv_head(keys, h), s.kv_head(values, h));
     let mut out = vec![0f32; n * d];
     let (mut q_row, mut acc, mut v_row, mut k_row) = (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
     let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);

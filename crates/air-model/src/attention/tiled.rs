@@ -26,9 +26,7 @@ pub(super) fn head_attention(
     s: AttentionShape,
 ) -> Vec<f32> {
     let d = s.head_dim;
-    let kv = h / (s.heads / s.kv_heads);
-    let k_head = &keys[kv * s.capacity * d..(kv + 1) * s.capacity * d];
-    let v_head = &values[kv * s.capacity * d..(kv + 1) * s.capacity * d];
+    let (k_head, v_head) = (s.kv_head(keys, h), s.kv_head(values, h));
     let q = &q[h * n * d..(h + 1) * n * d];
     let mut out = vec![0f32; n * d];
     // Keys transposed (dimension, key) and values (key, dimension), widened, zero-padded.

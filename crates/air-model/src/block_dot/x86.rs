@@ -57,7 +57,7 @@ pub(super) trait Weight: BlockDot + Sized {
 
 /// SAFETY (caller): two readable bytes at `p`.
 #[inline(always)]
-unsafe fn half_at(p: *const u8) -> f32 {
+pub(super) unsafe fn half_at(p: *const u8) -> f32 {
     f16::from_bits(unsafe { (p as *const u16).read_unaligned() }).to_f32()
 }
 
@@ -216,7 +216,7 @@ impl Dot for AvxVnni {
 
 /// ggml's `hsum_float_8`.
 #[inline(always)]
-unsafe fn hsum(x: __m256) -> f32 {
+pub(super) unsafe fn hsum(x: __m256) -> f32 {
     unsafe {
         let mut r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
         r = _mm_add_ps(r, _mm_movehl_ps(r, r));

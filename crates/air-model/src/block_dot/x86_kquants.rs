@@ -4,8 +4,8 @@
 //! `vec_dot_q4_K_q8_K` / `vec_dot_q6_K_q8_K`: per 256-element super-block, 8 i32 lanes of
 //! scaled 8-bit products, one FMA into 8 f32 lanes, and for Q4_K the minimums' 4 lanes.
 
+use super::x86::{half_at, hsum};
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K};
-use half::f16;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -18,23 +18,6 @@ const TILE_X: usize = 4;
 unsafe fn q8k_parts(p: *const BlockQ8K) -> (f32, *const u8, *const u8) {
     let p = p as *const u8;
     unsafe { ((p as *const f32).read_unaligned(), p.add(4), p.add(260)) }
-}
-
-/// SAFETY (caller): two readable bytes at `p`.
-#[inline(always)]
-unsafe fn half_at(p: *const u8) -> f32 {
-    f16::from_bits(unsafe { (p as *const u16).read_unaligned() }).to_f32()
-}
-
-/// ggml's `hsum_float_8`.
-#[inline(always)]
-unsafe fn hsum(x: __m256) -> f32 {
-    unsafe {
-        let mut r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
 }
 
 /// Q4_K's 12 bytes of 6-bit scales and minimums as 8 scales then 8 minimums.
