@@ -19,6 +19,8 @@ pub enum ModelError {
     ContextOverflow { needed: usize, capacity: usize },
     #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("streaming layer weights from the file: {0}")]
+    Stream(#[from] std::io::Error),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -17,11 +17,13 @@ mod mapped;
 mod model;
 mod ops;
 mod rope;
+mod synth;
 mod weights;
 
 pub use config::{Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::Linear;
-pub use model::{Logits, Model};
+pub use model::{LoadOptions, Logits, Model, Sequence};
+pub use synth::{SYNTH_TYPES, SynthSpec};
 pub use weights::{LayerWeights, Weights};

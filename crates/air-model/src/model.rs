@@ -3,7 +3,9 @@ use crate::attention::{AttentionShape, causal_attention};
 use crate::rope::{Rope, RopeTables};
 use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
+use air_stream::{LayerStreamer, ResidencyPlan, StreamOptions};
 use candle_core::{Device, Tensor};
+use std::ops::Range;
 
 /// Which positions of a forward pass to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +17,37 @@ pub enum Logits {
     From(usize),
 }
 
+/// One sequence of a batch: its new tokens and its KV cache.
+pub struct Sequence<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// A sequence's share of a pass: its cache, its rows in the stacked activations, its RoPE.
+struct Part<'a> {
+    cache: &'a mut KvCache,
+    row: usize,
+    n: usize,
+    tables: RopeTables,
+    local_tables: Option<RopeTables>,
+}
+
+/// How a model's weights are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Bytes the weights may keep resident; layers beyond it are streamed from the file on every
+    /// pass (S.L.I.P.). `None`: everything stays resident.
+    pub memory_budget: Option<u64>,
+    /// Streamed layers read ahead of the one computing.
+    pub prefetch_depth: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { memory_budget: None, prefetch_depth: 2 }
+    }
+}
+
 /// A loaded model: configuration, mapped weights and RoPE.
 pub struct Model {
     config: ModelConfig,
@@ -24,11 +57,18 @@ pub struct Model {
     local_rope: Option<Rope>,
     vocab_size: usize,
     device: Device,
+    /// Makes each layer resident before it computes, per the memory budget.
+    streamer: LayerStreamer,
 }
 
 impl Model {
-    /// Loads the model in `file` for the CPU.
+    /// Loads the model in `file` for the CPU, everything resident.
     pub fn load(file: &GgufFile) -> Result<Self, ModelError> {
+        Self::load_with(file, LoadOptions::default())
+    }
+
+    /// Loads the model in `file` for the CPU, keeping within `options`' memory budget.
+    pub fn load_with(file: &GgufFile, options: LoadOptions) -> Result<Self, ModelError> {
         let config = ModelConfig::from_gguf(file.metadata())?;
         let embd =
             file.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
@@ -39,7 +79,13 @@ impl Model {
         let freq_factors = weights.rope_freqs.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
         let rope = Rope::new(&config, config.rope_base, freq_factors.as_deref());
         let local_rope = config.sliding_window.map(|w| Rope::new(&config, w.rope_base, freq_factors.as_deref()));
-        Ok(Self { rope, local_rope, config, weights, vocab_size, device })
+        let streamer = layer_streamer(file, config.n_layer, options)?;
+        Ok(Self { rope, local_rope, config, weights, vocab_size, device, streamer })
+    }
+
+    /// What keeps the layers resident: the plan, and counters of what was streamed.
+    pub fn streamer(&self) -> &LayerStreamer {
+        &self.streamer
     }
 
     /// The model's hyper-parameters.
@@ -61,91 +107,113 @@ impl Model {
     /// appends their keys/values to the cache, and returns logits, row-major, one row of
     /// `vocab_size` per position asked for.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>, ModelError> {
-        // One hand-off to the compute pool per pass: the pass runs on a pool thread, so its
-        // parallel regions (a dozen per layer) do not each wake the calling thread.
-        rayon::scope(|_| self.forward_on_pool(tokens, cache, logits))
+        self.forward_batch(&mut [Sequence { tokens, cache }], logits)
     }
 
-    fn forward_on_pool(&self, tokens: &[u32], cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>, ModelError> {
-        let n = tokens.len();
-        if n == 0 {
+    /// Runs several sequences through one pass over the weights: their tokens go through every
+    /// matmul together (a streamed layer is read once for the whole batch); attention and the
+    /// KV cache stay per sequence. Returns the logits asked for of each sequence, in order.
+    pub fn forward_batch(&self, batch: &mut [Sequence<'_>], logits: Logits) -> Result<Vec<f32>, ModelError> {
+        // One hand-off to the compute pool per pass: the pass runs on a pool thread, so its
+        // parallel regions (a dozen per layer) do not each wake the calling thread.
+        rayon::scope(|_| self.forward_on_pool(batch, logits))
+    }
+
+    fn forward_on_pool(&self, batch: &mut [Sequence<'_>], logits: Logits) -> Result<Vec<f32>, ModelError> {
+        let mut tokens = Vec::new();
+        let mut parts = Vec::with_capacity(batch.len());
+        for seq in batch.iter_mut() {
+            let (start, n) = (seq.cache.len(), seq.tokens.len());
+            if start + n > seq.cache.capacity() {
+                return Err(ModelError::ContextOverflow { needed: start + n, capacity: seq.cache.capacity() });
+            }
+            let tables = self.rope.tables(start, n, &self.device)?;
+            let local_tables = self.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
+            parts.push(Part { cache: &mut *seq.cache, row: tokens.len(), n, tables, local_tables });
+            tokens.extend_from_slice(seq.tokens);
+        }
+        if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        let start = cache.len();
-        if start + n > cache.capacity() {
-            return Err(ModelError::ContextOverflow { needed: start + n, capacity: cache.capacity() });
-        }
-        let mut x = self.weights.token_embd.rows(tokens)?;
+        let mut x = self.weights.token_embd.rows(&tokens)?;
         if let Some(scale) = self.config.embedding_scale {
             x = (x * scale as f64)?;
         }
-        let tables = self.rope.tables(start, n, &self.device)?;
-        let local_tables = self.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
         for (i, layer) in self.weights.layers.iter().enumerate() {
-            let (window, _) = self.config.layer_attention(i);
-            let rope = match (&self.local_rope, &local_tables, window) {
-                (Some(r), Some(t), Some(_)) => (r, t),
-                _ => (&self.rope, &tables),
-            };
-            x = self.block(i, layer, &x, cache, rope, window)?;
+            let _resident = self.streamer.acquire(i)?;
+            x = self.block(i, layer, &x, &mut parts)?;
         }
-        cache.advance(n);
-        let x = match logits {
-            Logits::Last => x.narrow(0, n - 1, 1)?,
-            Logits::From(i) if i >= n => return Ok(Vec::new()),
-            Logits::From(i) => x.narrow(0, i, n - i)?,
-        };
-        let x = crate::ops::rms_norm(&x.contiguous()?, &self.weights.output_norm, self.config.rms_norm_eps)?;
+        let mut rows = Vec::new();
+        for part in &mut parts {
+            part.cache.advance(part.n);
+            let from = match logits {
+                Logits::Last => part.n.saturating_sub(1),
+                Logits::From(i) => i,
+            };
+            rows.extend(part.row + from.min(part.n)..part.row + part.n);
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
+        let x = x.index_select(&index, 0)?;
+        let x = crate::ops::rms_norm(&x, &self.weights.output_norm, self.config.rms_norm_eps)?;
         let out = self.weights.output.forward(&x)?;
         Ok(out.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// One transformer block: pre-norm attention and gated feed-forward, each with a residual
-    /// (and, per family, QK-norm and post-norms).
-    fn block(
-        &self,
-        index: usize,
-        w: &LayerWeights,
-        x: &Tensor,
-        cache: &mut KvCache,
-        (rope, tables): (&Rope, &RopeTables),
-        window: Option<usize>,
-    ) -> Result<Tensor, ModelError> {
+    /// One transformer block over the rows of every sequence: pre-norm attention and gated
+    /// feed-forward, each with a residual (and, per family, QK-norm and post-norms).
+    fn block(&self, index: usize, w: &LayerWeights, x: &Tensor, parts: &mut [Part<'_>]) -> Result<Tensor, ModelError> {
         let c = &self.config;
-        let n = x.dim(0)?;
+        let rows = x.dim(0)?;
+        let (window, _) = c.layer_attention(index);
         let h = crate::ops::rms_norm(x, &w.attn_norm, c.rms_norm_eps)?;
-        let project =
-            |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| -> Result<Tensor, ModelError> {
-                let mut y = m.forward(&h)?;
-                if let Some(b) = bias {
-                    y = y.broadcast_add(b)?;
-                }
-                if let Some(norm) = norm {
-                    let per_head = y.reshape((n * heads, c.head_dim))?;
-                    y = crate::ops::rms_norm(&per_head, norm, c.rms_norm_eps)?;
-                }
-                // (n, heads * head_dim) -> (1, heads, n, head_dim)
-                Ok(y.reshape((1, n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
-            };
-        let mut q = rope.apply(&project(&w.wq, &w.bq, &w.q_norm, c.n_head)?, tables)?;
-        if c.scale_queries {
-            q = (q * c.attention_scale as f64)?;
-        }
-        let k = rope.apply(&project(&w.wk, &w.bk, &w.k_norm, c.n_head_kv)?, tables)?;
-        let v = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
-        let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-        cache.write(index, &flat(k)?, &flat(v)?, n);
-        let (keys, values) = cache.layer(index);
-        let shape = AttentionShape {
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            head_dim: c.head_dim,
-            capacity: cache.capacity(),
-            scale: if c.scale_queries { 1.0 } else { c.attention_scale },
-            window,
+        let project = |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
+            let mut y = m.forward(&h)?;
+            if let Some(b) = bias {
+                y = y.broadcast_add(b)?;
+            }
+            if let Some(norm) = norm {
+                let per_head = y.reshape((rows * heads, c.head_dim))?;
+                y = crate::ops::rms_norm(&per_head, norm, c.rms_norm_eps)?.reshape((rows, heads * c.head_dim))?;
+            }
+            Ok::<_, ModelError>(y)
         };
-        let attn = causal_attention(&flat(q)?, keys, values, cache.len(), n, shape);
-        let attn = Tensor::from_vec(attn, (n, c.n_head * c.head_dim), &self.device)?;
+        let q_all = project(&w.wq, &w.bq, &w.q_norm, c.n_head)?;
+        let k_all = project(&w.wk, &w.bk, &w.k_norm, c.n_head_kv)?;
+        let v_all = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
+        let mut attn = Vec::with_capacity(rows * c.n_head * c.head_dim);
+        for part in parts.iter_mut() {
+            let (rope, tables) = match (&self.local_rope, &part.local_tables, window) {
+                (Some(r), Some(t), Some(_)) => (r, t),
+                _ => (&self.rope, &part.tables),
+            };
+            // (n, heads * head_dim) -> (1, heads, n, head_dim)
+            let heads_first = |y: &Tensor, heads: usize| -> Result<Tensor, ModelError> {
+                let y = y.narrow(0, part.row, part.n)?;
+                Ok(y.reshape((1, part.n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+            };
+            let mut q = rope.apply(&heads_first(&q_all, c.n_head)?, tables)?;
+            if c.scale_queries {
+                q = (q * c.attention_scale as f64)?;
+            }
+            let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?;
+            let v = heads_first(&v_all, c.n_head_kv)?;
+            let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+            part.cache.write(index, &flat(k)?, &flat(v)?, part.n);
+            let (keys, values) = part.cache.layer(index);
+            let shape = AttentionShape {
+                heads: c.n_head,
+                kv_heads: c.n_head_kv,
+                head_dim: c.head_dim,
+                capacity: part.cache.capacity(),
+                scale: if c.scale_queries { 1.0 } else { c.attention_scale },
+                window,
+            };
+            attn.extend(causal_attention(&flat(q)?, keys, values, part.cache.len(), part.n, shape));
+        }
+        let attn = Tensor::from_vec(attn, (rows, c.n_head * c.head_dim), &self.device)?;
         let x = (x + self.post_norm(w.wo.forward(&attn)?, &w.post_attn_norm)?)?;
 
         let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
@@ -165,4 +233,26 @@ impl Model {
             None => y,
         })
     }
+}
+
+/// The streamer for `options`: each layer's bytes are its `blk.N.` tensors; the budget left for
+/// layers is what the other tensors (embeddings, output head, final norm) leave of it.
+fn layer_streamer(file: &GgufFile, layers: usize, options: LoadOptions) -> Result<LayerStreamer, ModelError> {
+    let mut spans: Vec<Vec<Range<usize>>> = vec![Vec::new(); layers];
+    let mut other_bytes = 0u64;
+    for t in file.tensors() {
+        let layer = t.name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()?.parse::<usize>().ok());
+        match layer {
+            Some(i) if i < layers => spans[i].push(file.tensor_range(t)),
+            _ => other_bytes += file.tensor_range(t).len() as u64,
+        }
+    }
+    let sizes: Vec<u64> = spans.iter().map(|s| s.iter().map(|r| r.len() as u64).sum()).collect();
+    let plan = match options.memory_budget {
+        Some(budget) => ResidencyPlan::new(&sizes, budget.saturating_sub(other_bytes), options.prefetch_depth),
+        None => ResidencyPlan::all_resident(layers),
+    };
+    let stream_options =
+        if plan.streamed_count() > 0 { StreamOptions::for_file(file.path())? } else { StreamOptions::default() };
+    Ok(LayerStreamer::new(file.mmap().clone(), spans, plan, stream_options)?)
 }

@@ -7,6 +7,7 @@ pub struct ResidencyPlan {
     pinned: Vec<bool>,
     depth: usize,
     window_bytes: u64,
+    budget: u64,
     fits: bool,
 }
 
@@ -20,7 +21,7 @@ impl ResidencyPlan {
         let n = layer_bytes.len();
         let total: u64 = layer_bytes.iter().sum();
         if total <= budget {
-            return Self { pinned: vec![true; n], depth, window_bytes: 0, fits: true };
+            return Self { pinned: vec![true; n], depth, window_bytes: 0, budget, fits: true };
         }
         let largest = layer_bytes.iter().copied().max().unwrap_or(0);
         let window_bytes = largest * (depth as u64 + 1).min(n as u64);
@@ -30,12 +31,12 @@ impl ResidencyPlan {
             .map(|k| spread(n, k))
             .find(|set| layer_bytes.iter().zip(set).filter(|(_, p)| **p).map(|(b, _)| b).sum::<u64>() <= room)
             .unwrap_or_else(|| vec![false; n]);
-        Self { pinned, depth, window_bytes, fits: window_bytes <= budget }
+        Self { pinned, depth, window_bytes, budget, fits: window_bytes <= budget }
     }
 
     /// A plan that keeps all `layers` resident.
     pub fn all_resident(layers: usize) -> Self {
-        Self { pinned: vec![true; layers], depth: 0, window_bytes: 0, fits: true }
+        Self { pinned: vec![true; layers], depth: 0, window_bytes: 0, budget: u64::MAX, fits: true }
     }
 
     /// Number of layers planned.
@@ -71,6 +72,11 @@ impl ResidencyPlan {
     /// Bytes the streaming window may hold at once (0 when nothing is streamed).
     pub fn window_bytes(&self) -> u64 {
         self.window_bytes
+    }
+
+    /// The bytes planned for: the budget the layers were given.
+    pub fn budget(&self) -> u64 {
+        self.budget
     }
 
     /// False when even the streaming window alone exceeds the budget (the model still runs, with

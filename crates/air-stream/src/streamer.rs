@@ -23,6 +23,17 @@ pub struct StreamOptions {
     pub drop_page_cache: Option<File>,
 }
 
+impl StreamOptions {
+    /// The options for streaming the file at `path`: drop streamed layers from the page cache
+    /// when the file is larger than the memory available now.
+    pub fn for_file(path: &std::path::Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        let larger_than_memory = crate::available_memory().is_some_and(|m| size > m.bytes());
+        Ok(Self { drop_page_cache: larger_than_memory.then_some(file) })
+    }
+}
+
 /// Where a layer stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Residency {
@@ -123,13 +134,11 @@ impl LayerStreamer {
         } else {
             let (tx, rx) = channel::<usize>();
             let shared = shared.clone();
-            let reader = std::thread::Builder::new()
-                .name("air-layer-prefetch".into())
-                .spawn(move || {
-                    for layer in rx {
-                        shared.read_in(layer);
-                    }
-                })?;
+            let reader = std::thread::Builder::new().name("air-layer-prefetch".into()).spawn(move || {
+                for layer in rx {
+                    shared.read_in(layer);
+                }
+            })?;
             (Some(tx), Some(reader))
         };
         Ok(Self { shared, plan, order, position, drop_page_cache: options.drop_page_cache, requests, reader })
@@ -218,7 +227,8 @@ impl LayerStreamer {
             if start < end {
                 // SAFETY: the mapping is a read-only private file mapping: dropping its pages
                 // only makes the next access read the same bytes from the file again.
-                let _ = unsafe { self.shared.map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+                let _ =
+                    unsafe { self.shared.map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
                 if let Some(file) = &self.drop_page_cache {
                     // SAFETY: plain system call on an open descriptor; failure is harmless.
                     unsafe {
@@ -270,7 +280,8 @@ impl Shared {
     /// wait until every page is read and mapped.
     fn read_in(&self, layer: usize) {
         let start = Instant::now();
-        let result = self.spans[layer].iter().try_for_each(|r| self.map.advise_range(Advice::WillNeed, r.start, r.len()));
+        let result =
+            self.spans[layer].iter().try_for_each(|r| self.map.advise_range(Advice::WillNeed, r.start, r.len()));
         let result = result.and_then(|()| self.spans[layer].iter().try_for_each(|r| self.populate(r.clone())));
         self.read_nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.bytes_read.fetch_add(self.layer_bytes(layer), Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! The prefetch window over a real file mapping: no layer is handed out before its pages are in
 //! memory, no layer is released while in use, and every pass reads each streamed layer once.
 
-use air_stream::{LayerStreamer, ResidencyPlan, Residency, StreamOptions};
+use air_stream::{LayerStreamer, Residency, ResidencyPlan, StreamOptions};
 use memmap2::Mmap;
 use std::io::Write;
 use std::ops::Range;

@@ -1,16 +1,20 @@
 //! `air bench`: prompt-processing and generation speed, measured the way llama-bench does
 //! (a prompt of N tokens in one pass; N tokens generated one at a time from an empty context),
-//! median of several runs, plus the process's peak resident memory.
+//! median of several runs, plus the process's peak resident memory and, for a model whose layers
+//! are streamed (S.L.I.P.), what streaming costs: bytes read per step, the read bandwidth, and the
+//! share of the step spent waiting for weights.
 
 use crate::cli::{BenchArgs, Format};
 use crate::loaded::Loaded;
-use air_model::Logits;
+use air_model::{Logits, Model, Sequence};
+use air_stream::{ByteSize, StreamStats};
 use anyhow::{Result, ensure};
 use serde_json::json;
 use std::time::Instant;
 
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
+    ensure!(args.batch > 0, "--batch must be at least 1");
     ensure!(
         args.prompt_tokens + args.gen_tokens > 0,
         "nothing to measure: --prompt-tokens and --gen-tokens are both 0"
@@ -23,14 +27,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "the test needs {} positions but the model's context is {ctx}",
         args.prompt_tokens.max(args.gen_tokens)
     );
-    let tokens = bench_tokens(model.vocab_size(), args.prompt_tokens.max(1));
+    let tokens = bench_tokens(model.vocab_size(), args.prompt_tokens.max(args.batch));
 
     // One untimed pass warms the page cache and the thread pool.
-    let mut cache = model.new_cache(args.prompt_tokens.max(args.gen_tokens).max(1))?;
+    let mut cache = model.new_cache(args.prompt_tokens.max(tokens.len().min(16)))?;
     model.forward(&tokens[..tokens.len().min(16)], &mut cache, Logits::Last)?;
 
+    let mut caches: Vec<_> =
+        (0..args.batch).map(|_| model.new_cache(args.gen_tokens.max(1))).collect::<Result<_, _>>()?;
     let mut prompt_rates = Vec::new();
     let mut decode_rates = Vec::new();
+    let mut decode = Decode::default();
     for _ in 0..args.runs {
         if args.prompt_tokens > 0 {
             cache.clear();
@@ -39,25 +46,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prompt_rates.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         }
         if args.gen_tokens > 0 {
-            cache.clear();
-            let mut token = tokens[0];
-            let t = Instant::now();
-            for _ in 0..args.gen_tokens {
-                let logits = model.forward(&[token], &mut cache, Logits::Last)?;
-                token = argmax(&logits);
-            }
-            decode_rates.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+            let (seconds, stats) = decode_run(model, &mut caches, &tokens, args.gen_tokens)?;
+            decode_rates.push((args.batch * args.gen_tokens) as f64 / seconds);
+            decode.add(seconds, args.gen_tokens, stats);
         }
     }
+    let plan = model.streamer().plan();
     let report = json!({
         "model": args.runtime.model.display().to_string(),
         "threads": loaded.threads(),
         "runs": args.runs,
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
+        "batch": args.batch,
         "prompt_tokens_per_s": median(&mut prompt_rates),
         "decode_tokens_per_s": median(&mut decode_rates),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "decode_step_ms": decode.step_seconds().map(|s| s * 1e3),
+        "peak_rss_bytes": rss_bytes("VmHWM:"),
+        "steady_rss_bytes": decode.steady_rss,
+        "resident_layers": plan.pinned_count(),
+        "streamed_layers": plan.streamed_count(),
+        "streamed_bytes_per_step": decode.bytes_per_step(),
+        "stream_bytes_per_s": decode.read_bandwidth(),
+        "io_wait_fraction": decode.wait_fraction(),
     });
     match args.format {
         Format::Json => println!("{report}"),
@@ -70,8 +81,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
             if let Some(r) = report["decode_tokens_per_s"].as_f64() {
                 println!("generation   {r:.1} tokens/s ({} tokens, median of {})", args.gen_tokens, args.runs);
             }
-            if let Some(b) = report["peak_rss_bytes"].as_u64() {
-                println!("peak RSS     {:.1} MiB", b as f64 / (1 << 20) as f64);
+            if let Some(r) = report["decode_tokens_per_s"].as_f64().filter(|_| args.batch > 1) {
+                println!("batch        {} sequences, {:.1} tokens/s each", args.batch, r / args.batch as f64);
+            }
+            let bytes = |key: &str| report[key].as_f64().map(|b| ByteSize::new(b as u64));
+            if let Some(b) = bytes("peak_rss_bytes") {
+                println!("peak RSS     {b}");
+            }
+            if let Some(b) = bytes("steady_rss_bytes") {
+                println!("steady RSS   {b} (after generation)");
+            }
+            if plan.streamed_count() > 0 {
+                println!("layers       {} resident, {} streamed", plan.pinned_count(), plan.streamed_count());
+                if let (Some(step), Some(bandwidth), Some(wait), Some(ms)) = (
+                    bytes("streamed_bytes_per_step"),
+                    bytes("stream_bytes_per_s"),
+                    report["io_wait_fraction"].as_f64(),
+                    report["decode_step_ms"].as_f64(),
+                ) {
+                    println!(
+                        "streaming    {step} per step of {ms:.1} ms, read at {bandwidth}/s, {:.0}% of the step waiting for weights",
+                        wait * 100.0
+                    );
+                }
             }
         }
     }
@@ -100,10 +132,79 @@ fn median(xs: &mut [f64]) -> Option<f64> {
     (!xs.is_empty()).then(|| xs[xs.len() / 2])
 }
 
-/// VmHWM from /proc/self/status: the most resident memory the process has had.
-fn peak_rss_bytes() -> Option<u64> {
+/// One generation test: every sequence of the batch decodes `steps` tokens from an empty cache,
+/// one pass per step. Returns the time taken and what the streamer did meanwhile.
+fn decode_run(
+    model: &Model,
+    caches: &mut [air_model::KvCache],
+    tokens: &[u32],
+    steps: usize,
+) -> Result<(f64, StreamStats)> {
+    let before = model.streamer().stats();
+    let mut next: Vec<u32> = (0..caches.len()).map(|i| tokens[i % tokens.len()]).collect();
+    caches.iter_mut().for_each(|c| c.clear());
+    let vocab = model.vocab_size();
+    let t = Instant::now();
+    for _ in 0..steps {
+        let step: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut batch: Vec<_> =
+            step.iter().zip(caches.iter_mut()).map(|(t, cache)| Sequence { tokens: t, cache }).collect();
+        let logits = model.forward_batch(&mut batch, Logits::Last)?;
+        next = logits.chunks(vocab).map(argmax).collect();
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let after = model.streamer().stats();
+    let stats = StreamStats {
+        bytes_read: after.bytes_read - before.bytes_read,
+        layers_read: after.layers_read - before.layers_read,
+        read_seconds: after.read_seconds - before.read_seconds,
+        wait_seconds: after.wait_seconds - before.wait_seconds,
+    };
+    Ok((seconds, stats))
+}
+
+/// Totals over the generation tests.
+#[derive(Default)]
+struct Decode {
+    seconds: f64,
+    steps: usize,
+    streamed: StreamStats,
+    steady_rss: Option<u64>,
+}
+
+impl Decode {
+    fn add(&mut self, seconds: f64, steps: usize, stats: StreamStats) {
+        self.seconds += seconds;
+        self.steps += steps;
+        self.streamed.bytes_read += stats.bytes_read;
+        self.streamed.read_seconds += stats.read_seconds;
+        self.streamed.wait_seconds += stats.wait_seconds;
+        self.steady_rss = rss_bytes("VmRSS:");
+    }
+
+    fn step_seconds(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.seconds / self.steps as f64)
+    }
+
+    fn bytes_per_step(&self) -> Option<u64> {
+        (self.steps > 0).then(|| self.streamed.bytes_read / self.steps as u64)
+    }
+
+    /// Bytes per second of the prefetch thread's reading time.
+    fn read_bandwidth(&self) -> Option<f64> {
+        (self.streamed.read_seconds > 0.0).then(|| self.streamed.bytes_read as f64 / self.streamed.read_seconds)
+    }
+
+    fn wait_fraction(&self) -> Option<f64> {
+        (self.seconds > 0.0).then(|| self.streamed.wait_seconds / self.seconds)
+    }
+}
+
+/// A memory figure of /proc/self/status (`VmHWM:` the most resident memory the process has had,
+/// `VmRSS:` what is resident now), in bytes.
+fn rss_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

@@ -1,5 +1,7 @@
 //! Every flag of every subcommand, in one place.
 
+use air_gguf::TensorType;
+use air_stream::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -22,6 +24,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(PerplexityArgs),
+    /// Write a synthetic model (random weights, small vocabulary) of any shape, for scale tests.
+    Synth(SynthArgs),
 }
 
 /// Output format of a command.
@@ -43,6 +47,14 @@ pub struct RuntimeArgs {
     /// Compute threads (default: all cores).
     #[arg(short, long, env = "AIR_THREADS")]
     pub threads: Option<usize>,
+    /// Memory the model's weights may keep resident, e.g. 512MiB, 4GiB, 30GB (default: the
+    /// memory available when the command starts). Layers beyond it are streamed from the file
+    /// on every forward pass; the KV cache comes on top.
+    #[arg(long, env = "AIR_MEMORY_BUDGET", value_name = "SIZE")]
+    pub memory_budget: Option<ByteSize>,
+    /// Streamed layers read ahead of the one computing.
+    #[arg(long, env = "AIR_PREFETCH_DEPTH", default_value_t = 2, value_name = "LAYERS")]
+    pub prefetch_depth: usize,
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +127,10 @@ pub struct BenchArgs {
     /// Repetitions of each test; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Sequences decoded together in the generation test: each step runs one token of every
+    /// sequence through a single pass over the weights (tokens/s counts all of them).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
 }
@@ -137,4 +153,45 @@ pub struct PerplexityArgs {
     pub chunks: Option<usize>,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Architecture of the model (only the llama family is generated).
+    #[arg(long, default_value = "llama", value_parser = ["llama"])]
+    pub arch: String,
+    /// Transformer layers.
+    #[arg(long)]
+    pub layers: usize,
+    /// Hidden (embedding) size.
+    #[arg(long)]
+    pub hidden: usize,
+    /// Feed-forward size.
+    #[arg(long)]
+    pub ffn: usize,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention; default: as many as heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Vocabulary size (at least 259: 3 special tokens and 256 bytes).
+    #[arg(long, default_value_t = 32000)]
+    pub vocab: usize,
+    /// Context length written in the file.
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+    /// Type of the weight matrices: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k..q6_k.
+    #[arg(long = "type", default_value = "q4_0", value_parser = parse_tensor_type)]
+    pub ty: TensorType,
+    /// Seed of the pseudo-random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the GGUF file.
+    #[arg(short, long)]
+    pub out: PathBuf,
+}
+
+fn parse_tensor_type(name: &str) -> Result<TensorType, String> {
+    TensorType::from_name(name).ok_or_else(|| format!("unknown tensor type {name:?}"))
 }

@@ -2,7 +2,8 @@
 
 use crate::cli::RuntimeArgs;
 use air_gguf::GgufFile;
-use air_model::Model;
+use air_model::{LoadOptions, Model};
+use air_stream::{ByteSize, available_memory};
 use air_tokenizer::Tokenizer;
 use anyhow::{Context, Result};
 
@@ -22,7 +23,29 @@ impl Loaded {
         }
         let path = &args.model;
         let file = GgufFile::open(path)?;
-        let model = Model::load(&file).with_context(|| format!("cannot load model {}", path.display()))?;
+        let budget = args.memory_budget.or_else(available_memory);
+        let options = LoadOptions { memory_budget: budget.map(ByteSize::bytes), prefetch_depth: args.prefetch_depth };
+        let model =
+            Model::load_with(&file, options).with_context(|| format!("cannot load model {}", path.display()))?;
+        let plan = model.streamer().plan();
+        if plan.streamed_count() > 0 {
+            let budget = budget.map(|b| b.to_string()).unwrap_or_default();
+            eprintln!(
+                "air: memory budget {budget}: {} of {} layers resident, {} streamed ({} per pass, {} layers read ahead)",
+                plan.pinned_count(),
+                plan.layers(),
+                plan.streamed_count(),
+                ByteSize::new(model.streamer().streamed_bytes_per_pass()),
+                plan.depth()
+            );
+            if !plan.fits_budget() {
+                eprintln!(
+                    "air: warning: the budget leaves {} for layers (after embeddings and output head), less than the streaming window of {}",
+                    ByteSize::new(plan.budget()),
+                    ByteSize::new(plan.window_bytes())
+                );
+            }
+        }
         let tokenizer = Tokenizer::from_gguf(file.metadata())
             .with_context(|| format!("cannot load the tokenizer of {}", path.display()))?;
         Ok(Self { file, tokenizer, model })

@@ -8,6 +8,7 @@ mod generation;
 mod info;
 mod loaded;
 mod perplexity;
+mod synth;
 
 use clap::Parser;
 
@@ -18,6 +19,7 @@ fn main() {
         cli::Command::Info(args) => info::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Perplexity(args) => perplexity::run(args),
+        cli::Command::Synth(args) => synth::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
