@@ -55,14 +55,17 @@ impl SynthSpec {
         if [self.layers, self.hidden, self.ffn, self.heads, self.kv_heads, self.context].contains(&0) {
             return fail("layers, hidden, ffn, heads, kv-heads and context must all be at least 1".into());
         }
-        if self.hidden % self.heads != 0 || self.heads % self.kv_heads != 0 || (self.hidden / self.heads) % 2 != 0 {
+        if !self.hidden.is_multiple_of(self.heads)
+            || !self.heads.is_multiple_of(self.kv_heads)
+            || !(self.hidden / self.heads).is_multiple_of(2)
+        {
             return fail(format!(
                 "{} heads over {} KV heads cannot split a hidden size of {} into even head sizes",
                 self.heads, self.kv_heads, self.hidden
             ));
         }
         let block = self.ty.block_size() as usize;
-        if self.hidden % block != 0 || self.ffn % block != 0 {
+        if !self.hidden.is_multiple_of(block) || !self.ffn.is_multiple_of(block) {
             return fail(format!("{} needs hidden and ffn sizes that are multiples of {block}", self.ty));
         }
         if self.vocab < BASE_VOCAB {
@@ -185,7 +188,7 @@ fn piece(i: usize) -> String {
     }
     letters.reverse();
     let word = String::from_utf8(letters).unwrap_or_default();
-    if i % 2 == 0 { format!("▁{word}") } else { word }
+    if i.is_multiple_of(2) { format!("▁{word}") } else { word }
 }
 
 /// How one tensor's bytes are generated.
