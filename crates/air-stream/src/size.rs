@@ -76,13 +76,29 @@ impl fmt::Display for ByteSize {
     }
 }
 
-/// Memory the kernel says is available for new allocations without swapping (`MemAvailable` of
-/// /proc/meminfo), if it can be read.
+/// Memory available for new allocations without swapping: the kernel's `MemAvailable`
+/// (/proc/meminfo), or less when this process's cgroup (v2) has a memory limit, as in a container:
+/// the limit minus the cgroup's anonymous memory (its page cache can be reclaimed).
 pub fn available_memory() -> Option<ByteSize> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(ByteSize(kib * 1024))
+    let available = kib_field(&meminfo, "MemAvailable:")? * 1024;
+    Some(ByteSize(cgroup_room().map_or(available, |room| room.min(available))))
+}
+
+/// The second field of the line of `text` starting with `key`, as a number.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Room left under the cgroup v2 memory limit of this process, if it has one.
+fn cgroup_room() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let limit: u64 = std::fs::read_to_string(dir.join("memory.max")).ok()?.trim().parse().ok()?;
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+    let anon: u64 = stat.lines().find_map(|l| l.strip_prefix("anon "))?.trim().parse().ok()?;
+    Some(limit.saturating_sub(anon))
 }
 
 #[cfg(test)]

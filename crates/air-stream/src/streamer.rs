@@ -52,7 +52,9 @@ pub enum Residency {
 /// Counters since the streamer was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StreamStats {
-    /// Bytes of streamed layers made resident.
+    /// Bytes of streamed layers handed to computation (each acquire counts the layer's bytes).
+    pub bytes_streamed: u64,
+    /// Bytes of streamed layers made resident by the prefetch thread.
     pub bytes_read: u64,
     /// Streamed layers made resident.
     pub layers_read: u64,
@@ -67,6 +69,7 @@ struct Shared {
     spans: Vec<Vec<Range<usize>>>,
     states: Mutex<Vec<Residency>>,
     changed: Condvar,
+    bytes_streamed: AtomicU64,
     bytes_read: AtomicU64,
     layers_read: AtomicU64,
     read_nanos: AtomicU64,
@@ -118,6 +121,7 @@ impl LayerStreamer {
             spans: layers.into_iter().map(merge).collect(),
             states: Mutex::new(states),
             changed: Condvar::new(),
+            bytes_streamed: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             layers_read: AtomicU64::new(0),
             read_nanos: AtomicU64::new(0),
@@ -168,6 +172,7 @@ impl LayerStreamer {
     pub fn stats(&self) -> StreamStats {
         let s = &self.shared;
         StreamStats {
+            bytes_streamed: s.bytes_streamed.load(Ordering::Relaxed),
             bytes_read: s.bytes_read.load(Ordering::Relaxed),
             layers_read: s.layers_read.load(Ordering::Relaxed),
             read_seconds: s.read_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
@@ -202,6 +207,7 @@ impl LayerStreamer {
             return Err(io::Error::other(format!("layer {layer} acquired twice")));
         }
         states[layer] = Residency::InUse;
+        self.shared.bytes_streamed.fetch_add(self.shared.layer_bytes(layer), Ordering::Relaxed);
         Ok(guard)
     }
 

@@ -67,6 +67,7 @@ fn layers_are_resident_when_acquired_and_released_after_use() {
     }
     let stats = streamer.stats();
     assert!(stats.layers_read >= 3 * LAYERS as u64 && stats.layers_read <= 3 * LAYERS as u64 + 2, "{stats:?}");
+    assert_eq!(stats.bytes_streamed, (3 * LAYERS * LAYER_BYTES) as u64);
     assert_eq!(streamer.streamed_bytes_per_pass(), (LAYERS * LAYER_BYTES) as u64);
 }
 

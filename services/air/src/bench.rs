@@ -155,6 +155,7 @@ fn decode_run(
     let seconds = t.elapsed().as_secs_f64();
     let after = model.streamer().stats();
     let stats = StreamStats {
+        bytes_streamed: after.bytes_streamed - before.bytes_streamed,
         bytes_read: after.bytes_read - before.bytes_read,
         layers_read: after.layers_read - before.layers_read,
         read_seconds: after.read_seconds - before.read_seconds,
@@ -176,6 +177,7 @@ impl Decode {
     fn add(&mut self, seconds: f64, steps: usize, stats: StreamStats) {
         self.seconds += seconds;
         self.steps += steps;
+        self.streamed.bytes_streamed += stats.bytes_streamed;
         self.streamed.bytes_read += stats.bytes_read;
         self.streamed.read_seconds += stats.read_seconds;
         self.streamed.wait_seconds += stats.wait_seconds;
@@ -187,7 +189,7 @@ impl Decode {
     }
 
     fn bytes_per_step(&self) -> Option<u64> {
-        (self.steps > 0).then(|| self.streamed.bytes_read / self.steps as u64)
+        (self.steps > 0).then(|| self.streamed.bytes_streamed / self.steps as u64)
     }
 
     /// Bytes per second of the prefetch thread's reading time.

@@ -241,3 +241,119 @@ fn prompt_file_is_read_verbatim() {
     let inline = generate_json(&m, &["-p", "The capital of France is", "-n", "1"]);
     assert_eq!(from_file["prompt_tokens"], inline["prompt_tokens"]);
 }
+
+/// Writes a small synthetic model with `air synth` and returns its path (inside `dir`).
+fn synth(dir: &tempfile::TempDir, ty: &str) -> String {
+    let path = dir.path().join(format!("synth-{ty}.gguf")).display().to_string();
+    let args = [
+        "synth",
+        "--layers",
+        "6",
+        "--hidden",
+        "256",
+        "--ffn",
+        "768",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--vocab",
+        "600",
+        "--ctx",
+        "256",
+        "--type",
+        ty,
+        "-o",
+        &path,
+    ];
+    let out = air(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    path
+}
+
+#[test]
+fn synth_writes_a_model_that_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    for ty in ["q4_0", "q4_k", "q6_k", "f16"] {
+        let path = synth(&dir, ty);
+        let info = json(&air(&["info", &path, "--format", "json"]));
+        assert_eq!(info["architecture"], "llama");
+        assert_eq!(info["block_count"], 6);
+        assert_eq!(info["vocab_size"], 600);
+        assert_eq!(info["supported"], true);
+        let out = generate_json(&path, &["-p", "hello synthetic world", "-n", "5", "--temperature", "0"]);
+        assert_eq!(out["tokens"].as_array().unwrap().len(), 5, "{ty}");
+    }
+    // Same seed, same bytes; another seed, other weights.
+    let again = dir.path().join("again.gguf").display().to_string();
+    let args =
+        ["--layers", "6", "--hidden", "256", "--ffn", "768", "--heads", "4", "--kv-heads", "2", "--vocab", "600"];
+    air(&[&["synth"], &args[..], &["--ctx", "256", "--type", "q4_0", "-o", &again]].concat());
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("synth-q4_0.gguf")).unwrap());
+    air(&[&["synth"], &args[..], &["--ctx", "256", "--type", "q4_0", "--seed", "1", "-o", &again]].concat());
+    assert_ne!(std::fs::read(&again).unwrap(), std::fs::read(dir.path().join("synth-q4_0.gguf")).unwrap());
+}
+
+#[test]
+fn synth_rejects_shapes_it_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bad.gguf").display().to_string();
+    let base = ["synth", "--layers", "2", "--heads", "4", "-o", &out];
+    assert_fails(&[&base[..], &["--hidden", "48", "--ffn", "256"]].concat(), "multiples of 32");
+    assert_fails(&[&base[..], &["--hidden", "320", "--ffn", "256", "--type", "q4_k"]].concat(), "multiples of 256");
+    assert_fails(&[&base[..], &["--hidden", "256", "--ffn", "256", "--kv-heads", "3"]].concat(), "KV heads");
+    assert_fails(&[&base[..], &["--hidden", "256", "--ffn", "256", "--vocab", "100"]].concat(), "at least 259");
+    assert_fails(&[&base[..], &["--hidden", "256", "--ffn", "256", "--type", "iq2_xs"]].concat(), "not supported");
+    assert!(!std::path::Path::new(&out).exists());
+}
+
+#[test]
+fn a_memory_budget_streams_layers_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(&dir, "q4_0");
+    let bench = |budget: &str, batch: &str| {
+        let args = ["bench", "-m", &path, "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1"];
+        let out = air(&[&args[..], &["--memory-budget", budget, "--batch", batch, "--format", "json"]].concat());
+        (json(&out), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (resident, note) = bench("1GiB", "1");
+    assert_eq!(resident["streamed_layers"], 0);
+    assert_eq!(resident["resident_layers"], 6);
+    assert!(resident["streamed_bytes_per_step"].as_u64() == Some(0), "{resident}");
+    assert!(note.is_empty(), "{note}");
+
+    let (streamed, note) = bench("1MiB", "1");
+    assert_eq!(streamed["streamed_layers"], 6);
+    assert!(note.contains("6 streamed"), "{note}");
+    // Each step reads every layer once: 6 layers of Q4_0 matrices and two f32 norms.
+    let layer_bytes = (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768) / 32 * 18 + 2 * 256 * 4;
+    assert_eq!(streamed["streamed_bytes_per_step"].as_u64(), Some(6 * layer_bytes));
+    for key in ["peak_rss_bytes", "steady_rss_bytes", "stream_bytes_per_s", "decode_step_ms"] {
+        assert!(streamed[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {streamed}");
+    }
+    let wait = streamed["io_wait_fraction"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&wait), "{wait}");
+
+    let (batched, _) = bench("1MiB", "4");
+    assert_eq!(batched["batch"], 4);
+    // Four sequences share each pass: one read of the layers per step, not four.
+    assert_eq!(batched["streamed_bytes_per_step"], streamed["streamed_bytes_per_step"]);
+
+    // The same greedy text either way.
+    let text = |budget: &str| {
+        generate_json(&path, &["-p", "streaming", "-n", "6", "--temperature", "0", "--memory-budget", budget])["tokens"]
+            .clone()
+    };
+    assert_eq!(text("1MiB"), text("1GiB"));
+}
+
+#[test]
+fn bad_streaming_flags_are_reported() {
+    let m = smollm2();
+    // A flag's value is checked by the argument parser, whose first line names the problem.
+    let out = air(&["bench", "-m", &m, "--memory-budget", "12parsecs"]);
+    assert!(!out.status.success());
+    let first = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_string();
+    assert!(first.contains("\"12parsecs\" is not a size"), "{first}");
+    assert_fails(&["bench", "-m", &m, "--batch", "0"], "--batch");
+}
