@@ -145,7 +145,22 @@ mod tests {
     where
         T::VecDotType: ActivationQuant,
     {
-        let (k, rows_w, rows_x) = (2 * 256, 11, 13);
+        // Weight rows 11 = 4+4+3, 6 = 4+2 and 1; activation row ranges of every length up to
+        // 14 (every remainder of the tile widths), some not starting at row 0.
+        for rows_w in [11, 6, 1] {
+            for len in 1..=14 {
+                check_dots::<T>(rows_w, 0..len);
+            }
+            check_dots::<T>(rows_w, 2..13);
+            check_dots::<T>(rows_w, 5..14);
+        }
+    }
+
+    fn check_dots<T: BlockDot>(rows_w: usize, rows: std::ops::Range<usize>)
+    where
+        T::VecDotType: ActivationQuant,
+    {
+        let (k, rows_x) = (2 * 256, 14);
         let kb = k / T::BLCK_SIZE;
         let mut w = vec![T::zeros(); rows_w * kb];
         T::from_float(&data(rows_w * k, 7), &mut w);
@@ -153,7 +168,7 @@ mod tests {
         let mut xq = vec![T::VecDotType::zeros(); rows_x * kb];
         ActivationQuant::quantize(&x, &mut xq);
         let activations = T::quantize(&x, k);
-        let (rows, stride) = (2..rows_x, rows_w + 3);
+        let stride = rows_w + 3;
         let mut out = vec![f32::NAN; rows.len() * stride];
         T::dots(kb, &w, &activations, rows.clone(), &mut out, stride);
         for (j, row) in rows.enumerate() {
@@ -174,5 +189,42 @@ mod tests {
         agrees_with_candle::<BlockQ8_0>();
         agrees_with_candle::<BlockQ4K>();
         agrees_with_candle::<BlockQ6K>();
+    }
+}
+
+/// Single-thread kernel throughput on the shapes of Qwen2.5-0.5B's FFN (a matmul task's 48
+/// activation rows): `cargo test --release -p air-model --lib kernel_throughput -- --ignored --nocapture`.
+#[cfg(test)]
+mod throughput {
+    use super::*;
+    use k_quants::{BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0};
+    use std::time::Instant;
+
+    fn measure<T: BlockDot>(k: usize, n: usize) {
+        let m = 48;
+        let kb = k / T::BLCK_SIZE;
+        let mut w = vec![T::zeros(); n * kb];
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        T::from_float(&values, &mut w);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let activations = T::quantize(&x, k);
+        let mut out = vec![0f32; m * n];
+        let mut best = f64::MAX;
+        for _ in 0..10 {
+            let t = Instant::now();
+            T::dots(kb, &w, &activations, 0..m, &mut out, n);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("{:?} k={k} n={n} m={m}: {:.1} GMAC/s", T::DTYPE, (m * n * k) as f64 / best / 1e9);
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn kernel_throughput() {
+        measure::<BlockQ5_0>(896, 4864);
+        measure::<BlockQ8_0>(896, 4864);
+        measure::<BlockQ5_0>(4864, 896);
+        measure::<BlockQ4K>(4864, 896);
+        measure::<BlockQ6K>(4864, 896);
     }
 }
