@@ -168,6 +168,7 @@ unsafe fn unpack_q6k(p: *const BlockQ6K) -> Q6k {
 }
 
 /// Q6_K rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`.
+#[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
 pub(super) fn dots_q6k(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
     assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
     let start = rows.start;
