@@ -58,15 +58,9 @@ pub(super) fn head_attention(
                 k_t.iter_mut().skip(t).step_by(KV_TILE).for_each(|v| *v = 0.0);
                 v_tile[t * d..(t + 1) * d].fill(0.0);
             }
+            scores_by_row_blocks(&q[first_row * d..(first_row + rows) * d], &k_t, d, &mut scores[..rows]);
             for r in 0..rows {
                 let row = &mut scores[r];
-                *row = [0.0; KV_TILE];
-                for (c, &qc) in q[(first_row + r) * d..(first_row + r + 1) * d].iter().enumerate() {
-                    let k_c: &[f32; KV_TILE] = k_t[c * KV_TILE..(c + 1) * KV_TILE].try_into().unwrap();
-                    for (x, &k) in row.iter_mut().zip(k_c) {
-                        *x = qc.mul_add(k, *x);
-                    }
-                }
                 let seen = visible(r);
                 for (t, x) in row.iter_mut().enumerate() {
                     let j = tile_start + t;
@@ -93,14 +87,7 @@ pub(super) fn head_attention(
                 }
                 sum[r] = (sum[r] as f64 + tile_sum) as f32;
             }
-            for (r, row) in scores.iter().enumerate().take(rows) {
-                let row_acc = &mut acc[r * d..(r + 1) * d];
-                for (&p, v) in row.iter().zip(v_tile.chunks_exact(d)) {
-                    for (a, &v) in row_acc.iter_mut().zip(v) {
-                        *a = p.mul_add(v, *a);
-                    }
-                }
-            }
+            add_weighted_values(&scores[..rows], &v_tile, d, &mut acc[..rows * d]);
         }
         for r in 0..rows {
             let inverse = if sum[r] == 0.0 { 0.0 } else { 1.0 / sum[r] };
@@ -111,4 +98,89 @@ pub(super) fn head_attention(
         }
     }
     out
+}
+
+/// Keys (score loop) or head dimensions (value loop) per register block.
+const LANE_BLOCK: usize = 32;
+/// Query rows per register block: 2 rows × 32 f32 lanes are 8 AVX2 registers, so the rows' sums
+/// stay in registers while each key (or value) vector is loaded once for both. Against a row at
+/// a time, Gemma 3's prompt (head dimension 256) ran 1.3x faster; 4 rows × 16 lanes was no
+/// better.
+const ROW_BLOCK: usize = 2;
+
+/// `scores[r][t]` = Σ_c q[r][c] · k_t[c][t], one FMA chain per score in order of c (as a row at a
+/// time would), [`ROW_BLOCK`] query rows per pass.
+fn scores_by_row_blocks(q: &[f32], k_t: &[f32], d: usize, scores: &mut [[f32; KV_TILE]]) {
+    let blocks = scores.len() / ROW_BLOCK;
+    for (p, out) in scores[..ROW_BLOCK * blocks].chunks_exact_mut(ROW_BLOCK).enumerate() {
+        scores_block::<ROW_BLOCK>(&q[ROW_BLOCK * p * d..ROW_BLOCK * (p + 1) * d], k_t, d, out);
+    }
+    for r in ROW_BLOCK * blocks..scores.len() {
+        scores_block::<1>(&q[r * d..(r + 1) * d], k_t, d, std::slice::from_mut(&mut scores[r]));
+    }
+}
+
+#[inline(always)]
+fn scores_block<const R: usize>(q: &[f32], k_t: &[f32], d: usize, out: &mut [[f32; KV_TILE]]) {
+    for block in (0..KV_TILE).step_by(LANE_BLOCK) {
+        let mut sums = [[0f32; LANE_BLOCK]; R];
+        for c in 0..d {
+            let k: &[f32; LANE_BLOCK] = k_t[c * KV_TILE + block..][..LANE_BLOCK].try_into().unwrap();
+            for r in 0..R {
+                let qc = q[r * d + c];
+                for t in 0..LANE_BLOCK {
+                    sums[r][t] = qc.mul_add(k[t], sums[r][t]);
+                }
+            }
+        }
+        for r in 0..R {
+            out[r][block..block + LANE_BLOCK].copy_from_slice(&sums[r]);
+        }
+    }
+}
+
+/// `acc[r]` += Σ_t weights[r][t] · values[t], one FMA per key in order of t (as a row at a time
+/// would), [`ROW_BLOCK`] rows per pass.
+fn add_weighted_values(weights: &[[f32; KV_TILE]], values: &[f32], d: usize, acc: &mut [f32]) {
+    let blocks = weights.len() / ROW_BLOCK;
+    for p in 0..blocks {
+        let rows = ROW_BLOCK * p..ROW_BLOCK * (p + 1);
+        values_block::<ROW_BLOCK>(&weights[rows.clone()], values, d, &mut acc[rows.start * d..rows.end * d]);
+    }
+    for r in ROW_BLOCK * blocks..weights.len() {
+        values_block::<1>(&weights[r..r + 1], values, d, &mut acc[r * d..(r + 1) * d]);
+    }
+}
+
+#[inline(always)]
+fn values_block<const R: usize>(weights: &[[f32; KV_TILE]], values: &[f32], d: usize, acc: &mut [f32]) {
+    for block in (0..d).step_by(LANE_BLOCK) {
+        if block + LANE_BLOCK > d {
+            // A head dimension that is not a multiple of the block: the rest a lane at a time.
+            for r in 0..R {
+                for (t, v) in values.chunks_exact(d).enumerate() {
+                    for c in block..d {
+                        acc[r * d + c] = weights[r][t].mul_add(v[c], acc[r * d + c]);
+                    }
+                }
+            }
+            break;
+        }
+        let mut sums = [[0f32; LANE_BLOCK]; R];
+        for r in 0..R {
+            sums[r].copy_from_slice(&acc[r * d + block..][..LANE_BLOCK]);
+        }
+        for (t, v) in values.chunks_exact(d).enumerate() {
+            let v: &[f32; LANE_BLOCK] = v[block..block + LANE_BLOCK].try_into().unwrap();
+            for r in 0..R {
+                let p = weights[r][t];
+                for c in 0..LANE_BLOCK {
+                    sums[r][c] = p.mul_add(v[c], sums[r][c]);
+                }
+            }
+        }
+        for r in 0..R {
+            acc[r * d + block..][..LANE_BLOCK].copy_from_slice(&sums[r]);
+        }
+    }
 }
