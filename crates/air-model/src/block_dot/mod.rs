@@ -193,15 +193,15 @@ mod tests {
 }
 
 /// Single-thread kernel throughput on the shapes of Qwen2.5-0.5B's FFN (a matmul task's 48
-/// activation rows): `cargo test --release -p air-model --lib kernel_throughput -- --ignored --nocapture`.
+/// activation rows), and for generation (one row; weight bytes per second) on Gemma 3's output
+/// head: `cargo test --release -p air-model --lib kernel_throughput -- --ignored --nocapture`.
 #[cfg(test)]
 mod throughput {
     use super::*;
     use k_quants::{BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0};
     use std::time::Instant;
 
-    fn measure<T: BlockDot>(k: usize, n: usize) {
-        let m = 48;
+    fn measure<T: BlockDot>(k: usize, n: usize, m: usize) {
         let kb = k / T::BLCK_SIZE;
         let mut w = vec![T::zeros(); n * kb];
         let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
@@ -215,16 +215,24 @@ mod throughput {
             T::dots(kb, &w, &activations, 0..m, &mut out, n);
             best = best.min(t.elapsed().as_secs_f64());
         }
-        println!("{:?} k={k} n={n} m={m}: {:.1} GMAC/s", T::DTYPE, (m * n * k) as f64 / best / 1e9);
+        let bytes = (w.len() * std::mem::size_of::<T>()) as f64;
+        println!(
+            "{:?} k={k} n={n} m={m}: {:.1} GMAC/s, weights at {:.1} GB/s",
+            T::DTYPE,
+            (m * n * k) as f64 / best / 1e9,
+            bytes / best / 1e9
+        );
     }
 
     #[test]
     #[ignore = "a measurement, not a check"]
     fn kernel_throughput() {
-        measure::<BlockQ5_0>(896, 4864);
-        measure::<BlockQ8_0>(896, 4864);
-        measure::<BlockQ5_0>(4864, 896);
-        measure::<BlockQ4K>(4864, 896);
-        measure::<BlockQ6K>(4864, 896);
+        measure::<BlockQ5_0>(896, 4864, 48);
+        measure::<BlockQ8_0>(896, 4864, 48);
+        measure::<BlockQ5_0>(4864, 896, 48);
+        measure::<BlockQ4K>(4864, 896, 48);
+        measure::<BlockQ6K>(4864, 896, 48);
+        measure::<BlockQ8_0>(640, 262144, 1);
+        measure::<BlockQ5_0>(896, 4864, 1);
     }
 }

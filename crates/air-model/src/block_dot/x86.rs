@@ -19,6 +19,12 @@ use std::sync::OnceLock;
 const LANES: usize = 8;
 /// How far ahead of the block being read the kernel prefetches weights, in blocks.
 const PREFETCH_BLOCKS: usize = 16;
+/// Blocks between two weight prefetches of a row: about one per 64-byte cache line.
+const fn blocks_per_prefetch<W>() -> usize {
+    let per_line = 64 / size_of::<W>();
+    if per_line == 0 { 1 } else { per_line }
+}
+
 /// Weight rows per tile.
 const TILE_W: usize = 4;
 /// Activation rows per tile with 16 vector registers (AVX2), and with 32 (AVX-512VL). Each
@@ -247,15 +253,25 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
         for b in 0..kb {
             // Ask for the weights a few blocks ahead: generation streams them from memory, and
             // the hardware prefetcher alone leaves the kernel waiting (+8% on Qwen2.5's decode).
-            // A prefetch never faults, so running past the tensor's end is harmless.
-            for i in 0..RM {
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + PREFETCH_BLOCKS) as *const i8);
+            // A prefetch never faults, so running past the tensor's end is harmless. One per
+            // cache line is enough: blocks of 18 to 34 bytes, every [`blocks_per_prefetch`]-th.
+            if b % blocks_per_prefetch::<W>() == 0 {
+                for i in 0..RM {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + PREFETCH_BLOCKS) as *const i8);
+                }
             }
             let ws: [Unpacked; RM] = std::array::from_fn(|i| W::unpack(w.add(i * kb + b)));
-            // d_w · d_x for the tile's pairs, one vector per weight row (lanes: activation rows).
+            // d_w · d_x for the tile's pairs, one vector per weight row (lanes: activation rows);
+            // for a single activation row, straight into a broadcast (the same f32 products).
             let dx = _mm256_loadu_ps(x.d.as_ptr().add(b * x.padded + j0));
-            for i in 0..RM {
-                _mm256_storeu_ps(scales[i].as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(ws[i].d), dx));
+            let single = (RN == 1).then(|| -> [__m256; RM] {
+                let dx = *x.d.get_unchecked(b * x.padded + j0);
+                std::array::from_fn(|i| _mm256_set1_ps(ws[i].d * dx))
+            });
+            if single.is_none() {
+                for i in 0..RM {
+                    _mm256_storeu_ps(scales[i].as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(ws[i].d), dx));
+                }
             }
             if W::ENCODING == Encoding::Min {
                 let sx = _mm256_loadu_ps(x.s.as_ptr().add(b * x.padded + j0));
@@ -280,7 +296,11 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
                         _ => xq,
                     };
                     let sums = _mm256_cvtepi32_ps(D::dot(start, magnitudes[i], s));
-                    acc[j][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[i][j]), sums, acc[j][i]);
+                    let scale = match single {
+                        Some(scales) => scales[i],
+                        None => _mm256_broadcast_ss(&scales[i][j]),
+                    };
+                    acc[j][i] = _mm256_fmadd_ps(scale, sums, acc[j][i]);
                 }
             }
         }
