@@ -3,7 +3,8 @@
 //! as FMA chains over the head dimension, then the scale; an online softmax (the running max
 //! and sum rescaled when the max grows, weights by [`exp16`], sums in f64); the weighted values
 //! added as FMA chains over the tile's keys. Rows are vectors over keys or head dimensions, so
-//! the loops compile to SIMD.
+//! the loops compile to SIMD. The f16 keys and values are widened once per head (keys transposed
+//! per tile), not once per query tile.
 
 use super::AttentionShape;
 use crate::exp::{EXP_LANES, exp16, sum16};
@@ -29,36 +30,43 @@ pub(super) fn head_attention(
     let (k_head, v_head) = (s.kv_head(keys, h), s.kv_head(values, h));
     let q = &q[h * n * d..(h + 1) * n * d];
     let mut out = vec![0f32; n * d];
-    // Keys transposed (dimension, key) and values (key, dimension), widened, zero-padded.
-    let mut k_t = vec![0f32; d * KV_TILE];
-    let mut v_tile = vec![0f32; KV_TILE * d];
+    let visible = |row: usize| {
+        let pos = start + row;
+        s.window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1
+    };
+    // Every key tile any query row sees, widened to f32 once: keys transposed per tile
+    // (tile, dimension, key), values (key, dimension); keys past the last position stay zero.
+    let (first_tile, end_tile) = (visible(0).start / KV_TILE, visible(n - 1).end.div_ceil(KV_TILE));
+    let tile_keys = |tile: usize| tile * KV_TILE..((tile + 1) * KV_TILE).min(start + n);
+    let mut k_tiles = vec![0f32; (end_tile - first_tile) * d * KV_TILE];
+    let mut v_tiles = vec![0f32; (end_tile - first_tile) * KV_TILE * d];
+    let mut widened = vec![0f32; d];
+    for tile in first_tile..end_tile {
+        let k_t = &mut k_tiles[(tile - first_tile) * d * KV_TILE..][..d * KV_TILE];
+        for (t, j) in tile_keys(tile).enumerate() {
+            k_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut widened);
+            for (c, &v) in widened.iter().enumerate() {
+                k_t[c * KV_TILE + t] = v;
+            }
+        }
+        let keys = tile_keys(tile);
+        let v_tile = &mut v_tiles[(tile - first_tile) * KV_TILE * d..][..keys.len() * d];
+        v_head[keys.start * d..keys.end * d].convert_to_f32_slice(v_tile);
+    }
     let mut scores = vec![[0f32; KV_TILE]; Q_TILE];
     let mut acc = vec![0f32; Q_TILE * d];
-    let mut widened = vec![0f32; d];
     for first_row in (0..n).step_by(Q_TILE) {
         let rows = Q_TILE.min(n - first_row);
         let (mut max, mut sum) = ([f32::NEG_INFINITY; Q_TILE], [0f32; Q_TILE]);
         acc.fill(0.0);
-        let visible = |r: usize| {
-            let pos = start + first_row + r;
-            s.window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1
-        };
+        let visible = |r: usize| visible(first_row + r);
         let (first_key, end_key) = (visible(0).start, visible(rows - 1).end);
         for tile_start in (first_key / KV_TILE * KV_TILE..end_key).step_by(KV_TILE) {
             let keys_in_tile = KV_TILE.min(end_key - tile_start);
-            for t in 0..keys_in_tile {
-                let j = tile_start + t;
-                k_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut widened);
-                for (c, &v) in widened.iter().enumerate() {
-                    k_t[c * KV_TILE + t] = v;
-                }
-                v_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut v_tile[t * d..(t + 1) * d]);
-            }
-            for t in keys_in_tile..KV_TILE {
-                k_t.iter_mut().skip(t).step_by(KV_TILE).for_each(|v| *v = 0.0);
-                v_tile[t * d..(t + 1) * d].fill(0.0);
-            }
-            scores_by_row_blocks(&q[first_row * d..(first_row + rows) * d], &k_t, d, &mut scores[..rows]);
+            let tile = tile_start / KV_TILE - first_tile;
+            let k_t = &k_tiles[tile * d * KV_TILE..][..d * KV_TILE];
+            let v_tile = &v_tiles[tile * KV_TILE * d..][..KV_TILE * d];
+            scores_by_row_blocks(&q[first_row * d..(first_row + rows) * d], k_t, d, &mut scores[..rows]);
             for r in 0..rows {
                 let row = &mut scores[r];
                 let seen = visible(r);
@@ -87,7 +95,7 @@ pub(super) fn head_attention(
                 }
                 sum[r] = (sum[r] as f64 + tile_sum) as f32;
             }
-            add_weighted_values(&scores[..rows], &v_tile, d, &mut acc[..rows * d]);
+            add_weighted_values(&scores[..rows], v_tile, d, &mut acc[..rows * d]);
         }
         for r in 0..rows {
             let inverse = if sum[r] == 0.0 { 0.0 } else { 1.0 / sum[r] };
