@@ -52,8 +52,12 @@ impl SynthSpec {
         if !SYNTH_TYPES.contains(&self.ty) {
             return fail(format!("synthetic weights of type {} are not supported", self.ty));
         }
-        if [self.layers, self.hidden, self.ffn, self.heads, self.kv_heads, self.context].contains(&0) {
+        let sizes = [self.layers, self.hidden, self.ffn, self.heads, self.kv_heads, self.context, self.vocab];
+        if sizes.contains(&0) {
             return fail("layers, hidden, ffn, heads, kv-heads and context must all be at least 1".into());
+        }
+        if sizes.iter().any(|&x| x > u32::MAX as usize) {
+            return fail(format!("sizes are written as 32-bit numbers: at most {}", u32::MAX));
         }
         if !self.hidden.is_multiple_of(self.heads)
             || !self.heads.is_multiple_of(self.kv_heads)

@@ -64,6 +64,31 @@ pub struct StreamStats {
     pub wait_seconds: f64,
 }
 
+impl std::ops::Sub for StreamStats {
+    type Output = StreamStats;
+
+    /// What happened between two snapshots (`later - earlier`).
+    fn sub(self, earlier: StreamStats) -> StreamStats {
+        StreamStats {
+            bytes_streamed: self.bytes_streamed - earlier.bytes_streamed,
+            bytes_read: self.bytes_read - earlier.bytes_read,
+            layers_read: self.layers_read - earlier.layers_read,
+            read_seconds: self.read_seconds - earlier.read_seconds,
+            wait_seconds: self.wait_seconds - earlier.wait_seconds,
+        }
+    }
+}
+
+impl std::ops::AddAssign for StreamStats {
+    fn add_assign(&mut self, other: StreamStats) {
+        self.bytes_streamed += other.bytes_streamed;
+        self.bytes_read += other.bytes_read;
+        self.layers_read += other.layers_read;
+        self.read_seconds += other.read_seconds;
+        self.wait_seconds += other.wait_seconds;
+    }
+}
+
 struct Shared {
     map: Arc<Mmap>,
     spans: Vec<Vec<Range<usize>>>,
@@ -184,9 +209,9 @@ impl LayerStreamer {
     /// next streamed layers of the window (wrapping to the start of the model, where the next
     /// pass begins).
     pub fn acquire(&self, layer: usize) -> io::Result<LayerGuard<'_>> {
-        let guard = LayerGuard { streamer: self, layer };
+        // The guard exists only once the layer is held: a failed acquire releases nothing.
         let Some(p) = self.position[layer] else {
-            return Ok(guard);
+            return Ok(LayerGuard { streamer: self, layer });
         };
         let mut states = self.shared.states();
         self.request(&mut states, layer)?;
@@ -208,7 +233,7 @@ impl LayerStreamer {
         }
         states[layer] = Residency::InUse;
         self.shared.bytes_streamed.fetch_add(self.shared.layer_bytes(layer), Ordering::Relaxed);
-        Ok(guard)
+        Ok(LayerGuard { streamer: self, layer })
     }
 
     /// Queues a released layer for the prefetch thread.

@@ -131,3 +131,16 @@ fn ranges_outside_the_file_are_an_error() {
     let plan = ResidencyPlan::all_resident(1);
     assert!(LayerStreamer::new(map, bad, plan, StreamOptions::default()).is_err());
 }
+
+#[test]
+fn acquiring_a_layer_in_use_fails_without_releasing_it() {
+    let (_file, map, layers) = model_file();
+    let plan = ResidencyPlan::new(&[LAYER_BYTES as u64; LAYERS], 0, 2);
+    let streamer = LayerStreamer::new(map.clone(), layers, plan, StreamOptions::default()).unwrap();
+    let held = streamer.acquire(2).unwrap();
+    assert!(streamer.acquire(2).is_err());
+    assert_eq!(streamer.residency(2), Residency::InUse);
+    assert!(in_core(&map, layer_range(2)));
+    drop(held);
+    assert_eq!(streamer.residency(2), Residency::Released);
+}

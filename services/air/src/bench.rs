@@ -153,14 +153,7 @@ fn decode_run(
         next = logits.chunks(vocab).map(argmax).collect();
     }
     let seconds = t.elapsed().as_secs_f64();
-    let after = model.streamer().stats();
-    let stats = StreamStats {
-        bytes_streamed: after.bytes_streamed - before.bytes_streamed,
-        bytes_read: after.bytes_read - before.bytes_read,
-        layers_read: after.layers_read - before.layers_read,
-        read_seconds: after.read_seconds - before.read_seconds,
-        wait_seconds: after.wait_seconds - before.wait_seconds,
-    };
+    let stats = model.streamer().stats() - before;
     Ok((seconds, stats))
 }
 
@@ -177,10 +170,7 @@ impl Decode {
     fn add(&mut self, seconds: f64, steps: usize, stats: StreamStats) {
         self.seconds += seconds;
         self.steps += steps;
-        self.streamed.bytes_streamed += stats.bytes_streamed;
-        self.streamed.bytes_read += stats.bytes_read;
-        self.streamed.read_seconds += stats.read_seconds;
-        self.streamed.wait_seconds += stats.wait_seconds;
+        self.streamed += stats;
         self.steady_rss = rss_bytes("VmRSS:");
     }
 

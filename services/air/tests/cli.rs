@@ -304,6 +304,7 @@ fn synth_rejects_shapes_it_cannot_write() {
     assert_fails(&[&base[..], &["--hidden", "256", "--ffn", "256", "--kv-heads", "3"]].concat(), "KV heads");
     assert_fails(&[&base[..], &["--hidden", "256", "--ffn", "256", "--vocab", "100"]].concat(), "at least 259");
     assert_fails(&[&base[..], &["--hidden", "256", "--ffn", "256", "--type", "iq2_xs"]].concat(), "not supported");
+    assert_fails(&[&base[..], &["--hidden", "256", "--ffn", "256", "--ctx", "4294967296"]].concat(), "32-bit");
     assert!(!std::path::Path::new(&out).exists());
 }
 

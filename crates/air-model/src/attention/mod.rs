@@ -35,6 +35,12 @@ impl AttentionShape {
         let rows = self.capacity * self.head_dim;
         &cache[kv * rows..(kv + 1) * rows]
     }
+
+    /// The cached positions a query at `pos` attends to: all before it and itself, or only the
+    /// last `window` of them.
+    fn visible(&self, pos: usize) -> std::ops::Range<usize> {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1
+    }
 }
 
 /// Attention of `n` query rows at positions `start..start + n` over cached positions
@@ -92,9 +98,7 @@ fn head_attention(
         q16.convert_to_f32_slice(&mut q_row);
         acc16.fill(f16::ZERO);
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        let pos = start + i;
-        let first = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        for j in first..=pos {
+        for j in s.visible(start + i) {
             k_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut k_row);
             let score = dot_f16(&k_row, &q_row) * s.scale;
             // On a new maximum rescale the accumulator, then add the weighted value.

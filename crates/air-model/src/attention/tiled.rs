@@ -30,10 +30,7 @@ pub(super) fn head_attention(
     let (k_head, v_head) = (s.kv_head(keys, h), s.kv_head(values, h));
     let q = &q[h * n * d..(h + 1) * n * d];
     let mut out = vec![0f32; n * d];
-    let visible = |row: usize| {
-        let pos = start + row;
-        s.window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1
-    };
+    let visible = |row: usize| s.visible(start + row);
     // Every key tile any query row sees, widened to f32 once: keys transposed per tile
     // (tile, dimension, key), values (key, dimension); keys past the last position stay zero.
     let (first_tile, end_tile) = (visible(0).start / KV_TILE, visible(n - 1).end.div_ceil(KV_TILE));

@@ -34,7 +34,7 @@ const TILE_W: usize = 4;
 /// Activation rows per tile with 16 vector registers (AVX2), and with 32 (AVX-512VL). Each
 /// unpacked weight block serves every row of the tile, so wider tiles amortise the unpacking:
 /// 4 × 8 runs Q5_0 at twice the speed of 4 × 3 here, although its 32 accumulators spill
-/// (`kernel_throughput` in block_dot/mod.rs). At most [`LANES`]: a tile reads its rows' scales as
+/// (`kernels_at_model_shapes` in block_dot/mod.rs). At most [`LANES`]: a tile reads its rows' scales as
 /// one vector.
 const TILE_X_16: usize = 3;
 const TILE_X_32: usize = 8;

@@ -11,7 +11,7 @@ use std::ops::Range;
 /// Weight rows per tile: each activation block loaded serves all of them.
 const TILE_W: usize = 2;
 /// Activation rows per tile: each unpacked weight super-block serves all of them. 2 × 8 ran
-/// Q4_K and Q6_K 1.2-1.3x faster than 1 × 8 and 2 × 4 here (`kernel_throughput` in
+/// Q4_K and Q6_K 1.2-1.3x faster than 1 × 8 and 2 × 4 here (`kernels_at_model_shapes` in
 /// block_dot/mod.rs).
 const TILE_X: usize = 8;
 /// A Q8_K block's fields (repr(C): d: f32, qs: [i8; 256], bsums: [i16; 16]).
