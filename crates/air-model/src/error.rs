@@ -21,6 +21,8 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("streaming layer weights from the file: {0}")]
     Stream(#[from] std::io::Error),
+    #[error("{0}")]
+    Device(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

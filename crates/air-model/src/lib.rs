@@ -9,6 +9,7 @@ mod activation_quant;
 mod attention;
 mod block_dot;
 mod config;
+mod device;
 mod error;
 mod exp;
 mod kv_cache;
@@ -21,6 +22,7 @@ mod synth;
 mod weights;
 
 pub use config::{Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
+pub use device::{ComputeDevice, UploadStats};
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::Linear;

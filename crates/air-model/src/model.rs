@@ -1,4 +1,5 @@
 use crate::Linear;
+use crate::device::{ComputeDevice, DeviceModel, DeviceOptions, UploadStats};
 use crate::attention::{AttentionShape, causal_attention};
 use crate::rope::{Rope, RopeTables};
 use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
@@ -40,25 +41,35 @@ pub struct LoadOptions {
     pub memory_budget: Option<u64>,
     /// Streamed layers read ahead of the one computing.
     pub prefetch_depth: usize,
+    /// Where the model computes.
+    pub device: ComputeDevice,
+    /// Bytes of device memory the weights may take on a GPU; layers beyond it stream in over
+    /// PCIe on every pass. `None`: every layer resident.
+    pub vram_budget: Option<u64>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { memory_budget: None, prefetch_depth: 2 }
+        Self { memory_budget: None, prefetch_depth: 2, device: ComputeDevice::Cpu, vram_budget: None }
     }
 }
 
-/// A loaded model: configuration, mapped weights and RoPE.
+/// A loaded model: configuration, mapped weights and RoPE, and the device pass when it
+/// computes on a device other than the host CPU.
 pub struct Model {
-    config: ModelConfig,
-    weights: Weights,
+    pub(crate) config: ModelConfig,
+    /// Views of the weights in the file mapping: the host pass computes with them; the device
+    /// pass looks up token embeddings in them.
+    pub(crate) weights: Weights,
     /// RoPE of the global layers, and of the sliding-window layers when they have their own base.
-    rope: Rope,
-    local_rope: Option<Rope>,
+    pub(crate) rope: Rope,
+    pub(crate) local_rope: Option<Rope>,
     vocab_size: usize,
     device: Device,
-    /// Makes each layer resident before it computes, per the memory budget.
+    /// Makes each layer resident before the host pass computes it, per the memory budget.
     streamer: LayerStreamer,
+    /// The weights on the device and the pass over them, when not computing on the host.
+    pub(crate) on_device: Option<DeviceModel>,
 }
 
 impl Model {
@@ -79,8 +90,55 @@ impl Model {
         let freq_factors = weights.rope_freqs.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
         let rope = Rope::new(&config, config.rope_base, freq_factors.as_deref());
         let local_rope = config.sliding_window.map(|w| Rope::new(&config, w.rope_base, freq_factors.as_deref()));
-        let streamer = layer_streamer(file, config.n_layer, options)?;
-        Ok(Self { rope, local_rope, config, weights, vocab_size, device, streamer })
+        let on_device = match options.device {
+            ComputeDevice::Cpu => None,
+            other => {
+                let device_options = DeviceOptions {
+                    vram_budget: options.vram_budget,
+                    prefetch_depth: options.prefetch_depth,
+                    host_budget: options.memory_budget,
+                };
+                Some(DeviceModel::load(file, &config, &weights, other.open()?, device_options)?)
+            }
+        };
+        // On a device the host keeps only the mapping: nothing to make resident per layer.
+        let host_options = if on_device.is_some() { LoadOptions::default() } else { options };
+        let streamer = layer_streamer(file, config.n_layer, host_options)?;
+        Ok(Self { rope, local_rope, config, weights, vocab_size, device, streamer, on_device })
+    }
+
+    /// Where the model computes.
+    pub fn compute_device(&self) -> String {
+        match &self.on_device {
+            Some(d) => format!("{:?}", d.device().location()),
+            None => "cpu".into(),
+        }
+    }
+
+    /// Layers streamed into device memory on every pass (0 on the host).
+    pub fn device_streamed_layers(&self) -> usize {
+        self.on_device.as_ref().map_or(0, DeviceModel::streamed_layers)
+    }
+
+    /// Bytes of weights streamed into device memory per pass (0 on the host).
+    pub fn device_streamed_bytes_per_pass(&self) -> u64 {
+        self.on_device.as_ref().map_or(0, DeviceModel::streamed_bytes_per_pass)
+    }
+
+    /// Weight uploads into device memory so far (zero on the host or with every layer resident).
+    pub fn upload_stats(&self) -> UploadStats {
+        self.on_device.as_ref().map_or_else(UploadStats::default, DeviceModel::upload_stats)
+    }
+
+    /// Host-to-device bandwidth from pinned host memory in bytes per second, measured now;
+    /// `None` when the model is not on a GPU.
+    pub fn measure_pinned_upload(&self) -> Result<Option<f64>, ModelError> {
+        self.on_device.as_ref().map_or(Ok(None), DeviceModel::measure_pinned_upload)
+    }
+
+    /// Device memory in use on the model's GPU (by every process), in bytes.
+    pub fn device_memory_in_use(&self) -> Option<u64> {
+        self.on_device.as_ref().and_then(DeviceModel::memory_in_use)
     }
 
     /// What keeps the layers resident: the plan, and counters of what was streamed.
@@ -100,7 +158,10 @@ impl Model {
 
     /// A KV cache for one sequence of up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache, ModelError> {
-        KvCache::new(&self.config, capacity)
+        match &self.on_device {
+            Some(d) => KvCache::on_device(&self.config, capacity, d.device()),
+            None => KvCache::new(&self.config, capacity),
+        }
     }
 
     /// Runs `tokens` (the continuation of the sequence held in `cache`) through the model,
@@ -114,6 +175,9 @@ impl Model {
     /// matmul together (a streamed layer is read once for the whole batch); attention and the
     /// KV cache stay per sequence. Returns the logits asked for of each sequence, in order.
     pub fn forward_batch(&self, batch: &mut [Sequence<'_>], logits: Logits) -> Result<Vec<f32>, ModelError> {
+        if let Some(on_device) = &self.on_device {
+            return on_device.forward_batch(self, batch, logits);
+        }
         // One hand-off to the compute pool per pass: the pass runs on a pool thread, so its
         // parallel regions (a dozen per layer) do not each wake the calling thread.
         rayon::scope(|_| self.forward_on_pool(batch, logits))
@@ -201,17 +265,19 @@ impl Model {
             let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?;
             let v = heads_first(&v_all, c.n_head_kv)?;
             let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-            part.cache.write(index, &flat(k)?, &flat(v)?, part.n);
-            let (keys, values) = part.cache.layer(index);
+            let (start, capacity) = (part.cache.len(), part.cache.capacity());
+            let store = part.cache.host()?;
+            store.write(index, start, &flat(k)?, &flat(v)?, part.n);
+            let (keys, values) = store.layer(index);
             let shape = AttentionShape {
                 heads: c.n_head,
                 kv_heads: c.n_head_kv,
                 head_dim: c.head_dim,
-                capacity: part.cache.capacity(),
+                capacity,
                 scale: if c.scale_queries { 1.0 } else { c.attention_scale },
                 window,
             };
-            attn.extend(causal_attention(&flat(q)?, keys, values, part.cache.len(), part.n, shape));
+            attn.extend(causal_attention(&flat(q)?, keys, values, start, part.n, shape));
         }
         let attn = Tensor::from_vec(attn, (rows, c.n_head * c.head_dim), &self.device)?;
         let x = (x + self.post_norm(w.wo.forward(&attn)?, &w.post_attn_norm)?)?;

@@ -1,0 +1,444 @@
+//! The forward pass on a candle device: weights uploaded as candle quantized tensors, every op a
+//! candle tensor op, so it runs wherever candle has kernels. With the `cuda` feature this is the
+//! GPU backend (quantized matmuls, attention, norms, RoPE and the KV cache all in VRAM; layers
+//! that do not fit the VRAM budget stream in through [`vram`]). The same code runs on candle's
+//! CPU backend, where the tests check it against the host pass.
+
+mod matrices;
+#[cfg(feature = "cuda")]
+mod vram;
+
+use crate::model::{Logits, Sequence};
+use crate::rope::RopeTables;
+use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
+use air_gguf::GgufFile;
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
+pub use matrices::LayerMatrices;
+use std::fmt;
+use std::str::FromStr;
+
+/// Where a model computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputeDevice {
+    /// The host CPU, with Air's own quantized kernels.
+    Cpu,
+    /// An NVIDIA GPU, by ordinal (needs a build with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl ComputeDevice {
+    /// CUDA device 0 when this build has CUDA and a GPU is present, else the CPU.
+    pub fn preferred() -> Self {
+        #[cfg(feature = "cuda")]
+        if cudarc::driver::CudaContext::device_count().is_ok_and(|n| n > 0) {
+            return ComputeDevice::Cuda(0);
+        }
+        ComputeDevice::Cpu
+    }
+
+    /// The candle device to compute on, or why it cannot be opened.
+    pub(crate) fn open(self) -> Result<Device, ModelError> {
+        match self {
+            ComputeDevice::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            ComputeDevice::Cuda(ordinal) => {
+                let device = Device::new_cuda_with_stream(ordinal)
+                    .map_err(|e| ModelError::Device(format!("cannot open CUDA device {ordinal}: {e}")))?;
+                // candle computes on one stream, and the VRAM streamer orders its copy stream
+                // against it with its own events: cudarc's per-buffer event tracking would only
+                // add a driver call per kernel argument.
+                // SAFETY: nothing has been allocated on the device yet.
+                unsafe { device.as_cuda_device()?.disable_event_tracking() };
+                Ok(device)
+            }
+            #[cfg(not(feature = "cuda"))]
+            ComputeDevice::Cuda(_) => Err(ModelError::Device(
+                "this build of Air has no CUDA support (build it with `--features cuda`)".into(),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ComputeDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ComputeDevice::Cpu => write!(f, "cpu"),
+            ComputeDevice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for ComputeDevice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(ComputeDevice::Cpu),
+            "cuda" | "gpu" => Ok(ComputeDevice::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(ComputeDevice::Cuda(n)),
+                _ => Err(format!("unknown device {s:?} (expected cpu, cuda or cuda:N)")),
+            },
+        }
+    }
+}
+
+/// Counters of weight uploads into VRAM, accumulated over passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UploadStats {
+    /// Layers copied into VRAM slots.
+    pub layers: u64,
+    /// Bytes copied host-to-device.
+    pub bytes: u64,
+    /// Time the copy engine spent on those copies, in seconds.
+    pub copy_seconds: f64,
+    /// Time the compute stream stood waiting for a layer's upload, in seconds.
+    pub wait_seconds: f64,
+}
+
+impl std::ops::Sub for UploadStats {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            layers: self.layers - earlier.layers,
+            bytes: self.bytes - earlier.bytes,
+            copy_seconds: self.copy_seconds - earlier.copy_seconds,
+            wait_seconds: self.wait_seconds - earlier.wait_seconds,
+        }
+    }
+}
+
+/// The small per-layer tensors (norm weights, biases), resident on the device for every layer.
+struct LayerVectors {
+    attn_norm: Tensor,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    post_ffn_norm: Option<Tensor>,
+}
+
+impl LayerVectors {
+    fn upload(w: &LayerWeights, device: &Device) -> Result<Self, ModelError> {
+        let up = |t: &Tensor| t.to_device(device);
+        let up_opt = |t: &Option<Tensor>| t.as_ref().map(up).transpose();
+        Ok(Self {
+            attn_norm: up(&w.attn_norm)?,
+            bq: up_opt(&w.bq)?,
+            bk: up_opt(&w.bk)?,
+            bv: up_opt(&w.bv)?,
+            q_norm: up_opt(&w.q_norm)?,
+            k_norm: up_opt(&w.k_norm)?,
+            post_attn_norm: up_opt(&w.post_attn_norm)?,
+            ffn_norm: up(&w.ffn_norm)?,
+            post_ffn_norm: up_opt(&w.post_ffn_norm)?,
+        })
+    }
+}
+
+/// A sequence's share of a device pass.
+struct Part<'a> {
+    cache: &'a mut KvCache,
+    row: usize,
+    n: usize,
+    tables: RopeTables,
+    local_tables: Option<RopeTables>,
+    /// Additive attention masks (n, start + n): causal, and causal within the window.
+    mask: Option<Tensor>,
+    local_mask: Option<Tensor>,
+}
+
+/// How the device pass keeps its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceOptions {
+    /// Bytes of device memory the weights may take (resident layers and streaming slots);
+    /// `None`: all layers resident.
+    pub vram_budget: Option<u64>,
+    /// Streamed layers uploaded ahead of the one computing.
+    pub prefetch_depth: usize,
+    /// Host memory the streamed layers may keep pinned (page-locked) between passes.
+    pub host_budget: Option<u64>,
+}
+
+/// A model's weights on a candle device, and the pass over them.
+pub(crate) struct DeviceModel {
+    device: Device,
+    vectors: Vec<LayerVectors>,
+    /// Each layer's matrices when resident; `None` when streamed.
+    matrices: Vec<Option<LayerMatrices>>,
+    output_norm: Tensor,
+    output: QMatMul,
+    #[cfg(feature = "cuda")]
+    vram: Option<vram::VramStreamer>,
+}
+
+impl DeviceModel {
+    /// Uploads the model's weights to `device` within `options`' budget.
+    pub(crate) fn load(
+        file: &GgufFile,
+        config: &ModelConfig,
+        weights: &Weights,
+        device: Device,
+        options: DeviceOptions,
+    ) -> Result<Self, ModelError> {
+        let vectors = weights.layers.iter().map(|w| LayerVectors::upload(w, &device)).collect::<Result<_, _>>()?;
+        let output_name = if file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+        let output = matrices::upload(file, output_name, &device)?;
+        let output_norm = weights.output_norm.to_device(&device)?;
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(cuda), Some(budget)) = (&device, options.vram_budget) {
+            let head_bytes = file.tensor(output_name).map_or(0, |t| t.size_bytes);
+            let plan = vram::plan(file, config, budget.saturating_sub(head_bytes), options.prefetch_depth)?;
+            if plan.streamed_count() > 0 {
+                let matrices = (0..config.n_layer)
+                    .map(|i| plan.is_pinned(i).then(|| LayerMatrices::upload(file, i, &device)).transpose())
+                    .collect::<Result<_, _>>()?;
+                let vram = vram::VramStreamer::new(file, cuda, plan, options.host_budget)?;
+                return Ok(Self { device, vectors, matrices, output_norm, output, vram: Some(vram) });
+            }
+        }
+        let _ = options;
+        let matrices =
+            (0..config.n_layer).map(|i| LayerMatrices::upload(file, i, &device).map(Some)).collect::<Result<_, _>>()?;
+        Ok(Self {
+            device,
+            vectors,
+            matrices,
+            output_norm,
+            output,
+            #[cfg(feature = "cuda")]
+            vram: None,
+        })
+    }
+
+    /// The device computing.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Layers whose matrices stream into VRAM on every pass.
+    pub(crate) fn streamed_layers(&self) -> usize {
+        self.matrices.iter().filter(|m| m.is_none()).count()
+    }
+
+    /// Upload counters so far (zero when every layer is resident).
+    pub(crate) fn upload_stats(&self) -> UploadStats {
+        #[cfg(feature = "cuda")]
+        if let Some(vram) = &self.vram {
+            return vram.stats();
+        }
+        UploadStats::default()
+    }
+
+    /// Bytes of weights streamed per pass.
+    pub(crate) fn streamed_bytes_per_pass(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        if let Some(vram) = &self.vram {
+            return vram.bytes_per_pass();
+        }
+        0
+    }
+
+    /// Host-to-device bandwidth from pinned memory, measured once (bytes per second); `None`
+    /// off CUDA.
+    pub(crate) fn measure_pinned_upload(&self) -> Result<Option<f64>, ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &self.device {
+            return vram::measure_pinned_upload(cuda).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Device memory in use on the device (all processes), in bytes; `None` off CUDA.
+    pub(crate) fn memory_in_use(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &self.device {
+            return cuda.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (total - free) as u64);
+        }
+        None
+    }
+
+    /// The pass of [`crate::Model::forward_batch`] on the device.
+    pub(crate) fn forward_batch(
+        &self,
+        model: &crate::Model,
+        batch: &mut [Sequence<'_>],
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        let c = model.config();
+        let mut tokens = Vec::new();
+        let mut parts = Vec::with_capacity(batch.len());
+        for seq in batch.iter_mut() {
+            let (start, n) = (seq.cache.len(), seq.tokens.len());
+            if start + n > seq.cache.capacity() {
+                return Err(ModelError::ContextOverflow { needed: start + n, capacity: seq.cache.capacity() });
+            }
+            let tables = model.rope.tables(start, n, &self.device)?;
+            let local_tables =
+                model.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
+            let window = c.sliding_window.map(|w| w.size);
+            let mask = attention_mask(start, n, None, &self.device)?;
+            let local_mask = window.map(|w| attention_mask(start, n, Some(w), &self.device)).transpose()?.flatten();
+            parts.push(Part { cache: &mut *seq.cache, row: tokens.len(), n, tables, local_tables, mask, local_mask });
+            tokens.extend_from_slice(seq.tokens);
+        }
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows = Vec::new();
+        for part in &parts {
+            let from = match logits {
+                Logits::Last => part.n.saturating_sub(1),
+                Logits::From(i) => i,
+            };
+            rows.extend((part.row + from.min(part.n)..part.row + part.n).map(|r| r as u32));
+        }
+        let index = Tensor::new(rows.as_slice(), &self.device)?;
+        let mut x = model.weights.token_embd.rows(&tokens)?.to_device(&self.device)?;
+        if let Some(scale) = c.embedding_scale {
+            x = (x * scale as f64)?;
+        }
+        for i in 0..c.n_layer {
+            x = match &self.matrices[i] {
+                Some(m) => self.block(model, i, m, &x, &mut parts)?,
+                None => self.streamed_block(model, i, &x, &mut parts)?,
+            };
+        }
+        for part in &mut parts {
+            part.cache.advance(part.n);
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let x = candle_nn::ops::rms_norm(&x.index_select(&index, 0)?, &self.output_norm, c.rms_norm_eps)?;
+        Ok(self.output.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn streamed_block(
+        &self,
+        model: &crate::Model,
+        i: usize,
+        x: &Tensor,
+        parts: &mut [Part<'_>],
+    ) -> Result<Tensor, ModelError> {
+        let vram = self.vram.as_ref().expect("streamed layers come with a VRAM streamer");
+        let held = vram.acquire(i)?;
+        self.block(model, i, held.matrices(), x, parts)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn streamed_block(&self, _: &crate::Model, i: usize, _: &Tensor, _: &mut [Part<'_>]) -> Result<Tensor, ModelError> {
+        Err(ModelError::Device(format!("layer {i} has no weights on the device")))
+    }
+
+    /// One transformer block over the rows of every sequence (see the host pass in `model.rs`).
+    fn block(
+        &self,
+        model: &crate::Model,
+        index: usize,
+        m: &LayerMatrices,
+        x: &Tensor,
+        parts: &mut [Part<'_>],
+    ) -> Result<Tensor, ModelError> {
+        let c = model.config();
+        let v = &self.vectors[index];
+        let rows = x.dim(0)?;
+        let (window, _) = c.layer_attention(index);
+        let eps = c.rms_norm_eps;
+        let h = candle_nn::ops::rms_norm(x, &v.attn_norm, eps)?;
+        let project = |w: &QMatMul, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
+            let mut y = w.forward(&h)?;
+            if let Some(b) = bias {
+                y = y.broadcast_add(b)?;
+            }
+            if let Some(norm) = norm {
+                let per_head = y.reshape((rows * heads, c.head_dim))?;
+                y = candle_nn::ops::rms_norm(&per_head, norm, eps)?.reshape((rows, heads * c.head_dim))?;
+            }
+            Ok::<_, ModelError>(y)
+        };
+        let q_all = project(m.wq(), &v.bq, &v.q_norm, c.n_head)?;
+        let k_all = project(m.wk(), &v.bk, &v.k_norm, c.n_head_kv)?;
+        let v_all = project(m.wv(), &v.bv, &None, c.n_head_kv)?;
+        let group = c.n_head / c.n_head_kv;
+        let mut outputs = Vec::with_capacity(parts.len());
+        for part in parts.iter_mut() {
+            let (rope, tables, mask) = match (&model.local_rope, &part.local_tables, window) {
+                (Some(r), Some(t), Some(_)) => (r, t, &part.local_mask),
+                (_, _, Some(_)) => (&model.rope, &part.tables, &part.local_mask),
+                _ => (&model.rope, &part.tables, &part.mask),
+            };
+            // (n, heads * head_dim) -> (1, heads, n, head_dim)
+            let heads_first = |y: &Tensor, heads: usize| -> Result<Tensor, ModelError> {
+                let y = y.narrow(0, part.row, part.n)?;
+                Ok(y.reshape((1, part.n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+            };
+            let mut q = rope.apply(&heads_first(&q_all, c.n_head)?, tables)?;
+            let scale = if c.scale_queries {
+                q = (q * c.attention_scale as f64)?;
+                1.0
+            } else {
+                c.attention_scale
+            };
+            let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?.squeeze(0)?;
+            let val = heads_first(&v_all, c.n_head_kv)?.squeeze(0)?;
+            let (keys, values) = part.cache.append_on_device(index, &k, &val)?;
+            let total = keys.dim(1)?;
+            // Queries grouped by the KV head they share: (kv_heads, group * n, head_dim).
+            let q = q.reshape((c.n_head_kv, group * part.n, c.head_dim))?;
+            let mut scores = (q.matmul(&keys.t()?)? * scale as f64)?;
+            if let Some(mask) = mask {
+                scores = scores
+                    .reshape((c.n_head_kv, group, part.n, total))?
+                    .broadcast_add(mask)?
+                    .reshape((c.n_head_kv, group * part.n, total))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&values)?.reshape((c.n_head, part.n, c.head_dim))?;
+            outputs.push(out.transpose(0, 1)?.reshape((part.n, c.n_head * c.head_dim))?);
+        }
+        let attn = Tensor::cat(&outputs, 0)?;
+        let x = (x + post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &v.ffn_norm, eps)?;
+        let (gate, up) = (m.w_gate().forward(&h)?, m.w_up().forward(&h)?);
+        let gated = match c.activation {
+            Activation::Silu => (gate.silu()? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        let ffn = m.w_down().forward(&gated)?;
+        Ok((x + post_norm(ffn, &v.post_ffn_norm, eps)?)?)
+    }
+}
+
+/// RMSNorm of a sub-layer's output before its residual add, where the family has one.
+fn post_norm(y: Tensor, norm: &Option<Tensor>, eps: f32) -> Result<Tensor, ModelError> {
+    Ok(match norm {
+        Some(norm) => candle_nn::ops::rms_norm(&y, norm, eps)?,
+        None => y,
+    })
+}
+
+/// The additive mask (n, start + n) of `n` queries at positions `start..start + n`: 0 where a
+/// query sees a key (causal, and within `window` when given), -inf elsewhere. `None` when every
+/// query sees every key (a single new position with nothing beyond the window).
+fn attention_mask(start: usize, n: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>, ModelError> {
+    let total = start + n;
+    let visible = |pos: usize, key: usize| key <= pos && window.is_none_or(|w| key + w > pos);
+    if (start..total).all(|pos| (0..total).all(|key| visible(pos, key))) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (start..total)
+        .flat_map(|pos| (0..total).map(move |key| if visible(pos, key) { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (n, total), device)?))
+}
+
+#[cfg(test)]
+mod tests;
