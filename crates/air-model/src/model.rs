@@ -43,8 +43,8 @@ pub struct LoadOptions {
     pub prefetch_depth: usize,
     /// Where the model computes.
     pub device: ComputeDevice,
-    /// Bytes of device memory the weights may take on a GPU; layers beyond it stream in over
-    /// PCIe on every pass. `None`: every layer resident.
+    /// Bytes of GPU memory the model may take; layers beyond it stream in over PCIe on every
+    /// pass. `None`: the free GPU memory less a margin.
     pub vram_budget: Option<u64>,
 }
 
@@ -136,9 +136,10 @@ impl Model {
         self.on_device.as_ref().map_or(Ok(None), DeviceModel::measure_pinned_upload)
     }
 
-    /// Device memory in use on the model's GPU (by every process), in bytes.
-    pub fn device_memory_in_use(&self) -> Option<u64> {
-        self.on_device.as_ref().and_then(DeviceModel::memory_in_use)
+    /// The most GPU memory the model has taken so far (weights, activations, KV caches), in
+    /// bytes; `None` when it is not on a GPU.
+    pub fn peak_device_memory(&self) -> Option<u64> {
+        self.on_device.as_ref().and_then(DeviceModel::peak_memory)
     }
 
     /// What keeps the layers resident: the plan, and counters of what was streamed.

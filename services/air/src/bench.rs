@@ -2,11 +2,13 @@
 //! (a prompt of N tokens in one pass; N tokens generated one at a time from an empty context),
 //! median of several runs, plus the process's peak resident memory and, for a model whose layers
 //! are streamed (S.L.I.P.), what streaming costs: bytes read per step, the read bandwidth, and the
-//! share of the step spent waiting for weights.
+//! share of the step spent waiting for weights. On a GPU it also reports what streaming layers
+//! into VRAM costs: bytes uploaded per step, the upload bandwidth (and the pinned-memory upload
+//! bandwidth measured on its own), the time compute waited for uploads, and the peak VRAM taken.
 
 use crate::cli::{BenchArgs, Format};
 use crate::loaded::Loaded;
-use air_model::{Logits, Model, Sequence};
+use air_model::{Logits, Model, Sequence, UploadStats};
 use air_stream::{ByteSize, StreamStats};
 use anyhow::{Result, ensure};
 use serde_json::json;
@@ -46,14 +48,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prompt_rates.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         }
         if args.gen_tokens > 0 {
-            let (seconds, stats) = decode_run(model, &mut caches, &tokens, args.gen_tokens)?;
+            let (seconds, stats, uploads) = decode_run(model, &mut caches, &tokens, args.gen_tokens)?;
             decode_rates.push((args.batch * args.gen_tokens) as f64 / seconds);
-            decode.add(seconds, args.gen_tokens, stats);
+            decode.add(seconds, args.gen_tokens, stats, uploads);
         }
     }
     let plan = model.streamer().plan();
+    let pinned_upload = model.measure_pinned_upload()?;
     let report = json!({
         "model": args.runtime.model.display().to_string(),
+        "device": model.compute_device(),
         "threads": loaded.threads(),
         "runs": args.runs,
         "prompt_tokens": args.prompt_tokens,
@@ -69,6 +73,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "streamed_bytes_per_step": decode.bytes_per_step(),
         "stream_bytes_per_s": decode.read_bandwidth(),
         "io_wait_fraction": decode.wait_fraction(),
+        "peak_vram_bytes": model.peak_device_memory(),
+        "vram_streamed_layers": model.device_streamed_layers(),
+        "uploaded_bytes_per_step": decode.uploaded_per_step(),
+        "upload_bytes_per_s": decode.upload_bandwidth(),
+        "upload_wait_ms_per_step": decode.upload_wait_per_step().map(|s| s * 1e3),
+        "pinned_upload_bytes_per_s": pinned_upload,
     });
     match args.format {
         Format::Json => println!("{report}"),
@@ -90,6 +100,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             if let Some(b) = bytes("steady_rss_bytes") {
                 println!("steady RSS   {b} (after generation)");
+            }
+            println!("device       {}", report["device"].as_str().unwrap_or_default());
+            if let Some(b) = bytes("peak_vram_bytes") {
+                println!("peak VRAM    {b}");
+            }
+            if model.device_streamed_layers() > 0 {
+                let layers = model.config().n_layer;
+                let streamed = model.device_streamed_layers();
+                println!("VRAM layers  {} resident, {streamed} streamed over PCIe", layers - streamed);
+                if let (Some(step), Some(ms)) = (bytes("uploaded_bytes_per_step"), report["decode_step_ms"].as_f64()) {
+                    let rate = bytes("upload_bytes_per_s").map(|b| format!(" at {b}/s")).unwrap_or_default();
+                    let wait = report["upload_wait_ms_per_step"].as_f64().unwrap_or(0.0);
+                    println!("uploads      {step} per step of {ms:.2} ms{rate}, compute waited {wait:.2} ms for them");
+                }
+                if let Some(b) = bytes("pinned_upload_bytes_per_s") {
+                    println!("pinned copy  {b}/s host to device (measured alone)");
+                }
             }
             if plan.streamed_count() > 0 {
                 println!("layers       {} resident, {} streamed", plan.pinned_count(), plan.streamed_count());
@@ -133,14 +160,16 @@ fn median(xs: &mut [f64]) -> Option<f64> {
 }
 
 /// One generation test: every sequence of the batch decodes `steps` tokens from an empty cache,
-/// one pass per step. Returns the time taken and what the streamer did meanwhile.
+/// one pass per step. Returns the time taken and what the streamers (disk to RAM, RAM to VRAM)
+/// did meanwhile.
 fn decode_run(
     model: &Model,
     caches: &mut [air_model::KvCache],
     tokens: &[u32],
     steps: usize,
-) -> Result<(f64, StreamStats)> {
+) -> Result<(f64, StreamStats, UploadStats)> {
     let before = model.streamer().stats();
+    let uploads_before = model.upload_stats();
     let mut next: Vec<u32> = (0..caches.len()).map(|i| tokens[i % tokens.len()]).collect();
     caches.iter_mut().for_each(|c| c.clear());
     let vocab = model.vocab_size();
@@ -154,7 +183,7 @@ fn decode_run(
     }
     let seconds = t.elapsed().as_secs_f64();
     let stats = model.streamer().stats() - before;
-    Ok((seconds, stats))
+    Ok((seconds, stats, model.upload_stats() - uploads_before))
 }
 
 /// Totals over the generation tests.
@@ -163,14 +192,16 @@ struct Decode {
     seconds: f64,
     steps: usize,
     streamed: StreamStats,
+    uploads: UploadStats,
     steady_rss: Option<u64>,
 }
 
 impl Decode {
-    fn add(&mut self, seconds: f64, steps: usize, stats: StreamStats) {
+    fn add(&mut self, seconds: f64, steps: usize, stats: StreamStats, uploads: UploadStats) {
         self.seconds += seconds;
         self.steps += steps;
         self.streamed += stats;
+        self.uploads += uploads;
         self.steady_rss = rss_bytes("VmRSS:");
     }
 
@@ -185,6 +216,21 @@ impl Decode {
     /// Bytes per second of the prefetch thread's reading time.
     fn read_bandwidth(&self) -> Option<f64> {
         (self.streamed.read_seconds > 0.0).then(|| self.streamed.bytes_read as f64 / self.streamed.read_seconds)
+    }
+
+    /// Bytes uploaded into VRAM per step (uploads the GPU finished during the tests).
+    fn uploaded_per_step(&self) -> Option<u64> {
+        (self.steps > 0 && self.uploads.layers > 0).then(|| self.uploads.bytes / self.steps as u64)
+    }
+
+    /// Bytes per second of the copy engine's time on uploads.
+    fn upload_bandwidth(&self) -> Option<f64> {
+        (self.uploads.copy_seconds > 0.0).then(|| self.uploads.bytes as f64 / self.uploads.copy_seconds)
+    }
+
+    /// Seconds per step the compute stream stood waiting for uploads.
+    fn upload_wait_per_step(&self) -> Option<f64> {
+        (self.steps > 0 && self.uploads.layers > 0).then(|| self.uploads.wait_seconds / self.steps as f64)
     }
 
     fn wait_fraction(&self) -> Option<f64> {

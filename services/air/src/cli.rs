@@ -1,6 +1,7 @@
 //! Every flag of every subcommand, in one place.
 
 use air_gguf::TensorType;
+use air_model::ComputeDevice;
 use air_stream::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Write a synthetic model (random weights, small vocabulary) of any shape, for scale tests.
     Synth(SynthArgs),
+    /// Check a GPU against the CPU: top-1 agreement and logit differences over greedy steps.
+    Check(CheckArgs),
 }
 
 /// Output format of a command.
@@ -52,9 +55,36 @@ pub struct RuntimeArgs {
     /// on every forward pass; the KV cache comes on top.
     #[arg(long, env = "AIR_MEMORY_BUDGET", value_name = "SIZE")]
     pub memory_budget: Option<ByteSize>,
-    /// Streamed layers read ahead of the one computing.
+    /// Streamed layers read ahead of the one computing (from disk into RAM, or from RAM into
+    /// VRAM on a GPU).
     #[arg(long, env = "AIR_PREFETCH_DEPTH", default_value_t = 2, value_name = "LAYERS")]
     pub prefetch_depth: usize,
+    /// Where to compute: cpu, cuda or cuda:N (default: the first GPU when this build has CUDA
+    /// and one is present, else the CPU).
+    #[arg(long, env = "AIR_DEVICE", value_name = "DEVICE")]
+    pub device: Option<ComputeDevice>,
+    /// GPU memory the model may take, e.g. 4GiB (default: the free GPU memory less a margin).
+    /// Layers beyond it stay in host memory and stream into VRAM over PCIe on every pass,
+    /// overlapped with compute.
+    #[arg(long, env = "AIR_VRAM_BUDGET", value_name = "SIZE")]
+    pub vram_budget: Option<ByteSize>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// The prompt the greedy continuation starts from.
+    #[arg(short, long, default_value = "The capital of France is")]
+    pub prompt: String,
+    /// Greedy steps to compare.
+    #[arg(long, default_value_t = 256)]
+    pub steps: usize,
+    /// Fail when the share of positions whose top-1 token agrees is below this.
+    #[arg(long, default_value_t = 0.99)]
+    pub min_agreement: f64,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
 }
 
 #[derive(Args, Debug)]

@@ -2,7 +2,7 @@
 
 use crate::cli::RuntimeArgs;
 use air_gguf::GgufFile;
-use air_model::{LoadOptions, Model};
+use air_model::{ComputeDevice, LoadOptions, Model};
 use air_stream::{ByteSize, available_memory};
 use air_tokenizer::Tokenizer;
 use anyhow::{Context, Result};
@@ -24,9 +24,25 @@ impl Loaded {
         let path = &args.model;
         let file = GgufFile::open(path)?;
         let budget = args.memory_budget.or_else(available_memory);
-        let options = LoadOptions { memory_budget: budget.map(ByteSize::bytes), prefetch_depth: args.prefetch_depth };
+        let device = args.device.unwrap_or_else(ComputeDevice::preferred);
+        let options = LoadOptions {
+            memory_budget: budget.map(ByteSize::bytes),
+            prefetch_depth: args.prefetch_depth,
+            device,
+            vram_budget: args.vram_budget.map(ByteSize::bytes),
+        };
         let model =
             Model::load_with(&file, options).with_context(|| format!("cannot load model {}", path.display()))?;
+        if model.device_streamed_layers() > 0 {
+            let layers = model.config().n_layer;
+            eprintln!(
+                "air: {device}: {} of {layers} layers resident in VRAM, {} streamed over PCIe ({} per pass, {} layers ahead)",
+                layers - model.device_streamed_layers(),
+                model.device_streamed_layers(),
+                ByteSize::new(model.device_streamed_bytes_per_pass()),
+                args.prefetch_depth
+            );
+        }
         let plan = model.streamer().plan();
         if plan.streamed_count() > 0 {
             let budget = budget.map(|b| b.to_string()).unwrap_or_default();

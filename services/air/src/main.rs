@@ -2,6 +2,7 @@
 //! parses flags and turns errors into one line on stderr with a non-zero exit.
 
 mod bench;
+mod check;
 mod cli;
 mod generate;
 mod generation;
@@ -20,6 +21,7 @@ fn main() {
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Perplexity(args) => perplexity::run(args),
         cli::Command::Synth(args) => synth::run(args),
+        cli::Command::Check(args) => check::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -97,6 +97,15 @@ pub struct UploadStats {
     pub wait_seconds: f64,
 }
 
+impl std::ops::AddAssign for UploadStats {
+    fn add_assign(&mut self, other: Self) {
+        self.layers += other.layers;
+        self.bytes += other.bytes;
+        self.copy_seconds += other.copy_seconds;
+        self.wait_seconds += other.wait_seconds;
+    }
+}
+
 impl std::ops::Sub for UploadStats {
     type Output = Self;
 
@@ -156,8 +165,8 @@ struct Part<'a> {
 /// How the device pass keeps its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceOptions {
-    /// Bytes of device memory the weights may take (resident layers and streaming slots);
-    /// `None`: all layers resident.
+    /// Bytes of GPU memory the model may take: weights (resident layers and streaming slots),
+    /// activations and KV cache. `None`: the free GPU memory less a margin.
     pub vram_budget: Option<u64>,
     /// Streamed layers uploaded ahead of the one computing.
     pub prefetch_depth: usize,
@@ -175,6 +184,8 @@ pub(crate) struct DeviceModel {
     output: QMatMul,
     #[cfg(feature = "cuda")]
     vram: Option<vram::VramStreamer>,
+    #[cfg(feature = "cuda")]
+    meter: Option<vram::VramMeter>,
 }
 
 impl DeviceModel {
@@ -186,25 +197,39 @@ impl DeviceModel {
         device: Device,
         options: DeviceOptions,
     ) -> Result<Self, ModelError> {
+        #[cfg(feature = "cuda")]
+        let meter = match &device {
+            Device::Cuda(cuda) => Some(vram::VramMeter::new(cuda)?),
+            _ => None,
+        };
         let vectors = weights.layers.iter().map(|w| LayerVectors::upload(w, &device)).collect::<Result<_, _>>()?;
         let output_name = if file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
         let output = matrices::upload(file, output_name, &device)?;
         let output_norm = weights.output_norm.to_device(&device)?;
         #[cfg(feature = "cuda")]
-        if let (Device::Cuda(cuda), Some(budget)) = (&device, options.vram_budget) {
+        let mut streamer = None;
+        #[cfg(feature = "cuda")]
+        let mut plan = air_stream::ResidencyPlan::all_resident(config.n_layer);
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(cuda), Some(meter)) = (&device, &meter) {
+            let budget = options.vram_budget.unwrap_or_else(|| meter.default_budget());
             let head_bytes = file.tensor(output_name).map_or(0, |t| t.size_bytes);
-            let plan = vram::plan(file, config, budget.saturating_sub(head_bytes), options.prefetch_depth)?;
+            let layer_budget = budget.saturating_sub(head_bytes + vram::WORKSPACE_RESERVE);
+            plan = vram::plan(file, config, layer_budget, options.prefetch_depth)?;
             if plan.streamed_count() > 0 {
-                let matrices = (0..config.n_layer)
-                    .map(|i| plan.is_pinned(i).then(|| LayerMatrices::upload(file, i, &device)).transpose())
-                    .collect::<Result<_, _>>()?;
-                let vram = vram::VramStreamer::new(file, cuda, plan, options.host_budget)?;
-                return Ok(Self { device, vectors, matrices, output_norm, output, vram: Some(vram) });
+                streamer = Some(vram::VramStreamer::new(file, cuda, plan.clone(), options.host_budget)?);
             }
         }
+        let matrices = (0..config.n_layer)
+            .map(|i| {
+                #[cfg(feature = "cuda")]
+                if !plan.is_pinned(i) {
+                    return Ok(None);
+                }
+                LayerMatrices::upload(file, i, &device).map(Some)
+            })
+            .collect::<Result<_, ModelError>>()?;
         let _ = options;
-        let matrices =
-            (0..config.n_layer).map(|i| LayerMatrices::upload(file, i, &device).map(Some)).collect::<Result<_, _>>()?;
         Ok(Self {
             device,
             vectors,
@@ -212,7 +237,9 @@ impl DeviceModel {
             output_norm,
             output,
             #[cfg(feature = "cuda")]
-            vram: None,
+            vram: streamer,
+            #[cfg(feature = "cuda")]
+            meter,
         })
     }
 
@@ -254,13 +281,22 @@ impl DeviceModel {
         Ok(None)
     }
 
-    /// Device memory in use on the device (all processes), in bytes; `None` off CUDA.
-    pub(crate) fn memory_in_use(&self) -> Option<u64> {
+    /// The most GPU memory the model has taken so far (sampled after every layer: the device's
+    /// memory in use less what was in use before loading), in bytes; `None` off CUDA.
+    pub(crate) fn peak_memory(&self) -> Option<u64> {
         #[cfg(feature = "cuda")]
-        if let Device::Cuda(cuda) = &self.device {
-            return cuda.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (total - free) as u64);
+        if let Some(meter) = &self.meter {
+            return Some(meter.peak());
         }
         None
+    }
+
+    /// Notes the device memory in use (for [`Self::peak_memory`]).
+    fn sample_memory(&self) {
+        #[cfg(feature = "cuda")]
+        if let Some(meter) = &self.meter {
+            meter.sample();
+        }
     }
 
     /// The pass of [`crate::Model::forward_batch`] on the device.
@@ -308,6 +344,7 @@ impl DeviceModel {
                 Some(m) => self.block(model, i, m, &x, &mut parts)?,
                 None => self.streamed_block(model, i, &x, &mut parts)?,
             };
+            self.sample_memory();
         }
         for part in &mut parts {
             part.cache.advance(part.n);

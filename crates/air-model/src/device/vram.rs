@@ -26,6 +26,10 @@ use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+/// GPU memory kept out of the weights' share of a VRAM budget: activations, KV caches and the
+/// libraries' workspaces.
+pub(crate) const WORKSPACE_RESERVE: u64 = 512 << 20;
+
 /// Bytes one memcpy task moves into staging memory.
 const FILL_CHUNK: usize = 4 << 20;
 
@@ -459,4 +463,40 @@ pub(crate) fn measure_pinned_upload(cuda: &CudaDevice) -> Result<f64, ModelError
         best = best.min(start.elapsed_ms(&end).map_err(driver)? as f64 / 1e3);
     }
     Ok(BYTES as f64 / best)
+}
+
+/// Tracks the GPU memory the model takes: the device's memory in use less what was in use when
+/// the meter was made (the CUDA context), at its highest.
+pub(crate) struct VramMeter {
+    ctx: Arc<CudaContext>,
+    baseline: u64,
+    total: u64,
+    peak: std::sync::atomic::AtomicU64,
+}
+
+impl VramMeter {
+    pub(crate) fn new(cuda: &CudaDevice) -> Result<Self, ModelError> {
+        let ctx = cuda.cuda_stream().context().clone();
+        let (free, total) = ctx.mem_get_info().map_err(driver)?;
+        Ok(Self { ctx, baseline: (total - free) as u64, total: total as u64, peak: Default::default() })
+    }
+
+    /// The default VRAM budget: what is free now, less 5% of the device (at least 1 GiB) for
+    /// the libraries and other processes.
+    pub(crate) fn default_budget(&self) -> u64 {
+        let free = self.total - self.baseline;
+        free.saturating_sub((self.total / 20).max(1 << 30))
+    }
+
+    pub(crate) fn sample(&self) {
+        if let Ok((free, total)) = self.ctx.mem_get_info() {
+            let used = ((total - free) as u64).saturating_sub(self.baseline);
+            self.peak.fetch_max(used, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn peak(&self) -> u64 {
+        self.sample();
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

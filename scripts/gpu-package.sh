@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds Air for NVIDIA GPUs here (no GPU needed) and packs what a run on a GPU machine needs
+# into .device-carry/: the stripped, xz-compressed binary, and SmolLM2 in parts small enough to
+# travel one per call (a lent GPU machine receives at most 64 MiB per call).
+#
+# Usage: scripts/gpu-package.sh        then, on the GPU machine: scripts/gpu-suite.sh STAGE...
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+eval "$(scripts/setup-cuda.sh --env)"
+target="${AIR_CUDA_TARGET_DIR:-$HOME/.cache/air/target-cuda}"
+CARGO_TARGET_DIR="$target" cargo build --release --locked -p air --features cuda
+mkdir -p .device-carry
+strip -o .device-carry/air "$target/release/air"
+xz -T0 -f .device-carry/air
+smol=models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -f "$smol" ] && [ ! -f .device-carry/smol.part.ab ]; then
+  split -b 48M "$smol" .device-carry/smol.part.
+fi
+ls -la .device-carry

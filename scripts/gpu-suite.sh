@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, run on a machine with an NVIDIA GPU and no Rust, from what
+# scripts/gpu-package.sh put in .device-carry/. Each stage appends JSON lines to
+# $OUT/report.jsonl; the whole log goes to $OUT/log.txt.
+#
+# Usage: scripts/gpu-suite.sh STAGE...
+#   stash      keep the SmolLM2 parts carried in this call (they arrive one per call)
+#   real       SmolLM2 (assembled from the stashed parts): `air check` CUDA against the CPU,
+#              256 greedy steps for each reference prompt
+#   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
+#   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
+#   huge       a ~39 GB synthetic model (Llama-70B shape, Q4_0) under --vram-budget 4GiB
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-/tmp/air-out}
+mkdir -p "$OUT"
+work=${AIR_GPU_WORK:-/tmp/air-gpu}
+mkdir -p "$work"
+log() { echo "$@" | tee -a "$OUT/log.txt" >&2; }
+
+# cuBLAS/cuRAND of CUDA 13 come with the machine's Python packages.
+nvidia_libs=$(python3 -c 'import nvidia, glob, os; print(":".join(d for b in nvidia.__path__ for d in sorted(glob.glob(os.path.join(b, "*", "lib")))))' 2>/dev/null || true)
+export LD_LIBRARY_PATH="${nvidia_libs}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+air=$work/air
+if [ -f .device-carry/air.xz ]; then xz -dc .device-carry/air.xz >"$air" && chmod +x "$air"; fi
+[ -x "$air" ] || { log "no air binary (run scripts/gpu-package.sh and carry .device-carry/air.xz)"; exit 1; }
+
+# Runs `air ARGS...` with JSON output, appending {"stage", "label", "result" | "error"} to the report.
+record() {
+  local stage=$1 label=$2; shift 2
+  log "== $stage/$label: air $*"
+  local started=$SECONDS out
+  out=$("$air" "$@" --format json 2>>"$OUT/log.txt")
+  local rc=$?
+  python3 - "$stage" "$label" "$rc" "$((SECONDS - started))" "$out" >>"$OUT/report.jsonl" <<'PY'
+import json, sys
+stage, label, rc, seconds, out = sys.argv[1:6]
+try:
+    result = json.loads(out)
+except Exception:
+    result = None
+print(json.dumps({"stage": stage, "label": label, "exit": int(rc), "seconds": int(seconds), "result": result}))
+PY
+  log "   exit $rc in $((SECONDS - started)) s: $(echo "$out" | head -c 600)"
+}
+
+synth() { # name args...
+  local path=$work/$1.gguf; shift
+  [ -f "$path" ] || "$air" synth "$@" -o "$path" >>"$OUT/log.txt" 2>&1
+  echo "$path"
+}
+llama8b() { synth "llama8b-$1" --layers 32 --hidden 4096 --ffn 14336 --heads 32 --kv-heads 8 --vocab 128256 --ctx 8192 --type "$1"; }
+
+for stage in "$@"; do
+  case $stage in
+    stash)
+      cp .device-carry/smol.part.* "$work"/ 2>/dev/null
+      log "stashed: $(ls "$work" | tr '\n' ' ')"
+      ;;
+    real)
+      smol=$work/SmolLM2-135M-Instruct.Q4_1.gguf
+      cp .device-carry/smol.part.* "$work"/ 2>/dev/null
+      [ -f "$smol" ] || cat "$work"/smol.part.* >"$smol"
+      log "SmolLM2 sha256: $(sha256sum "$smol" | cut -c1-16)"
+      python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
+        while IFS= read -r prompt; do
+          record real "$prompt" check -m "$smol" --device cuda --prompt "$prompt" --steps 256
+        done
+      ;;
+    resident)
+      for ty in q4_0 q4_k; do
+        model=$(llama8b $ty)
+        record resident "llama8b-$ty" bench -m "$model" --device cuda --prompt-tokens 512 --gen-tokens 128 --runs 3
+      done
+      ;;
+    streamed)
+      model=$(llama8b q4_0)
+      record streamed "llama8b-q4_0-half-batch1" bench -m "$model" --device cuda --vram-budget 3GiB \
+        --prompt-tokens 0 --gen-tokens 64 --runs 2
+      record streamed "llama8b-q4_0-half-batch32" bench -m "$model" --device cuda --vram-budget 3GiB \
+        --prompt-tokens 0 --gen-tokens 32 --runs 2 --batch 32
+      ;;
+    huge)
+      model=$(synth llama70b-q4_0 --layers 80 --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --vocab 32000 --type q4_0)
+      log "huge model: $(du -h "$model" | cut -f1)"
+      record huge "llama70b-q4_0-4GiB-batch1" bench -m "$model" --device cuda --vram-budget 4GiB \
+        --prompt-tokens 0 --gen-tokens 4 --runs 1
+      record huge "llama70b-q4_0-4GiB-batch32" bench -m "$model" --device cuda --vram-budget 4GiB \
+        --prompt-tokens 0 --gen-tokens 4 --runs 1 --batch 32
+      ;;
+    *) log "unknown stage $stage"; exit 2 ;;
+  esac
+done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$OUT/log.txt" 2>&1
+log "done: $*"

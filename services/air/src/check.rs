@@ -1,0 +1,93 @@
+//! `air check`: does a device compute what the CPU computes? Greedy decoding on the CPU for a
+//! number of steps; the same tokens through the device in one pass (teacher forcing), comparing
+//! the top-1 token and the logits at every position; then greedy decoding on the device,
+//! comparing the text. Fails (non-zero exit) when top-1 agreement is under `--min-agreement`.
+
+use crate::cli::{CheckArgs, Format, RuntimeArgs};
+use crate::loaded::Loaded;
+use air_model::{ComputeDevice, Logits, Model};
+use anyhow::{Result, bail, ensure};
+use serde_json::json;
+
+fn argmax(xs: &[f32]) -> u32 {
+    xs.iter().enumerate().fold(0, |best, (i, &x)| if x > xs[best] { i } else { best }) as u32
+}
+
+/// Greedy ids after `prompt` for `steps` steps (end-of-generation tokens included, so every run
+/// has the same length), with the logits of each step.
+fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let mut cache = model.new_cache(prompt.len() + steps)?;
+    let mut logits = model.forward(prompt, &mut cache, Logits::Last)?;
+    let (mut ids, mut all) = (Vec::with_capacity(steps), Vec::with_capacity(steps * logits.len()));
+    for step in 0..steps {
+        let next = argmax(&logits);
+        ids.push(next);
+        all.extend_from_slice(&logits);
+        if step + 1 < steps {
+            logits = model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+    }
+    Ok((ids, all))
+}
+
+pub fn run(args: CheckArgs) -> Result<()> {
+    ensure!(args.steps > 0, "--steps must be at least 1");
+    ensure!((0.0..=1.0).contains(&args.min_agreement), "--min-agreement must be between 0 and 1");
+    let device = args.runtime.device.unwrap_or_else(ComputeDevice::preferred);
+    if device == ComputeDevice::Cpu {
+        bail!("--device names the device to check against the CPU: give cuda or cuda:N");
+    }
+    let on_device = Loaded::open(&RuntimeArgs { device: Some(device), ..args.runtime.clone() })?;
+    let on_cpu = Loaded::open(&RuntimeArgs { device: Some(ComputeDevice::Cpu), ..args.runtime.clone() })?;
+    let prompt = on_cpu.tokenizer.encode(&args.prompt, true)?;
+    ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
+    let ctx = on_cpu.model.config().context_length;
+    ensure!(prompt.len() + args.steps <= ctx, "prompt and steps need more than the model's context of {ctx}");
+    let vocab = on_cpu.model.vocab_size();
+
+    let (cpu_ids, cpu_logits) = greedy(&on_cpu.model, &prompt, args.steps)?;
+    let mut forced = prompt.clone();
+    forced.extend_from_slice(&cpu_ids[..args.steps - 1]);
+    let mut cache = on_device.model.new_cache(forced.len())?;
+    let device_logits = on_device.model.forward(&forced, &mut cache, Logits::From(prompt.len() - 1))?;
+    let mut agree = 0;
+    let mut max_diff = 0f32;
+    for (c, d) in cpu_logits.chunks(vocab).zip(device_logits.chunks(vocab)) {
+        agree += usize::from(argmax(c) == argmax(d));
+        max_diff = c.iter().zip(d).map(|(a, b)| (a - b).abs()).fold(max_diff, f32::max);
+    }
+    let agreement = agree as f64 / args.steps as f64;
+    let (device_ids, _) = greedy(&on_device.model, &prompt, args.steps)?;
+    let divergence = cpu_ids.iter().zip(&device_ids).position(|(a, b)| a != b);
+    let report = json!({
+        "model": args.runtime.model.display().to_string(),
+        "device": on_device.model.compute_device(),
+        "prompt_tokens": prompt.len(),
+        "steps": args.steps,
+        "top1_agreement": agreement,
+        "max_logit_diff": max_diff,
+        "greedy_identical": divergence.is_none(),
+        "first_divergence": divergence,
+        "cpu_text": on_cpu.tokenizer.decode(&cpu_ids),
+        "device_text": on_cpu.tokenizer.decode(&device_ids),
+    });
+    match args.format {
+        Format::Json => println!("{report}"),
+        Format::Text => {
+            println!("device          {}", report["device"].as_str().unwrap_or_default());
+            println!("top-1 agreement {agree} of {} positions ({:.2}%)", args.steps, agreement * 100.0);
+            println!("max logit diff  {max_diff:.4}");
+            match divergence {
+                None => println!("greedy text     identical for {} steps", args.steps),
+                Some(step) => println!("greedy text     diverges at step {step}"),
+            }
+        }
+    }
+    ensure!(
+        agreement >= args.min_agreement,
+        "top-1 agreement {:.2}% is under the required {:.2}%",
+        agreement * 100.0,
+        args.min_agreement * 100.0
+    );
+    Ok(())
+}
