@@ -105,6 +105,15 @@ impl KvCache {
         Ok((keys.narrow(1, 0, total)?.to_dtype(DType::F32)?, values.narrow(1, 0, total)?.to_dtype(DType::F32)?))
     }
 
+    /// The device tensors of `layer` (keys, values), when the cache is on a device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_layer(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        match &self.store {
+            Store::Device(layers) => layers.get(layer),
+            Store::Host(_) => None,
+        }
+    }
+
     /// Marks `n` more positions as filled (after every layer wrote them).
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;

@@ -37,12 +37,27 @@ impl Rope {
         }
     }
 
-    /// Tables for positions `start..start + len`.
+    /// Tables for positions `start..start + len`: cos and sin of shape (len, rope_dim / 2).
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> candle_core::Result<RopeTables> {
+        let (cos, sin) = self.angles(start..start + len);
         let half = self.dim / 2;
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
+        Ok(RopeTables { cos: Tensor::from_vec(cos, (len, half), device)?, sin: Tensor::from_vec(sin, (len, half), device)? })
+    }
+
+    /// Tables for one position per sequence of a batch: cos and sin of shape
+    /// (positions.len(), 1, rope_dim / 2), for inputs of shape (batch, heads, 1, head_dim).
+    #[cfg(feature = "cuda")]
+    pub fn tables_at(&self, positions: &[usize], device: &Device) -> candle_core::Result<RopeTables> {
+        let (cos, sin) = self.angles(positions.iter().copied());
+        let shape = (positions.len(), 1, self.dim / 2);
+        Ok(RopeTables { cos: Tensor::from_vec(cos, shape, device)?, sin: Tensor::from_vec(sin, shape, device)? })
+    }
+
+    /// cos and sin of every pair's angle at each of `positions`, row after row.
+    fn angles(&self, positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+        let half = self.dim / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
             let mut theta = p as f32;
             for i in 0..half {
                 let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
@@ -52,10 +67,7 @@ impl Rope {
                 theta *= self.theta_scale;
             }
         }
-        Ok(RopeTables {
-            cos: Tensor::from_vec(cos, (len, half), device)?,
-            sin: Tensor::from_vec(sin, (len, half), device)?,
-        })
+        (cos, sin)
     }
 
     /// Rotates `x` of shape (batch, heads, seq, head_dim), contiguous.

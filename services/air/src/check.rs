@@ -30,6 +30,14 @@ fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Result<(Vec<u32>, Vec<
     Ok((ids, all))
 }
 
+/// How far the best logit is above the second: a small margin is a near-tie, which numeric
+/// differences between devices may flip.
+fn top_margin(logits: &[f32]) -> f32 {
+    let best = argmax(logits) as usize;
+    let second = logits.iter().enumerate().filter(|&(i, _)| i != best).map(|(_, &x)| x).fold(f32::MIN, f32::max);
+    logits[best] - second
+}
+
 pub fn run(args: CheckArgs) -> Result<()> {
     ensure!(args.steps > 0, "--steps must be at least 1");
     ensure!((0.0..=1.0).contains(&args.min_agreement), "--min-agreement must be between 0 and 1");
@@ -52,8 +60,13 @@ pub fn run(args: CheckArgs) -> Result<()> {
     let device_logits = on_device.model.forward(&forced, &mut cache, Logits::From(prompt.len() - 1))?;
     let mut agree = 0;
     let mut max_diff = 0f32;
-    for (c, d) in cpu_logits.chunks(vocab).zip(device_logits.chunks(vocab)) {
-        agree += usize::from(argmax(c) == argmax(d));
+    let mut disagreements = Vec::new();
+    for (step, (c, d)) in cpu_logits.chunks(vocab).zip(device_logits.chunks(vocab)).enumerate() {
+        if argmax(c) == argmax(d) {
+            agree += 1;
+        } else {
+            disagreements.push(json!({"step": step, "cpu_margin": top_margin(c)}));
+        }
         max_diff = c.iter().zip(d).map(|(a, b)| (a - b).abs()).fold(max_diff, f32::max);
     }
     let agreement = agree as f64 / args.steps as f64;
@@ -66,6 +79,7 @@ pub fn run(args: CheckArgs) -> Result<()> {
         "steps": args.steps,
         "top1_agreement": agreement,
         "max_logit_diff": max_diff,
+        "disagreements": disagreements,
         "greedy_identical": divergence.is_none(),
         "first_divergence": divergence,
         "cpu_text": on_cpu.tokenizer.decode(&cpu_ids),
@@ -77,6 +91,9 @@ pub fn run(args: CheckArgs) -> Result<()> {
             println!("device          {}", report["device"].as_str().unwrap_or_default());
             println!("top-1 agreement {agree} of {} positions ({:.2}%)", args.steps, agreement * 100.0);
             println!("max logit diff  {max_diff:.4}");
+            for d in &disagreements {
+                println!("  differs at step {} where the CPU's top two are {:.3} apart", d["step"], d["cpu_margin"]);
+            }
             match divergence {
                 None => println!("greedy text     identical for {} steps", args.steps),
                 Some(step) => println!("greedy text     diverges at step {step}"),

@@ -4,6 +4,8 @@
 //! that do not fit the VRAM budget stream in through [`vram`]). The same code runs on candle's
 //! CPU backend, where the tests check it against the host pass.
 
+#[cfg(feature = "cuda")]
+mod kernels;
 mod matrices;
 #[cfg(feature = "cuda")]
 mod vram;
@@ -160,6 +162,79 @@ struct Part<'a> {
     /// Additive attention masks (n, start + n): causal, and causal within the window.
     mask: Option<Tensor>,
     local_mask: Option<Tensor>,
+}
+
+/// What every layer of one pass shares beyond the sequences' parts.
+#[derive(Default)]
+struct PassState {
+    /// Inputs of Air's decode kernels, when every sequence adds one token on CUDA.
+    #[cfg(feature = "cuda")]
+    decode: Option<DecodeStep>,
+}
+
+/// The decode kernels' inputs for a step: RoPE at each sequence's position, the positions, and
+/// the addresses of every sequence's KV cache, for every layer.
+#[cfg(feature = "cuda")]
+struct DecodeStep {
+    tables: RopeTables,
+    local_tables: Option<RopeTables>,
+    positions: Tensor,
+    /// (layers × 2 × sequences) addresses: each layer's key caches, then its value caches.
+    caches: Tensor,
+    sequences: usize,
+    capacity: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl DecodeStep {
+    /// The inputs for `parts` on `device`, or `None` where the kernels do not apply (not CUDA,
+    /// a sequence adding several tokens, caches of different capacities, heads too wide).
+    fn new(model: &crate::Model, parts: &[Part<'_>], device: &Device) -> Result<Option<Self>, ModelError> {
+        let c = model.config();
+        let capacity = parts[0].cache.capacity();
+        if !device.is_cuda()
+            || c.head_dim > kernels::MAX_HEAD_DIM
+            || parts.iter().any(|p| p.n != 1 || p.cache.capacity() != capacity)
+        {
+            return Ok(None);
+        }
+        let positions: Vec<usize> = parts.iter().map(|p| p.cache.len()).collect();
+        let tables = model.rope.tables_at(&positions, device)?;
+        let local_tables = model.local_rope.as_ref().map(|r| r.tables_at(&positions, device)).transpose()?;
+        let mut addresses = Vec::with_capacity(c.n_layer * 2 * parts.len());
+        for layer in 0..c.n_layer {
+            for values in [false, true] {
+                for part in parts {
+                    let (k, v) = part.cache.device_layer(layer).ok_or_else(|| {
+                        ModelError::Config("this KV cache was made for a model on another device".into())
+                    })?;
+                    addresses.push(kernels::address(if values { v } else { k })? as i64);
+                }
+            }
+        }
+        let sequences = parts.len();
+        Ok(Some(Self {
+            tables,
+            local_tables,
+            positions: Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), sequences, device)?,
+            caches: Tensor::from_vec(addresses, c.n_layer * 2 * sequences, device)?,
+            sequences,
+            capacity,
+        }))
+    }
+
+    /// The cache addresses of `layer`.
+    fn table(&self, layer: usize) -> Result<kernels::CacheTable, ModelError> {
+        let base = kernels::address(&self.caches)?;
+        let row = (self.sequences * 8) as u64;
+        Ok(kernels::CacheTable {
+            keys: base + 2 * layer as u64 * row,
+            values: base + (2 * layer as u64 + 1) * row,
+            positions: kernels::address(&self.positions)?,
+            sequences: self.sequences,
+            capacity: self.capacity,
+        })
+    }
 }
 
 /// How the device pass keeps its weights.
@@ -335,14 +410,18 @@ impl DeviceModel {
             rows.extend((part.row + from.min(part.n)..part.row + part.n).map(|r| r as u32));
         }
         let index = Tensor::new(rows.as_slice(), &self.device)?;
+        let state = PassState {
+            #[cfg(feature = "cuda")]
+            decode: DecodeStep::new(model, &parts, &self.device)?,
+        };
         let mut x = model.weights.token_embd.rows(&tokens)?.to_device(&self.device)?;
         if let Some(scale) = c.embedding_scale {
             x = (x * scale as f64)?;
         }
         for i in 0..c.n_layer {
             x = match &self.matrices[i] {
-                Some(m) => self.block(model, i, m, &x, &mut parts)?,
-                None => self.streamed_block(model, i, &x, &mut parts)?,
+                Some(m) => self.block(model, i, m, &x, &mut parts, &state)?,
+                None => self.streamed_block(model, i, &x, &mut parts, &state)?,
             };
             self.sample_memory();
         }
@@ -363,14 +442,22 @@ impl DeviceModel {
         i: usize,
         x: &Tensor,
         parts: &mut [Part<'_>],
+        state: &PassState,
     ) -> Result<Tensor, ModelError> {
         let vram = self.vram.as_ref().expect("streamed layers come with a VRAM streamer");
         let held = vram.acquire(i)?;
-        self.block(model, i, held.matrices(), x, parts)
+        self.block(model, i, held.matrices(), x, parts, state)
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn streamed_block(&self, _: &crate::Model, i: usize, _: &Tensor, _: &mut [Part<'_>]) -> Result<Tensor, ModelError> {
+    fn streamed_block(
+        &self,
+        _: &crate::Model,
+        i: usize,
+        _: &Tensor,
+        _: &mut [Part<'_>],
+        _: &PassState,
+    ) -> Result<Tensor, ModelError> {
         Err(ModelError::Device(format!("layer {i} has no weights on the device")))
     }
 
@@ -382,11 +469,11 @@ impl DeviceModel {
         m: &LayerMatrices,
         x: &Tensor,
         parts: &mut [Part<'_>],
+        state: &PassState,
     ) -> Result<Tensor, ModelError> {
         let c = model.config();
         let v = &self.vectors[index];
         let rows = x.dim(0)?;
-        let (window, _) = c.layer_attention(index);
         let eps = c.rms_norm_eps;
         let h = candle_nn::ops::rms_norm(x, &v.attn_norm, eps)?;
         let project = |w: &QMatMul, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
@@ -400,9 +487,45 @@ impl DeviceModel {
             }
             Ok::<_, ModelError>(y)
         };
-        let q_all = project(m.wq(), &v.bq, &v.q_norm, c.n_head)?;
-        let k_all = project(m.wk(), &v.bk, &v.k_norm, c.n_head_kv)?;
-        let v_all = project(m.wv(), &v.bv, &None, c.n_head_kv)?;
+        let qkv = Projections {
+            q: project(m.wq(), &v.bq, &v.q_norm, c.n_head)?,
+            k: project(m.wk(), &v.bk, &v.k_norm, c.n_head_kv)?,
+            v: project(m.wv(), &v.bv, &None, c.n_head_kv)?,
+        };
+        #[cfg(feature = "cuda")]
+        let decoded = state.decode.as_ref().map(|step| self.decode_attention(model, index, step, &qkv)).transpose()?;
+        #[cfg(not(feature = "cuda"))]
+        let decoded: Option<Tensor> = {
+            let _ = state;
+            None
+        };
+        let attn = match decoded {
+            Some(attn) => attn,
+            None => self.attention(model, index, parts, &qkv)?,
+        };
+        let x = (x + post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &v.ffn_norm, eps)?;
+        let (gate, up) = (m.w_gate().forward(&h)?, m.w_up().forward(&h)?);
+        let gated = match c.activation {
+            Activation::Silu => (gate.silu()? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        let ffn = m.w_down().forward(&gated)?;
+        Ok((x + post_norm(ffn, &v.post_ffn_norm, eps)?)?)
+    }
+
+    /// Attention of layer `index` sequence by sequence, from candle ops: any number of new
+    /// tokens per sequence. Returns (rows, heads * head_dim).
+    fn attention(
+        &self,
+        model: &crate::Model,
+        index: usize,
+        parts: &mut [Part<'_>],
+        qkv: &Projections,
+    ) -> Result<Tensor, ModelError> {
+        let c = model.config();
+        let (window, _) = c.layer_attention(index);
         let group = c.n_head / c.n_head_kv;
         let mut outputs = Vec::with_capacity(parts.len());
         for part in parts.iter_mut() {
@@ -416,15 +539,15 @@ impl DeviceModel {
                 let y = y.narrow(0, part.row, part.n)?;
                 Ok(y.reshape((1, part.n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
             };
-            let mut q = rope.apply(&heads_first(&q_all, c.n_head)?, tables)?;
+            let mut q = rope.apply(&heads_first(&qkv.q, c.n_head)?, tables)?;
             let scale = if c.scale_queries {
                 q = (q * c.attention_scale as f64)?;
                 1.0
             } else {
                 c.attention_scale
             };
-            let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?.squeeze(0)?;
-            let val = heads_first(&v_all, c.n_head_kv)?.squeeze(0)?;
+            let k = rope.apply(&heads_first(&qkv.k, c.n_head_kv)?, tables)?.squeeze(0)?;
+            let val = heads_first(&qkv.v, c.n_head_kv)?.squeeze(0)?;
             let (keys, values) = part.cache.append_on_device(index, &k, &val)?;
             let total = keys.dim(1)?;
             // Queries grouped by the KV head they share: (kv_heads, group * n, head_dim).
@@ -440,18 +563,53 @@ impl DeviceModel {
             let out = probs.matmul(&values)?.reshape((c.n_head, part.n, c.head_dim))?;
             outputs.push(out.transpose(0, 1)?.reshape((part.n, c.n_head * c.head_dim))?);
         }
-        let attn = Tensor::cat(&outputs, 0)?;
-        let x = (x + post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?)?;
-
-        let h = candle_nn::ops::rms_norm(&x, &v.ffn_norm, eps)?;
-        let (gate, up) = (m.w_gate().forward(&h)?, m.w_up().forward(&h)?);
-        let gated = match c.activation {
-            Activation::Silu => (gate.silu()? * up)?,
-            Activation::GeluTanh => (gate.gelu()? * up)?,
-        };
-        let ffn = m.w_down().forward(&gated)?;
-        Ok((x + post_norm(ffn, &v.post_ffn_norm, eps)?)?)
+        Ok(Tensor::cat(&outputs, 0)?)
     }
+
+    /// Attention of layer `index` for a step where every sequence adds one token, by Air's
+    /// decode kernels: all sequences in two launches. Returns (sequences, heads * head_dim).
+    #[cfg(feature = "cuda")]
+    fn decode_attention(
+        &self,
+        model: &crate::Model,
+        index: usize,
+        step: &DecodeStep,
+        qkv: &Projections,
+    ) -> Result<Tensor, ModelError> {
+        let c = model.config();
+        let (window, _) = c.layer_attention(index);
+        let b = step.sequences;
+        let (rope, tables) = match (&model.local_rope, &step.local_tables, window) {
+            (Some(r), Some(t), Some(_)) => (r, t),
+            _ => (&model.rope, &step.tables),
+        };
+        let mut q = rope.apply(&qkv.q.reshape((b, c.n_head, 1, c.head_dim))?.contiguous()?, tables)?;
+        let scale = if c.scale_queries {
+            q = (q * c.attention_scale as f64)?;
+            1.0
+        } else {
+            c.attention_scale
+        };
+        let k = rope.apply(&qkv.k.reshape((b, c.n_head_kv, 1, c.head_dim))?.contiguous()?, tables)?;
+        let table = step.table(index)?;
+        kernels::kv_append(&k, &qkv.v, table, c.n_head_kv, c.head_dim)?;
+        let op = kernels::DecodeAttention {
+            table,
+            heads: c.n_head,
+            kv_heads: c.n_head_kv,
+            dim: c.head_dim,
+            scale,
+            window,
+        };
+        Ok(q.reshape((b, c.n_head, c.head_dim))?.apply_op1_no_bwd(&op)?)
+    }
+}
+
+/// A block's query, key and value projections, (rows, heads * head_dim) each.
+struct Projections {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
 }
 
 /// RMSNorm of a sub-layer's output before its residual add, where the family has one.

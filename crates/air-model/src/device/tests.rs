@@ -72,6 +72,7 @@ fn check(name: &str, tolerance: f32) {
         worst = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
     }
     let positions = want.len() / vocab;
+    eprintln!("{name}: agree {agree}/{positions} worst {worst}");
     assert!(agree == positions, "{name}: top-1 agrees at {agree} of {positions} positions");
     assert!(worst < tolerance, "{name}: logits differ by up to {worst}");
 

@@ -1,0 +1,228 @@
+//! Air's own CUDA kernels for the decode step's attention: candle has no attention op, and built
+//! from its tensor ops attention costs about fifteen launches per sequence per layer, which
+//! dominated decode time on an H200 (docs/benchmarks.md). Two kernels serve every sequence of a
+//! step at once: one appends the new keys and values to each sequence's f16 cache, one computes
+//! each (sequence, head)'s attention over its cache in a single pass (online softmax).
+//! Compiled at first use with NVRTC.
+
+use crate::ModelError;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{CustomOp1, DType, Layout, Shape, Tensor};
+use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
+use std::sync::OnceLock;
+
+const SOURCE: &str = r#"
+#define WARPS 4
+#define MAX_PER_LANE 8
+
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Each sequence b writes its new key and value (f32, (B, kv_heads, dim)) at positions[b] of its
+// f16 caches (kv_heads, cap, dim), whose addresses are k_caches[b] and v_caches[b].
+extern "C" __global__ void air_kv_append(const float* k, const float* v,
+        const unsigned long long* k_caches, const unsigned long long* v_caches,
+        const unsigned int* positions, int cap, int kv_heads, int dim) {
+    int b = blockIdx.y;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int n = kv_heads * dim;
+    if (i >= n) return;
+    int h = i / dim, d = i % dim;
+    unsigned long long at = ((unsigned long long)h * cap + positions[b]) * dim + d;
+    ((unsigned short*)k_caches[b])[at] = f2h(k[(unsigned long long)b * n + i]);
+    ((unsigned short*)v_caches[b])[at] = f2h(v[(unsigned long long)b * n + i]);
+}
+
+// Attention of one query per sequence (q: (B, heads, dim), f32) over its cached keys and values
+// 0..=positions[b] (the last `window` of them when window > 0). One block per (head, sequence);
+// each warp runs an online softmax over every WARPS-th key, then the warps' partial results are
+// merged. out: (B, heads, dim).
+extern "C" __global__ void air_decode_attention(const float* q,
+        const unsigned long long* k_caches, const unsigned long long* v_caches,
+        const unsigned int* positions, int cap, int heads, int kv_heads, int dim,
+        float scale, int window, float* out) {
+    const float NEG_INF = __int_as_float(0xff800000);
+    int h = blockIdx.x, b = blockIdx.y;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int kvh = h / (heads / kv_heads);
+    int pos = positions[b];
+    int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const unsigned short* K = (const unsigned short*)k_caches[b] + (unsigned long long)kvh * cap * dim;
+    const unsigned short* V = (const unsigned short*)v_caches[b] + (unsigned long long)kvh * cap * dim;
+    const float* qh = q + ((unsigned long long)b * heads + h) * dim;
+    int per_lane = (dim + 31) / 32;
+    float qr[MAX_PER_LANE], acc[MAX_PER_LANE];
+    for (int c = 0; c < MAX_PER_LANE; c++) {
+        int d = lane + 32 * c;
+        qr[c] = (c < per_lane && d < dim) ? qh[d] * scale : 0.f;
+        acc[c] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (int j = first + warp; j <= pos; j += WARPS) {
+        const unsigned short* kj = K + (unsigned long long)j * dim;
+        float s = 0.f;
+        for (int c = 0; c < per_lane; c++) {
+            int d = lane + 32 * c;
+            if (d < dim) s += qr[c] * h2f(kj[d]);
+        }
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        float m_new = fmaxf(m, s);
+        float corr = expf(m - m_new);
+        float p = expf(s - m_new);
+        l = l * corr + p;
+        const unsigned short* vj = V + (unsigned long long)j * dim;
+        for (int c = 0; c < per_lane; c++) {
+            int d = lane + 32 * c;
+            if (d < dim) acc[c] = acc[c] * corr + p * h2f(vj[d]);
+        }
+        m = m_new;
+    }
+    __shared__ float sm[WARPS], sl[WARPS];
+    __shared__ float sacc[WARPS][MAX_PER_LANE * 32];
+    if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+    for (int c = 0; c < per_lane; c++) sacc[warp][lane + 32 * c] = acc[c];
+    __syncthreads();
+    float top = NEG_INF;
+    for (int w = 0; w < WARPS; w++) top = fmaxf(top, sm[w]);
+    float total = 0.f;
+    for (int w = 0; w < WARPS; w++) if (sm[w] != NEG_INF) total += sl[w] * expf(sm[w] - top);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float o = 0.f;
+        for (int w = 0; w < WARPS; w++) if (sm[w] != NEG_INF) o += sacc[w][d] * expf(sm[w] - top);
+        out[((unsigned long long)b * heads + h) * dim + d] = o / total;
+    }
+}
+"#;
+
+/// Largest head dimension the attention kernel handles (32 lanes × MAX_PER_LANE).
+pub(crate) const MAX_HEAD_DIM: usize = 256;
+const WARPS: u32 = 4;
+const MODULE: &str = "air_attention";
+
+fn ptx() -> Result<&'static str, ModelError> {
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| e.to_string()))
+        .as_deref()
+        .map_err(|e| ModelError::Device(format!("compiling Air's attention kernels: {e}")))
+}
+
+fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction, ModelError> {
+    Ok(device.get_or_load_custom_func(name, MODULE, ptx()?)?.into_cuda_function())
+}
+
+/// The device address of a contiguous CUDA tensor's first element.
+pub(crate) fn address(t: &Tensor) -> Result<u64, ModelError> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        return Err(ModelError::Device("expected a tensor on a CUDA device".into()));
+    };
+    let offset = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
+    let base = match t.dtype() {
+        DType::F16 => {
+            let slice = s.as_cuda_slice::<half::f16>()?;
+            slice.device_ptr(slice.stream()).0
+        }
+        DType::F32 => {
+            let slice = s.as_cuda_slice::<f32>()?;
+            slice.device_ptr(slice.stream()).0
+        }
+        DType::U32 => {
+            let slice = s.as_cuda_slice::<u32>()?;
+            slice.device_ptr(slice.stream()).0
+        }
+        DType::I64 => {
+            let slice = s.as_cuda_slice::<i64>()?;
+            slice.device_ptr(slice.stream()).0
+        }
+        other => return Err(ModelError::Device(format!("no address for {other:?} tensors"))),
+    };
+    Ok(base + offset)
+}
+
+/// What the decode kernels need about a batch's KV caches for one layer: the addresses of each
+/// sequence's key and value caches (device arrays), and each sequence's new position.
+#[derive(Clone, Copy)]
+pub(crate) struct CacheTable {
+    pub keys: u64,
+    pub values: u64,
+    pub positions: u64,
+    pub sequences: usize,
+    pub capacity: usize,
+}
+
+/// Writes `k` and `v` (B, kv_heads, dim; f32, contiguous) into each sequence's cache.
+pub(crate) fn kv_append(k: &Tensor, v: &Tensor, table: CacheTable, kv_heads: usize, dim: usize) -> Result<(), ModelError> {
+    let device = k.device().as_cuda_device()?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (k_addr, v_addr) = (address(&k)?, address(&v)?);
+    let func = function(device, "air_kv_append")?;
+    let n = (kv_heads * dim) as u32;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256), table.sequences as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (cap, kv_heads, dim) = (table.capacity as i32, kv_heads as i32, dim as i32);
+    let stream = device.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&k_addr).arg(&v_addr).arg(&table.keys).arg(&table.values).arg(&table.positions);
+    launch.arg(&cap).arg(&kv_heads).arg(&dim);
+    // SAFETY: the addresses are live tensors of the sizes the kernel indexes (B × kv_heads ×
+    // dim inputs; caches of kv_heads × capacity × dim, positions < capacity).
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Decode attention as a candle op on the queries (B, heads, dim): output (B, heads * dim).
+pub(crate) struct DecodeAttention {
+    pub table: CacheTable,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dim: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+impl CustomOp1 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "air-decode-attention"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("air-decode-attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("air-decode-attention needs contiguous queries")
+        };
+        let device = storage.device().clone();
+        let q = storage.as_cuda_slice::<f32>()?.slice(start..end);
+        let elements = self.table.sequences * self.heads * self.dim;
+        let out = device.alloc_zeros::<f32>(elements)?;
+        let func = function(&device, "air_decode_attention").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let cfg = LaunchConfig {
+            grid_dim: (self.heads as u32, self.table.sequences as u32, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (cap, heads, kv_heads, dim) =
+            (self.table.capacity as i32, self.heads as i32, self.kv_heads as i32, self.dim as i32);
+        let window = self.window.map_or(0, |w| w as i32);
+        let stream = device.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&q).arg(&self.table.keys).arg(&self.table.values).arg(&self.table.positions);
+        launch.arg(&cap).arg(&heads).arg(&kv_heads).arg(&dim).arg(&self.scale).arg(&window).arg(&out);
+        // SAFETY: q holds B × heads × dim floats, out as many; the cache table's addresses are
+        // live caches of kv_heads × capacity × dim halves with positions < capacity.
+        unsafe { launch.launch(cfg) }.w()?;
+        let shape = Shape::from((self.table.sequences, self.heads * self.dim));
+        Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
+    }
+}
