@@ -20,6 +20,20 @@ pub struct RopeTables {
     sin: Tensor,
 }
 
+#[cfg(feature = "cuda")]
+impl RopeTables {
+    /// A copy in memory of its own (buffers a captured CUDA graph keeps reading).
+    pub(crate) fn deep_copy(&self) -> candle_core::Result<Self> {
+        Ok(Self { cos: self.cos.copy()?, sin: self.sin.copy()? })
+    }
+
+    /// Writes these tables into `dst`'s memory (same shapes).
+    pub(crate) fn write_into(&self, dst: &Self) -> candle_core::Result<()> {
+        dst.cos.slice_set(&self.cos, 0, 0)?;
+        dst.sin.slice_set(&self.sin, 0, 0)
+    }
+}
+
 impl Rope {
     /// RoPE for `config` with frequency base `base`; `freq_factors` (one per pair) divide the
     /// frequencies when given.

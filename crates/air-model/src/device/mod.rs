@@ -5,6 +5,8 @@
 //! CPU backend, where the tests check it against the host pass.
 
 #[cfg(feature = "cuda")]
+mod graph;
+#[cfg(feature = "cuda")]
 mod kernels;
 mod matrices;
 #[cfg(feature = "cuda")]
@@ -223,6 +225,29 @@ impl DecodeStep {
         }))
     }
 
+    /// A copy in memory of its own, for a captured graph to read.
+    fn deep_copy(&self) -> Result<Self, ModelError> {
+        Ok(Self {
+            tables: self.tables.deep_copy()?,
+            local_tables: self.local_tables.as_ref().map(RopeTables::deep_copy).transpose()?,
+            positions: self.positions.copy()?,
+            caches: self.caches.copy()?,
+            sequences: self.sequences,
+            capacity: self.capacity,
+        })
+    }
+
+    /// Writes this step's inputs into `dst`'s memory (same shapes).
+    fn write_into(&self, dst: &Self) -> Result<(), ModelError> {
+        self.tables.write_into(&dst.tables)?;
+        if let (Some(src), Some(dst)) = (&self.local_tables, &dst.local_tables) {
+            src.write_into(dst)?;
+        }
+        dst.positions.slice_set(&self.positions, 0, 0)?;
+        dst.caches.slice_set(&self.caches, 0, 0)?;
+        Ok(())
+    }
+
     /// The cache addresses of `layer`.
     fn table(&self, layer: usize) -> Result<kernels::CacheTable, ModelError> {
         let base = kernels::address(&self.caches)?;
@@ -261,6 +286,8 @@ pub(crate) struct DeviceModel {
     vram: Option<vram::VramStreamer>,
     #[cfg(feature = "cuda")]
     meter: Option<vram::VramMeter>,
+    #[cfg(feature = "cuda")]
+    graphs: graph::DecodeGraphs,
 }
 
 impl DeviceModel {
@@ -315,6 +342,8 @@ impl DeviceModel {
             vram: streamer,
             #[cfg(feature = "cuda")]
             meter,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -410,13 +439,23 @@ impl DeviceModel {
             rows.extend((part.row + from.min(part.n)..part.row + part.n).map(|r| r as u32));
         }
         let index = Tensor::new(rows.as_slice(), &self.device)?;
-        let state = PassState {
-            #[cfg(feature = "cuda")]
-            decode: DecodeStep::new(model, &parts, &self.device)?,
-        };
         let mut x = model.weights.token_embd.rows(&tokens)?.to_device(&self.device)?;
         if let Some(scale) = c.embedding_scale {
             x = (x * scale as f64)?;
+        }
+        #[allow(unused_mut)]
+        let mut state = PassState::default();
+        #[cfg(feature = "cuda")]
+        if let Some(step) = DecodeStep::new(model, &parts, &self.device)? {
+            // Resident weights and a logit row per sequence: replay the step as a CUDA graph.
+            if self.vram.is_none() && rows.len() == parts.len() {
+                let logits = self.graphs.run(self, model, step, &x)?;
+                for part in &mut parts {
+                    part.cache.advance(part.n);
+                }
+                return Ok(logits);
+            }
+            state.decode = Some(step);
         }
         for i in 0..c.n_layer {
             x = match &self.matrices[i] {
@@ -433,6 +472,22 @@ impl DeviceModel {
         }
         let x = candle_nn::ops::rms_norm(&x.index_select(&index, 0)?, &self.output_norm, c.rms_norm_eps)?;
         Ok(self.output.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// A decode step of resident layers, as a CUDA graph captures it: the (scaled) embeddings
+    /// `x`, one row per sequence, through every layer and the output head, the logits written to
+    /// `logits`.
+    #[cfg(feature = "cuda")]
+    fn decode_body(&self, model: &crate::Model, state: &PassState, x: &Tensor, logits: &Tensor) -> Result<(), ModelError> {
+        let c = model.config();
+        let mut x = x.clone();
+        for (i, m) in self.matrices.iter().enumerate() {
+            let m = m.as_ref().ok_or_else(|| ModelError::Device(format!("layer {i} is not resident")))?;
+            x = self.block(model, i, m, &x, &mut [], state)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, c.rms_norm_eps)?;
+        logits.slice_set(&self.output.forward(&x)?, 0, 0)?;
+        Ok(())
     }
 
     #[cfg(feature = "cuda")]
