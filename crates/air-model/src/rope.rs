@@ -27,6 +27,11 @@ impl RopeTables {
         Ok(Self { cos: self.cos.copy()?, sin: self.sin.copy()? })
     }
 
+    /// cos and sin.
+    pub(crate) fn cos_sin(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Writes these tables into `dst`'s memory (same shapes).
     pub(crate) fn write_into(&self, dst: &Self) -> candle_core::Result<()> {
         dst.cos.slice_set(&self.cos, 0, 0)?;
@@ -82,6 +87,12 @@ impl Rope {
             }
         }
         (cos, sin)
+    }
+
+    /// Dimensions of a head that rotate (from the first), and whether pairs are adjacent.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn layout(&self) -> (usize, bool) {
+        (self.dim, self.style == RopeStyle::Interleaved)
     }
 
     /// Rotates `x` of shape (batch, heads, seq, head_dim), contiguous.

@@ -2,7 +2,9 @@
 //! from its tensor ops attention costs about fifteen launches per sequence per layer, which
 //! dominated decode time on an H200 (docs/benchmarks.md). Two kernels serve every sequence of a
 //! step at once: one appends the new keys and values to each sequence's f16 cache, one computes
-//! each (sequence, head)'s attention over its cache in a single pass (online softmax).
+//! each (sequence, head)'s attention over its cache in a single pass (online softmax). Where the
+//! projections come stacked, one kernel applies RoPE and appends to the caches, and one applies
+//! the gated activation.
 //! Compiled at first use with NVRTC.
 
 use crate::ModelError;
@@ -41,6 +43,54 @@ extern "C" __global__ void air_kv_append(const float* k, const float* v,
     unsigned long long at = ((unsigned long long)h * cap + positions[b]) * dim + d;
     ((unsigned short*)k_caches[b])[at] = f2h(k[(unsigned long long)b * n + i]);
     ((unsigned short*)v_caches[b])[at] = f2h(v[(unsigned long long)b * n + i]);
+}
+
+// qkv: (B, (heads + 2 kv_heads) * dim) rows of each sequence's queries, keys and values.
+// Rotates the queries (times q_scale) into q_out (B, heads, dim) and the keys into the f16 key
+// caches at positions[b], and copies the values into the value caches. RoPE covers the first
+// rope_dim dims of a head: pairs (2i, 2i+1) when interleaved, else (i, i + rope_dim/2); pair i's
+// angle has cos[b * rope_dim/2 + i] and sin likewise. One block per (head, sequence).
+extern "C" __global__ void air_rope_kv(const float* qkv, const float* cos, const float* sin,
+        int rope_dim, int interleaved, float q_scale, float* q_out,
+        const unsigned long long* k_caches, const unsigned long long* v_caches,
+        const unsigned int* positions, int cap, int heads, int kv_heads, int dim) {
+    int head = blockIdx.x, b = blockIdx.y;
+    int total = heads + 2 * kv_heads;
+    const float* src = qkv + ((unsigned long long)b * total + head) * dim;
+    int half = rope_dim / 2;
+    int pos = positions[b];
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float val = src[d];
+        if (head < heads + kv_heads && d < rope_dim) {
+            int i, other, first;
+            if (interleaved) { i = d / 2; first = (d % 2 == 0); other = first ? d + 1 : d - 1; }
+            else { i = d % half; first = d < half; other = first ? d + half : d - half; }
+            float c = cos[b * half + i], s = sin[b * half + i];
+            float y = src[other];
+            val = first ? val * c - y * s : y * s + val * c;
+        }
+        if (head < heads) {
+            q_out[((unsigned long long)b * heads + head) * dim + d] = val * q_scale;
+        } else if (head < heads + kv_heads) {
+            int h = head - heads;
+            ((unsigned short*)k_caches[b])[((unsigned long long)h * cap + pos) * dim + d] = f2h(val);
+        } else {
+            int h = head - heads - kv_heads;
+            ((unsigned short*)v_caches[b])[((unsigned long long)h * cap + pos) * dim + d] = f2h(val);
+        }
+    }
+}
+
+// The gated feed-forward activation over stacked gate/up rows (rows, 2 ffn): out (rows, ffn) =
+// act(gate) * up, act SiLU or, when gelu, GELU (tanh form).
+extern "C" __global__ void air_gated(const float* gate_up, float* out, int ffn, unsigned long long n, int gelu) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long row = i / ffn, col = i % ffn;
+    float g = gate_up[row * 2 * ffn + col], u = gate_up[row * 2 * ffn + ffn + col];
+    float a = gelu ? 0.5f * g * (1.f + tanhf(0.7978845608f * g * (1.f + 0.044715f * g * g)))
+                   : g / (1.f + expf(-g));
+    out[i] = a * u;
 }
 
 // Attention of one query per sequence (q: (B, heads, dim), f32) over its cached keys and values
@@ -179,6 +229,98 @@ pub(crate) fn kv_append(k: &Tensor, v: &Tensor, table: CacheTable, kv_heads: usi
     Ok(())
 }
 
+/// RoPE for the queries and keys of a decode step, and their append (with the values) to the
+/// KV caches, as a candle op on the stacked projections (B, (heads + 2 kv_heads) × dim): output
+/// the rotated queries (B, heads, dim).
+pub(crate) struct RopeKv {
+    pub table: CacheTable,
+    /// Addresses of the RoPE tables (B, rope_dim / 2), cos and sin.
+    pub cos: u64,
+    pub sin: u64,
+    pub rope_dim: usize,
+    pub interleaved: bool,
+    pub q_scale: f32,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dim: usize,
+}
+
+impl CustomOp1 for RopeKv {
+    fn name(&self) -> &'static str {
+        "air-rope-kv"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("air-rope-kv runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("air-rope-kv needs contiguous projections")
+        };
+        let device = storage.device().clone();
+        let qkv = storage.as_cuda_slice::<f32>()?.slice(start..end);
+        let b = self.table.sequences;
+        // SAFETY: the kernel writes every element of the output.
+        let out = unsafe { device.alloc::<f32>(b * self.heads * self.dim)? };
+        let func = function(&device, "air_rope_kv").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let cfg = LaunchConfig {
+            grid_dim: ((self.heads + 2 * self.kv_heads) as u32, b as u32, 1),
+            block_dim: (self.dim.min(128) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rope_dim, interleaved) = (self.rope_dim as i32, i32::from(self.interleaved));
+        let (cap, heads, kv_heads, dim) =
+            (self.table.capacity as i32, self.heads as i32, self.kv_heads as i32, self.dim as i32);
+        let stream = device.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&qkv).arg(&self.cos).arg(&self.sin).arg(&rope_dim).arg(&interleaved).arg(&self.q_scale);
+        launch.arg(&out).arg(&self.table.keys).arg(&self.table.values).arg(&self.table.positions);
+        launch.arg(&cap).arg(&heads).arg(&kv_heads).arg(&dim);
+        // SAFETY: qkv holds B rows of (heads + 2 kv_heads) × dim floats; the tables B × rope_dim/2;
+        // the caches kv_heads × capacity × dim halves with positions < capacity.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from((b, self.heads, self.dim))))
+    }
+}
+
+/// The gated feed-forward activation on stacked gate/up rows (rows, 2 × ffn) → (rows, ffn).
+pub(crate) struct Gated {
+    pub ffn: usize,
+    pub gelu: bool,
+}
+
+impl CustomOp1 for Gated {
+    fn name(&self) -> &'static str {
+        "air-gated"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("air-gated runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("air-gated needs contiguous input")
+        };
+        let device = storage.device().clone();
+        let gate_up = storage.as_cuda_slice::<f32>()?.slice(start..end);
+        let rows = (end - start) / (2 * self.ffn);
+        let n = (rows * self.ffn) as u64;
+        // SAFETY: the kernel writes every element of the output.
+        let out = unsafe { device.alloc::<f32>(rows * self.ffn)? };
+        let func = function(&device, "air_gated").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (ffn, gelu) = (self.ffn as i32, i32::from(self.gelu));
+        let stream = device.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&gate_up).arg(&out).arg(&ffn).arg(&n).arg(&gelu);
+        // SAFETY: gate_up holds rows × 2 ffn floats, out rows × ffn.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from((rows, self.ffn))))
+    }
+}
+
 /// Decode attention as a candle op on the queries (B, heads, dim): output (B, heads * dim).
 pub(crate) struct DecodeAttention {
     pub table: CacheTable,
@@ -205,7 +347,8 @@ impl CustomOp1 for DecodeAttention {
         let device = storage.device().clone();
         let q = storage.as_cuda_slice::<f32>()?.slice(start..end);
         let elements = self.table.sequences * self.heads * self.dim;
-        let out = device.alloc_zeros::<f32>(elements)?;
+        // SAFETY: the kernel writes every element of the output.
+        let out = unsafe { device.alloc::<f32>(elements)? };
         let func = function(&device, "air_decode_attention").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let cfg = LaunchConfig {
             grid_dim: (self.heads as u32, self.table.sequences as u32, 1),

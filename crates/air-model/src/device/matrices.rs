@@ -3,7 +3,7 @@
 use crate::ModelError;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::Device;
+use candle_core::{Device, Module, Tensor};
 use std::borrow::Cow;
 
 /// The seven matrices of a transformer block, by GGUF name suffix, in the order
@@ -11,46 +11,137 @@ use std::borrow::Cow;
 pub(crate) const MATRIX_NAMES: [&str; 7] =
     ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
 
-/// The matrices of one block, ready to multiply on the device.
+/// The matrices of one block, ready to multiply on the device. Resident layers whose query, key
+/// and value matrices share a type are stacked into one matrix at load (likewise gate and up):
+/// one activation quantization and one launch where there were three (two).
 #[derive(Clone)]
-pub struct LayerMatrices([QMatMul; 7]);
+pub struct LayerMatrices {
+    attention: Projection,
+    wo: QMatMul,
+    ffn: Projection,
+    w_down: QMatMul,
+}
+
+/// Matrices applied to the same input: separately, or stacked row-wise into one.
+#[derive(Clone)]
+enum Projection {
+    Separate(Vec<QMatMul>),
+    /// The stacked matrix, and the output width of each part.
+    Stacked(QMatMul, Vec<usize>),
+}
+
+impl Projection {
+    /// Each part's output for `x` (rows, k): (rows, width) each.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+        match self {
+            Projection::Separate(ms) => ms.iter().map(|m| Ok(m.forward(x)?)).collect(),
+            Projection::Stacked(m, widths) => {
+                let y = m.forward(x)?;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(1, at, w)?.contiguous()?;
+                        at += w;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Uploads `names` of layer `layer`, stacked when they share a type.
+    fn upload(file: &GgufFile, layer: usize, names: &[&str], device: &Device) -> Result<Self, ModelError> {
+        let infos = names
+            .iter()
+            .map(|n| {
+                let name = format!("blk.{layer}.{n}.weight");
+                file.tensor(&name).ok_or(ModelError::MissingTensor(name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let shapes = infos.iter().map(|i| matrix_shape(i)).collect::<Result<Vec<_>, _>>()?;
+        let same_type = infos.iter().all(|i| i.ty == infos[0].ty);
+        let same_k = shapes.iter().all(|s| s.1 == shapes[0].1);
+        if !(same_type && same_k) {
+            return Ok(Projection::Separate(
+                infos.iter().map(|i| upload(file, &i.name, device)).collect::<Result<_, _>>()?,
+            ));
+        }
+        let bytes: Vec<u8> = infos.iter().flat_map(|i| file.tensor_data(i).iter().copied()).collect();
+        let widths: Vec<usize> = shapes.iter().map(|s| s.0).collect();
+        let rows = widths.iter().sum::<usize>();
+        let storage = QStorage::from_data(Cow::Owned(bytes), device, ggml_dtype(infos[0])?)?;
+        let stacked = QMatMul::from_qtensor(QTensor::new(storage, (rows, shapes[0].1))?)?;
+        Ok(Projection::Stacked(stacked, widths))
+    }
+}
 
 impl LayerMatrices {
-    /// From matmuls in [`MATRIX_NAMES`] order.
+    /// From matmuls in [`MATRIX_NAMES`] order, unstacked.
     #[cfg(feature = "cuda")]
-    pub(crate) fn new(matrices: [QMatMul; 7]) -> Self {
-        Self(matrices)
+    pub(crate) fn new(m: [QMatMul; 7]) -> Self {
+        let [wq, wk, wv, wo, w_gate, w_up, w_down] = m;
+        Self {
+            attention: Projection::Separate(vec![wq, wk, wv]),
+            wo,
+            ffn: Projection::Separate(vec![w_gate, w_up]),
+            w_down,
+        }
     }
 
     /// Uploads the matrices of layer `layer` of `file` to `device`.
     pub(crate) fn upload(file: &GgufFile, layer: usize, device: &Device) -> Result<Self, ModelError> {
-        let mut out = Vec::with_capacity(MATRIX_NAMES.len());
-        for name in MATRIX_NAMES {
-            out.push(upload(file, &format!("blk.{layer}.{name}.weight"), device)?);
-        }
-        Ok(Self(out.try_into().unwrap_or_else(|_| unreachable!("one matmul per name"))))
+        let one = |name: &str| upload(file, &format!("blk.{layer}.{name}.weight"), device);
+        Ok(Self {
+            attention: Projection::upload(file, layer, &MATRIX_NAMES[..3], device)?,
+            wo: one(MATRIX_NAMES[3])?,
+            ffn: Projection::upload(file, layer, &MATRIX_NAMES[4..6], device)?,
+            w_down: one(MATRIX_NAMES[6])?,
+        })
     }
 
-    pub(crate) fn wq(&self) -> &QMatMul {
-        &self.0[0]
+    /// Queries, keys and values of `x`.
+    pub(crate) fn qkv(&self, x: &Tensor) -> Result<[Tensor; 3], ModelError> {
+        let parts = self.attention.forward(x)?;
+        parts.try_into().map_err(|_| ModelError::Config("expected three attention projections".into()))
     }
-    pub(crate) fn wk(&self) -> &QMatMul {
-        &self.0[1]
+
+    /// The stacked query/key/value output of `x`, (rows, q + k + v widths), when stacked.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn stacked_qkv(&self, x: &Tensor) -> Result<Option<Tensor>, ModelError> {
+        match &self.attention {
+            Projection::Stacked(m, _) => Ok(Some(m.forward(x)?)),
+            Projection::Separate(_) => Ok(None),
+        }
     }
-    pub(crate) fn wv(&self) -> &QMatMul {
-        &self.0[2]
+
+    /// Whether queries, keys and values come from one stacked matrix.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn has_stacked_qkv(&self) -> bool {
+        matches!(self.attention, Projection::Stacked(..))
     }
+
+    /// The stacked gate/up output of `x`, (rows, 2 × ffn), when stacked.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn stacked_gate_up(&self, x: &Tensor) -> Result<Option<Tensor>, ModelError> {
+        match &self.ffn {
+            Projection::Stacked(m, _) => Ok(Some(m.forward(x)?)),
+            Projection::Separate(_) => Ok(None),
+        }
+    }
+
+    /// Gate and up projections of `x`.
+    pub(crate) fn gate_up(&self, x: &Tensor) -> Result<[Tensor; 2], ModelError> {
+        let parts = self.ffn.forward(x)?;
+        parts.try_into().map_err(|_| ModelError::Config("expected two feed-forward projections".into()))
+    }
+
     pub(crate) fn wo(&self) -> &QMatMul {
-        &self.0[3]
+        &self.wo
     }
-    pub(crate) fn w_gate(&self) -> &QMatMul {
-        &self.0[4]
-    }
-    pub(crate) fn w_up(&self) -> &QMatMul {
-        &self.0[5]
-    }
+
     pub(crate) fn w_down(&self) -> &QMatMul {
-        &self.0[6]
+        &self.w_down
     }
 }
 

@@ -126,6 +126,9 @@ impl std::ops::Sub for UploadStats {
 /// The small per-layer tensors (norm weights, biases), resident on the device for every layer.
 struct LayerVectors {
     attn_norm: Tensor,
+    /// The query, key and value biases end to end, for stacked projections.
+    #[cfg(feature = "cuda")]
+    b_qkv: Option<Tensor>,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
     bv: Option<Tensor>,
@@ -140,8 +143,15 @@ impl LayerVectors {
     fn upload(w: &LayerWeights, device: &Device) -> Result<Self, ModelError> {
         let up = |t: &Tensor| t.to_device(device);
         let up_opt = |t: &Option<Tensor>| t.as_ref().map(up).transpose();
+        #[cfg(feature = "cuda")]
+        let b_qkv = match (&w.bq, &w.bk, &w.bv) {
+            (Some(q), Some(k), Some(v)) => Some(up(&Tensor::cat(&[q, k, v], 0)?)?),
+            _ => None,
+        };
         Ok(Self {
             attn_norm: up(&w.attn_norm)?,
+            #[cfg(feature = "cuda")]
+            b_qkv,
             bq: up_opt(&w.bq)?,
             bk: up_opt(&w.bk)?,
             bv: up_opt(&w.bv)?,
@@ -528,11 +538,59 @@ impl DeviceModel {
     ) -> Result<Tensor, ModelError> {
         let c = model.config();
         let v = &self.vectors[index];
-        let rows = x.dim(0)?;
         let eps = c.rms_norm_eps;
         let h = candle_nn::ops::rms_norm(x, &v.attn_norm, eps)?;
-        let project = |w: &QMatMul, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
-            let mut y = w.forward(&h)?;
+        let attn = self.layer_attention(model, index, m, v, &h, parts, state)?;
+        let x = (x + post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &v.ffn_norm, eps)?;
+        let ffn = m.w_down().forward(&self.gated(c, m, &h)?)?;
+        Ok((x + post_norm(ffn, &v.post_ffn_norm, eps)?)?)
+    }
+
+    /// The gated feed-forward activation of `h`: act(gate) * up.
+    fn gated(&self, c: &ModelConfig, m: &LayerMatrices, h: &Tensor) -> Result<Tensor, ModelError> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda()
+            && let Some(gate_up) = m.stacked_gate_up(h)?
+        {
+            let op = kernels::Gated { ffn: c.n_ff, gelu: c.activation == Activation::GeluTanh };
+            return Ok(gate_up.apply_op1_no_bwd(&op)?);
+        }
+        let [gate, up] = m.gate_up(h)?;
+        Ok(match c.activation {
+            Activation::Silu => (gate.silu()? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        })
+    }
+
+    /// The attention sub-layer of layer `index` for the normed input `h`: (rows, heads × head_dim).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_attention(
+        &self,
+        model: &crate::Model,
+        index: usize,
+        m: &LayerMatrices,
+        v: &LayerVectors,
+        h: &Tensor,
+        parts: &mut [Part<'_>],
+        state: &PassState,
+    ) -> Result<Tensor, ModelError> {
+        let c = model.config();
+        #[cfg(feature = "cuda")]
+        if let Some(step) = &state.decode
+            && m.has_stacked_qkv()
+            && v.q_norm.is_none()
+            && v.k_norm.is_none()
+        {
+            let mut qkv = m.stacked_qkv(h)?.expect("stacked projections");
+            if let Some(b) = &v.b_qkv {
+                qkv = qkv.broadcast_add(b)?;
+            }
+            return self.stacked_decode_attention(model, index, step, &qkv);
+        }
+        let rows = h.dim(0)?;
+        let eps = c.rms_norm_eps;
+        let finish = |mut y: Tensor, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
             if let Some(b) = bias {
                 y = y.broadcast_add(b)?;
             }
@@ -542,32 +600,19 @@ impl DeviceModel {
             }
             Ok::<_, ModelError>(y)
         };
+        let [q, k, val] = m.qkv(h)?;
         let qkv = Projections {
-            q: project(m.wq(), &v.bq, &v.q_norm, c.n_head)?,
-            k: project(m.wk(), &v.bk, &v.k_norm, c.n_head_kv)?,
-            v: project(m.wv(), &v.bv, &None, c.n_head_kv)?,
+            q: finish(q, &v.bq, &v.q_norm, c.n_head)?,
+            k: finish(k, &v.bk, &v.k_norm, c.n_head_kv)?,
+            v: finish(val, &v.bv, &None, c.n_head_kv)?,
         };
         #[cfg(feature = "cuda")]
-        let decoded = state.decode.as_ref().map(|step| self.decode_attention(model, index, step, &qkv)).transpose()?;
+        if let Some(step) = &state.decode {
+            return self.decode_attention(model, index, step, &qkv);
+        }
         #[cfg(not(feature = "cuda"))]
-        let decoded: Option<Tensor> = {
-            let _ = state;
-            None
-        };
-        let attn = match decoded {
-            Some(attn) => attn,
-            None => self.attention(model, index, parts, &qkv)?,
-        };
-        let x = (x + post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?)?;
-
-        let h = candle_nn::ops::rms_norm(&x, &v.ffn_norm, eps)?;
-        let (gate, up) = (m.w_gate().forward(&h)?, m.w_up().forward(&h)?);
-        let gated = match c.activation {
-            Activation::Silu => (gate.silu()? * up)?,
-            Activation::GeluTanh => (gate.gelu()? * up)?,
-        };
-        let ffn = m.w_down().forward(&gated)?;
-        Ok((x + post_norm(ffn, &v.post_ffn_norm, eps)?)?)
+        let _ = state;
+        self.attention(model, index, parts, &qkv)
     }
 
     /// Attention of layer `index` sequence by sequence, from candle ops: any number of new
@@ -619,6 +664,49 @@ impl DeviceModel {
             outputs.push(out.transpose(0, 1)?.reshape((part.n, c.n_head * c.head_dim))?);
         }
         Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    /// [`Self::decode_attention`] from stacked projections (B, (heads + 2 kv_heads) × head_dim):
+    /// RoPE and the cache append in one launch, attention in another.
+    #[cfg(feature = "cuda")]
+    fn stacked_decode_attention(
+        &self,
+        model: &crate::Model,
+        index: usize,
+        step: &DecodeStep,
+        qkv: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let c = model.config();
+        let (window, _) = c.layer_attention(index);
+        let (rope, tables) = match (&model.local_rope, &step.local_tables, window) {
+            (Some(r), Some(t), Some(_)) => (r, t),
+            _ => (&model.rope, &step.tables),
+        };
+        let (rope_dim, interleaved) = rope.layout();
+        let (cos, sin) = tables.cos_sin();
+        let (q_scale, scale) = if c.scale_queries { (c.attention_scale, 1.0) } else { (1.0, c.attention_scale) };
+        let table = step.table(index)?;
+        let rope_kv = kernels::RopeKv {
+            table,
+            cos: kernels::address(cos)?,
+            sin: kernels::address(sin)?,
+            rope_dim,
+            interleaved,
+            q_scale,
+            heads: c.n_head,
+            kv_heads: c.n_head_kv,
+            dim: c.head_dim,
+        };
+        let q = qkv.apply_op1_no_bwd(&rope_kv)?;
+        let op = kernels::DecodeAttention {
+            table,
+            heads: c.n_head,
+            kv_heads: c.n_head_kv,
+            dim: c.head_dim,
+            scale,
+            window,
+        };
+        Ok(q.apply_op1_no_bwd(&op)?)
     }
 
     /// Attention of layer `index` for a step where every sequence adds one token, by Air's

@@ -97,13 +97,18 @@ fn check(name: &str, tolerance: f32) {
     }
 }
 
-/// Same top-1 at every position, and logits within [`DRIFT`].
+/// Logits within [`DRIFT`], and the same top-1 at every position where `want`'s top two are
+/// further apart than that.
 fn assert_close(name: &str, what: &str, got: &[f32], want: &[f32], vocab: usize) {
     assert_eq!(got.len(), want.len(), "{name}: {what}: logit count");
     for (g, w) in got.chunks(vocab).zip(want.chunks(vocab)) {
-        assert_eq!(argmax(g), argmax(w), "{name}: {what}: top-1 differs");
         let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < DRIFT, "{name}: {what}: logits differ by {diff}");
+        let best = argmax(w);
+        let second = w.iter().enumerate().filter(|&(i, _)| i != best).map(|(_, &x)| x).fold(f32::MIN, f32::max);
+        if w[best] - second > DRIFT {
+            assert_eq!(argmax(g), best, "{name}: {what}: top-1 differs");
+        }
     }
 }
 
