@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds Air for NVIDIA GPUs here (no GPU needed) and packs what a run on a GPU machine needs
-# into .device-carry/: the stripped, xz-compressed binary, and SmolLM2 in parts small enough to
-# travel one per call (a lent GPU machine receives at most 64 MiB per call).
+# into .device-carry/: the stripped, xz-compressed binary, and the real models in parts small
+# enough to travel one per call (a lent GPU machine receives at most 64 MiB per call).
 #
 # Usage: scripts/gpu-package.sh        then, on the GPU machine: scripts/gpu-suite.sh STAGE...
 set -euo pipefail
@@ -12,8 +12,9 @@ CARGO_TARGET_DIR="$target" cargo build --release --locked -p air --features cuda
 mkdir -p .device-carry
 strip -o .device-carry/air "$target/release/air"
 xz -T0 -f .device-carry/air
-smol=models/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ -f "$smol" ] && [ ! -f .device-carry/smol.part.ab ]; then
-  split -b 48M "$smol" .device-carry/smol.part.
-fi
+for model in SmolLM2-135M-Instruct.Q4_1 gemma-3-270m-q4_k_m qwen2.5-coder-0.5b-instruct-q4_k_m; do
+  if [ -f "models/$model.gguf" ] && [ ! -f ".device-carry/$model.part.aa" ]; then
+    split -b 48M "models/$model.gguf" ".device-carry/$model.part."
+  fi
+done
 ls -la .device-carry

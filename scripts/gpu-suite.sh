@@ -4,9 +4,9 @@
 # $OUT/report.jsonl; the whole log goes to $OUT/log.txt.
 #
 # Usage: scripts/gpu-suite.sh STAGE...
-#   stash      keep the SmolLM2 parts carried in this call (they arrive one per call)
-#   real       SmolLM2 (assembled from the stashed parts): `air check` CUDA against the CPU,
-#              256 greedy steps for each reference prompt
+#   stash      keep the model parts carried in this call (they arrive a few per call)
+#   real       each real model whose parts have all arrived (checked by sha256): `air check`,
+#              CUDA against the CPU, 256 greedy steps for each reference prompt
 #   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
 #   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
 #   huge       a ~39 GB synthetic model (Llama-70B shape, Q4_0) under --vram-budget 4GiB
@@ -54,18 +54,26 @@ llama8b() { synth "llama8b-$1" --layers 32 --hidden 4096 --ffn 14336 --heads 32 
 for stage in "$@"; do
   case $stage in
     stash)
-      cp .device-carry/smol.part.* "$work"/ 2>/dev/null
+      cp .device-carry/*.part.* "$work"/ 2>/dev/null
       log "stashed: $(ls "$work" | tr '\n' ' ')"
       ;;
     real)
-      smol=$work/SmolLM2-135M-Instruct.Q4_1.gguf
-      cp .device-carry/smol.part.* "$work"/ 2>/dev/null
-      [ -f "$smol" ] || cat "$work"/smol.part.* >"$smol"
-      log "SmolLM2 sha256: $(sha256sum "$smol" | cut -c1-16)"
-      python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
-        while IFS= read -r prompt; do
-          record real "$prompt" check -m "$smol" --device cuda --prompt "$prompt" --steps 256
-        done
+      cp .device-carry/*.part.* "$work"/ 2>/dev/null
+      while read -r model sum; do
+        path=$work/$model.gguf
+        [ -f "$path" ] || cat "$work/$model".part.* >"$path" 2>/dev/null
+        if ! echo "$sum  $path" | sha256sum -c --quiet - 2>/dev/null; then
+          log "$model: not all parts have arrived"; rm -f "$path"; continue
+        fi
+        python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
+          while IFS= read -r prompt; do
+            record real "$model: $prompt" check -m "$path" --device cuda --prompt "$prompt" --steps 256
+          done
+      done <<'MODELS'
+SmolLM2-135M-Instruct.Q4_1 b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+gemma-3-270m-q4_k_m a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+qwen2.5-coder-0.5b-instruct-q4_k_m 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+MODELS
       ;;
     resident)
       for ty in q4_0 q4_k; do
