@@ -358,3 +358,24 @@ fn bad_streaming_flags_are_reported() {
     assert!(first.contains("\"12parsecs\" is not a size"), "{first}");
     assert_fails(&["bench", "-m", &m, "--batch", "0"], "--batch");
 }
+
+#[test]
+fn device_flags_are_checked() {
+    let m = smollm2();
+    // The argument parser rejects unknown devices, naming the problem on its first line.
+    let out = air(&["generate", "-m", &m, "-p", "Hi", "--device", "tpu"]);
+    assert!(!out.status.success());
+    let first = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_string();
+    assert!(first.contains("unknown device \"tpu\""), "{first}");
+    let out = air(&["bench", "-m", &m, "--vram-budget", "lots"]);
+    assert!(!out.status.success());
+    // `air check` compares a GPU with the CPU: the CPU against itself is a mistake.
+    assert_fails(&["check", "-m", &m, "--device", "cpu"], "give cuda or cuda:N");
+    assert_fails(&["check", "-m", &m, "--device", "cuda", "--steps", "0"], "--steps");
+    if cfg!(not(feature = "cuda")) {
+        assert_fails(&["generate", "-m", &m, "-p", "Hi", "--device", "cuda:1"], "no CUDA support");
+    }
+    // Explicitly on the CPU, generation is the default build's.
+    let text = generate_json(&m, &["-p", "The capital of France is", "--max-tokens", "4", "--device", "cpu"]);
+    assert_eq!(text["tokens"].as_array().map(Vec::len), Some(4));
+}
