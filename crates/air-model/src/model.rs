@@ -24,6 +24,17 @@ pub struct Sequence<'a> {
     pub cache: &'a mut KvCache,
 }
 
+impl Sequence<'_> {
+    /// The positions this pass adds (start, count), or why they do not fit the cache.
+    pub(crate) fn span(&self) -> Result<(usize, usize), ModelError> {
+        let (start, n) = (self.cache.len(), self.tokens.len());
+        if start + n > self.cache.capacity() {
+            return Err(ModelError::ContextOverflow { needed: start + n, capacity: self.cache.capacity() });
+        }
+        Ok((start, n))
+    }
+}
+
 /// A sequence's share of a pass: its cache, its rows in the stacked activations, its RoPE.
 struct Part<'a> {
     cache: &'a mut KvCache,
@@ -70,6 +81,7 @@ pub struct Model {
     streamer: LayerStreamer,
     /// The weights on the device and the pass over them, when not computing on the host.
     pub(crate) on_device: Option<DeviceModel>,
+    compute_device: ComputeDevice,
 }
 
 impl Model {
@@ -104,15 +116,13 @@ impl Model {
         // On a device the host keeps only the mapping: nothing to make resident per layer.
         let host_options = if on_device.is_some() { LoadOptions::default() } else { options };
         let streamer = layer_streamer(file, config.n_layer, host_options)?;
-        Ok(Self { rope, local_rope, config, weights, vocab_size, device, streamer, on_device })
+        let compute_device = options.device;
+        Ok(Self { rope, local_rope, config, weights, vocab_size, device, streamer, on_device, compute_device })
     }
 
     /// Where the model computes.
-    pub fn compute_device(&self) -> String {
-        match &self.on_device {
-            Some(d) => format!("{:?}", d.device().location()),
-            None => "cpu".into(),
-        }
+    pub fn compute_device(&self) -> ComputeDevice {
+        self.compute_device
     }
 
     /// Layers streamed into device memory on every pass (0 on the host).
@@ -188,10 +198,7 @@ impl Model {
         let mut tokens = Vec::new();
         let mut parts = Vec::with_capacity(batch.len());
         for seq in batch.iter_mut() {
-            let (start, n) = (seq.cache.len(), seq.tokens.len());
-            if start + n > seq.cache.capacity() {
-                return Err(ModelError::ContextOverflow { needed: start + n, capacity: seq.cache.capacity() });
-            }
+            let (start, n) = seq.span()?;
             let tables = self.rope.tables(start, n, &self.device)?;
             let local_tables = self.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
             parts.push(Part { cache: &mut *seq.cache, row: tokens.len(), n, tables, local_tables });

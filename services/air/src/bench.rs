@@ -57,7 +57,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let pinned_upload = model.measure_pinned_upload()?;
     let report = json!({
         "model": args.runtime.model.display().to_string(),
-        "device": model.compute_device(),
+        "device": model.compute_device().to_string(),
         "threads": loaded.threads(),
         "runs": args.runs,
         "prompt_tokens": args.prompt_tokens,

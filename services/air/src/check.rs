@@ -74,7 +74,7 @@ pub fn run(args: CheckArgs) -> Result<()> {
     let divergence = cpu_ids.iter().zip(&device_ids).position(|(a, b)| a != b);
     let report = json!({
         "model": args.runtime.model.display().to_string(),
-        "device": on_device.model.compute_device(),
+        "device": on_device.model.compute_device().to_string(),
         "prompt_tokens": prompt.len(),
         "steps": args.steps,
         "top1_agreement": agreement,

@@ -302,6 +302,7 @@ pub(crate) struct DeviceModel {
 
 impl DeviceModel {
     /// Uploads the model's weights to `device` within `options`' budget.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn load(
         file: &GgufFile,
         config: &ModelConfig,
@@ -341,7 +342,6 @@ impl DeviceModel {
                 LayerMatrices::upload(file, i, &device).map(Some)
             })
             .collect::<Result<_, ModelError>>()?;
-        let _ = options;
         Ok(Self {
             device,
             vectors,
@@ -424,10 +424,7 @@ impl DeviceModel {
         let mut tokens = Vec::new();
         let mut parts = Vec::with_capacity(batch.len());
         for seq in batch.iter_mut() {
-            let (start, n) = (seq.cache.len(), seq.tokens.len());
-            if start + n > seq.cache.capacity() {
-                return Err(ModelError::ContextOverflow { needed: start + n, capacity: seq.cache.capacity() });
-            }
+            let (start, n) = seq.span()?;
             let tables = model.rope.tables(start, n, &self.device)?;
             let local_tables =
                 model.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
@@ -500,7 +497,7 @@ impl DeviceModel {
         Ok(())
     }
 
-    #[cfg(feature = "cuda")]
+    /// A block whose matrices stream into VRAM: waits for its upload, computes, frees the slot.
     fn streamed_block(
         &self,
         model: &crate::Model,
@@ -509,20 +506,13 @@ impl DeviceModel {
         parts: &mut [Part<'_>],
         state: &PassState,
     ) -> Result<Tensor, ModelError> {
-        let vram = self.vram.as_ref().expect("streamed layers come with a VRAM streamer");
-        let held = vram.acquire(i)?;
-        self.block(model, i, held.matrices(), x, parts, state)
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn streamed_block(
-        &self,
-        _: &crate::Model,
-        i: usize,
-        _: &Tensor,
-        _: &mut [Part<'_>],
-        _: &PassState,
-    ) -> Result<Tensor, ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Some(vram) = &self.vram {
+            let held = vram.acquire(i)?;
+            return self.block(model, i, held.matrices(), x, parts, state);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = (model, x, parts, state);
         Err(ModelError::Device(format!("layer {i} has no weights on the device")))
     }
 
