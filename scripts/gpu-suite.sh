@@ -7,6 +7,7 @@
 #   stash      keep the model parts carried in this call (they arrive a few per call)
 #   real       each real model whose parts have all arrived (checked by sha256): `air check`,
 #              CUDA against the CPU, 256 greedy steps for each reference prompt
+#   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
 #   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
 #   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
 #   huge       a ~39 GB synthetic model (Llama-70B shape, Q4_0) under --vram-budget 4GiB
@@ -74,6 +75,15 @@ SmolLM2-135M-Instruct.Q4_1 b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea37
 gemma-3-270m-q4_k_m a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 qwen2.5-coder-0.5b-instruct-q4_k_m 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 MODELS
+      ;;
+    streamed-real)
+      smol=$work/SmolLM2-135M-Instruct.Q4_1.gguf
+      [ -f "$smol" ] || cat "$work"/SmolLM2-135M-Instruct.Q4_1.part.* >"$smol" 2>/dev/null
+      python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
+        while IFS= read -r prompt; do
+          record streamed-real "SmolLM2, all layers streamed: $prompt" check -m "$smol" --device cuda \
+            --vram-budget 1MiB --prompt "$prompt" --steps 256
+        done
       ;;
     resident)
       for ty in q4_0 q4_k; do
