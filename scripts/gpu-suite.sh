@@ -10,6 +10,8 @@
 #   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
 #   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
 #   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
+#   staged     as `streamed` and `huge` at batch 1, with --memory-budget 1GiB: the streamed layers
+#              no longer stay pinned; a ring of staging buffers is refilled from the page cache
 #   huge       a ~39 GB synthetic model (Llama-70B shape, Q4_0) under --vram-budget 4GiB
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -97,6 +99,14 @@ MODELS
         --prompt-tokens 0 --gen-tokens 64 --runs 2
       record streamed "llama8b-q4_0-half-batch32" bench -m "$model" --device cuda --vram-budget 3GiB \
         --prompt-tokens 0 --gen-tokens 32 --runs 2 --batch 32
+      ;;
+    staged)
+      model=$(llama8b q4_0)
+      record staged "llama8b-q4_0-half-staged" bench -m "$model" --device cuda --vram-budget 3GiB \
+        --memory-budget 1GiB --prompt-tokens 0 --gen-tokens 32 --runs 2
+      model=$(synth llama70b-q4_0 --layers 80 --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --vocab 32000 --type q4_0)
+      record staged "llama70b-q4_0-4GiB-staged" bench -m "$model" --device cuda --vram-budget 4GiB \
+        --memory-budget 1GiB --prompt-tokens 0 --gen-tokens 3 --runs 1
       ;;
     huge)
       model=$(synth llama70b-q4_0 --layers 80 --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --vocab 32000 --type q4_0)
