@@ -770,3 +770,37 @@ fn attention_mask(start: usize, n: usize, window: Option<usize>, device: &Device
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse::<ComputeDevice>(), Ok(ComputeDevice::Cpu));
+        assert_eq!("CUDA".parse::<ComputeDevice>(), Ok(ComputeDevice::Cuda(0)));
+        assert_eq!("cuda:3".parse::<ComputeDevice>(), Ok(ComputeDevice::Cuda(3)));
+        assert!("cuda:x".parse::<ComputeDevice>().is_err());
+        assert!("tpu".parse::<ComputeDevice>().is_err());
+        assert_eq!(ComputeDevice::Cuda(1).to_string(), "cuda:1");
+    }
+
+    fn mask(start: usize, n: usize, window: Option<usize>) -> Option<Vec<Vec<bool>>> {
+        let m = attention_mask(start, n, window, &Device::Cpu).unwrap()?;
+        let rows = m.to_vec2::<f32>().unwrap();
+        Some(rows.iter().map(|r| r.iter().map(|&v| v == 0.0).collect()).collect())
+    }
+
+    #[test]
+    fn masks_are_causal_and_windowed() {
+        // One new position seeing everything needs no mask.
+        assert_eq!(mask(5, 1, None), None);
+        assert_eq!(mask(5, 1, Some(8)), None);
+        // Two queries at positions 1 and 2 over keys 0..3.
+        assert_eq!(mask(1, 2, None), Some(vec![vec![true, true, false], vec![true, true, true]]));
+        // A window of 2: position 2 sees keys 1 and 2 only.
+        assert_eq!(mask(1, 2, Some(2)), Some(vec![vec![true, true, false], vec![false, true, true]]));
+        // A single query beyond the window still needs its mask.
+        assert_eq!(mask(3, 1, Some(2)), Some(vec![vec![false, false, true, true]]));
+    }
+}
