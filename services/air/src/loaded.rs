@@ -25,6 +25,10 @@ impl Loaded {
         let file = GgufFile::open(path)?;
         let budget = args.memory_budget.or_else(available_memory);
         let device = args.device.unwrap_or_else(ComputeDevice::preferred);
+        anyhow::ensure!(
+            device != ComputeDevice::Cpu || args.vram_budget.is_none(),
+            "--vram-budget limits GPU memory, but the model runs on the CPU (use --device cuda, or --memory-budget)"
+        );
         let options = LoadOptions {
             memory_budget: budget.map(ByteSize::bytes),
             prefetch_depth: args.prefetch_depth,

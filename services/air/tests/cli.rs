@@ -369,6 +369,7 @@ fn device_flags_are_checked() {
     assert!(first.contains("unknown device \"tpu\""), "{first}");
     let out = air(&["bench", "-m", &m, "--vram-budget", "lots"]);
     assert!(!out.status.success());
+    assert_fails(&["bench", "-m", &m, "--device", "cpu", "--vram-budget", "1GiB"], "--vram-budget limits GPU memory");
     // `air check` compares a GPU with the CPU: the CPU against itself is a mistake.
     assert_fails(&["check", "-m", &m, "--device", "cpu"], "give cuda or cuda:N");
     assert_fails(&["check", "-m", &m, "--device", "cuda", "--steps", "0"], "--steps");
