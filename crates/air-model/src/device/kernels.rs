@@ -10,7 +10,7 @@
 use crate::ModelError;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
-use candle_core::{CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, DType, Layout, Shape, Tensor};
 use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::OnceLock;
 
@@ -79,36 +79,6 @@ extern "C" __global__ void air_rope_kv(const float* qkv, const float* cos, const
             ((unsigned short*)v_caches[b])[((unsigned long long)h * cap + pos) * dim + d] = f2h(val);
         }
     }
-}
-
-// Per row of d values: sum = x + y (or x alone when add is 0), written to out rows 0..rows; then
-// out rows rows..2 rows = sum * w / sqrt(mean(sum^2) + eps). One block per row.
-extern "C" __global__ void air_add_rms_norm(const float* x, const float* y, const float* w, float* out,
-        int d, unsigned long long rows, float eps, int add) {
-    unsigned long long row = blockIdx.x;
-    const float* xr = x + row * d;
-    const float* yr = y + row * d;
-    float* sum = out + row * d;
-    float* normed = out + (rows + row) * d;
-    float squares = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = add ? xr[i] + yr[i] : xr[i];
-        sum[i] = v;
-        squares += v * v;
-    }
-    __shared__ float partial[32];
-    for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffff, squares, o);
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane == 0) partial[warp] = squares;
-    __syncthreads();
-    if (warp == 0) {
-        squares = lane < (int)((blockDim.x + 31) / 32) ? partial[lane] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffff, squares, o);
-        if (lane == 0) partial[0] = squares;
-    }
-    __syncthreads();
-    float scale = 1.f / sqrtf(partial[0] / d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) normed[i] = sum[i] * scale * w[i];
 }
 
 // The gated feed-forward activation over stacked gate/up rows (rows, 2 ffn): out (rows, ffn) =
@@ -311,69 +281,6 @@ impl CustomOp1 for RopeKv {
         // the caches kv_heads × capacity × dim halves with positions < capacity.
         unsafe { launch.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from((b, self.heads, self.dim))))
-    }
-}
-
-/// The residual add and the RMSNorm after it, as a candle op on (x, y, weight): x and y
-/// (rows, d), weight (d); output (2, rows, d): the sum, then the normed sum. With `add` false,
-/// y is ignored (a plain RMSNorm of x, which is copied to the first half).
-pub(crate) struct AddNorm {
-    pub eps: f32,
-    pub add: bool,
-}
-
-impl CustomOp3 for AddNorm {
-    fn name(&self) -> &'static str {
-        "air-add-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("air-add-rms-norm runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        y: &CudaStorage,
-        y_layout: &Layout,
-        w: &CudaStorage,
-        w_layout: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let contiguous = |l: &Layout| {
-            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("air-add-rms-norm needs contiguous inputs".into()))
-        };
-        let ((x0, x1), (y0, y1), (w0, w1)) = (contiguous(x_layout)?, contiguous(y_layout)?, contiguous(w_layout)?);
-        let d = w1 - w0;
-        if x1 - x0 != y1 - y0 || !(x1 - x0).is_multiple_of(d) {
-            candle_core::bail!("air-add-rms-norm: inputs of {} and {} values for rows of {d}", x1 - x0, y1 - y0)
-        }
-        let rows = (x1 - x0) / d;
-        let device = x.device().clone();
-        let (xs, ys, ws) = (
-            x.as_cuda_slice::<f32>()?.slice(x0..x1),
-            y.as_cuda_slice::<f32>()?.slice(y0..y1),
-            w.as_cuda_slice::<f32>()?.slice(w0..w1),
-        );
-        // SAFETY: the kernel writes every element of the output.
-        let out = unsafe { device.alloc::<f32>(2 * rows * d)? };
-        let func = function(&device, "air_add_rms_norm").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-        let (d32, rows64, add) = (d as i32, rows as u64, i32::from(self.add));
-        let stream = device.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        launch.arg(&xs).arg(&ys).arg(&ws).arg(&out).arg(&d32).arg(&rows64).arg(&self.eps).arg(&add);
-        // SAFETY: x and y hold rows × d floats, w d, out 2 × rows × d.
-        unsafe { launch.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from((2, rows, d))))
     }
 }
 

@@ -464,11 +464,10 @@ impl DeviceModel {
             }
             state.decode = Some(step);
         }
-        let mut stream = Residual { x, pending: None };
         for i in 0..c.n_layer {
-            stream = match &self.matrices[i] {
-                Some(m) => self.block(model, i, m, stream, &mut parts, &state)?,
-                None => self.streamed_block(model, i, stream, &mut parts, &state)?,
+            x = match &self.matrices[i] {
+                Some(m) => self.block(model, i, m, &x, &mut parts, &state)?,
+                None => self.streamed_block(model, i, &x, &mut parts, &state)?,
             };
             self.sample_memory();
         }
@@ -478,26 +477,8 @@ impl DeviceModel {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let (_, h) = self.add_norm(stream, &self.output_norm, c.rms_norm_eps)?;
-        Ok(self.output.forward(&h.index_select(&index, 0)?)?.flatten_all()?.to_vec1::<f32>()?)
-    }
-
-    /// Adds the residual stream's pending sub-layer output, and RMS-normalizes the sum with
-    /// weight `w`: (the new stream, its normed rows). One kernel on CUDA.
-    fn add_norm(&self, stream: Residual, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor), ModelError> {
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda() {
-            let y = stream.pending.as_ref().unwrap_or(&stream.x);
-            let op = kernels::AddNorm { eps, add: stream.pending.is_some() };
-            let both = stream.x.apply_op3_no_bwd(y, w, &op)?;
-            return Ok((both.get(0)?, both.get(1)?));
-        }
-        let x = match stream.pending {
-            Some(y) => (stream.x + y)?,
-            None => stream.x,
-        };
-        let h = candle_nn::ops::rms_norm(&x, w, eps)?;
-        Ok((x, h))
+        let x = candle_nn::ops::rms_norm(&x.index_select(&index, 0)?, &self.output_norm, c.rms_norm_eps)?;
+        Ok(self.output.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// A decode step of resident layers, as a CUDA graph captures it: the (scaled) embeddings
@@ -506,13 +487,13 @@ impl DeviceModel {
     #[cfg(feature = "cuda")]
     fn decode_body(&self, model: &crate::Model, state: &PassState, x: &Tensor, logits: &Tensor) -> Result<(), ModelError> {
         let c = model.config();
-        let mut stream = Residual { x: x.clone(), pending: None };
+        let mut x = x.clone();
         for (i, m) in self.matrices.iter().enumerate() {
             let m = m.as_ref().ok_or_else(|| ModelError::Device(format!("layer {i} is not resident")))?;
-            stream = self.block(model, i, m, stream, &mut [], state)?;
+            x = self.block(model, i, m, &x, &mut [], state)?;
         }
-        let (_, h) = self.add_norm(stream, &self.output_norm, c.rms_norm_eps)?;
-        logits.slice_set(&self.output.forward(&h)?, 0, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, c.rms_norm_eps)?;
+        logits.slice_set(&self.output.forward(&x)?, 0, 0)?;
         Ok(())
     }
 
@@ -521,41 +502,39 @@ impl DeviceModel {
         &self,
         model: &crate::Model,
         i: usize,
-        stream: Residual,
+        x: &Tensor,
         parts: &mut [Part<'_>],
         state: &PassState,
-    ) -> Result<Residual, ModelError> {
+    ) -> Result<Tensor, ModelError> {
         #[cfg(feature = "cuda")]
         if let Some(vram) = &self.vram {
             let held = vram.acquire(i)?;
-            return self.block(model, i, held.matrices(), stream, parts, state);
+            return self.block(model, i, held.matrices(), x, parts, state);
         }
         #[cfg(not(feature = "cuda"))]
-        let _ = (model, stream, parts, state);
+        let _ = (model, x, parts, state);
         Err(ModelError::Device(format!("layer {i} has no weights on the device")))
     }
 
     /// One transformer block over the rows of every sequence (see the host pass in `model.rs`).
-    /// Each residual add happens with the next norm ([`Self::add_norm`]), so the block returns
-    /// its feed-forward output pending on the stream.
     fn block(
         &self,
         model: &crate::Model,
         index: usize,
         m: &LayerMatrices,
-        stream: Residual,
+        x: &Tensor,
         parts: &mut [Part<'_>],
         state: &PassState,
-    ) -> Result<Residual, ModelError> {
+    ) -> Result<Tensor, ModelError> {
         let c = model.config();
         let v = &self.vectors[index];
         let eps = c.rms_norm_eps;
-        let (x, h) = self.add_norm(stream, &v.attn_norm, eps)?;
+        let h = candle_nn::ops::rms_norm(x, &v.attn_norm, eps)?;
         let attn = self.layer_attention(model, index, m, v, &h, parts, state)?;
-        let attn = post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?;
-        let (x, h) = self.add_norm(Residual { x, pending: Some(attn) }, &v.ffn_norm, eps)?;
+        let x = (x + post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &v.ffn_norm, eps)?;
         let ffn = m.w_down().forward(&self.gated(c, m, &h)?)?;
-        Ok(Residual { x, pending: Some(post_norm(ffn, &v.post_ffn_norm, eps)?) })
+        Ok((x + post_norm(ffn, &v.post_ffn_norm, eps)?)?)
     }
 
     /// The gated feed-forward activation of `h`: act(gate) * up.
@@ -757,12 +736,6 @@ impl DeviceModel {
         };
         Ok(q.reshape((b, c.n_head, c.head_dim))?.apply_op1_no_bwd(&op)?)
     }
-}
-
-/// The residual stream between sub-layers: rows `x`, and a sub-layer's output still to be added.
-struct Residual {
-    x: Tensor,
-    pending: Option<Tensor>,
 }
 
 /// A block's query, key and value projections, (rows, heads * head_dim) each.
