@@ -115,12 +115,6 @@ impl LayerMatrices {
         }
     }
 
-    /// Whether queries, keys and values come from one stacked matrix.
-    #[cfg(feature = "cuda")]
-    pub(crate) fn has_stacked_qkv(&self) -> bool {
-        matches!(self.attention, Projection::Stacked(..))
-    }
-
     /// The stacked gate/up output of `x`, (rows, 2 × ffn), when stacked.
     #[cfg(feature = "cuda")]
     pub(crate) fn stacked_gate_up(&self, x: &Tensor) -> Result<Option<Tensor>, ModelError> {

@@ -1,16 +1,15 @@
 //! The forward pass on a candle device: weights uploaded as candle quantized tensors, every op a
 //! candle tensor op, so it runs wherever candle has kernels. With the `cuda` feature this is the
 //! GPU backend (quantized matmuls, attention, norms, RoPE and the KV cache all in VRAM; layers
-//! that do not fit the VRAM budget stream in through [`vram`]). The same code runs on candle's
-//! CPU backend, where the tests check it against the host pass.
+//! that do not fit the VRAM budget stream in; see `cuda/`). The same code runs on candle's CPU
+//! backend, where the tests check it against the host pass.
 
 #[cfg(feature = "cuda")]
-mod graph;
-#[cfg(feature = "cuda")]
-mod kernels;
+mod cuda;
 mod matrices;
-#[cfg(feature = "cuda")]
-mod vram;
+#[cfg(not(feature = "cuda"))]
+#[path = "no_cuda.rs"]
+mod cuda;
 
 use crate::model::{Logits, Sequence};
 use crate::rope::RopeTables;
@@ -34,32 +33,14 @@ pub enum ComputeDevice {
 impl ComputeDevice {
     /// CUDA device 0 when this build has CUDA and a GPU is present, else the CPU.
     pub fn preferred() -> Self {
-        #[cfg(feature = "cuda")]
-        if cudarc::driver::CudaContext::device_count().is_ok_and(|n| n > 0) {
-            return ComputeDevice::Cuda(0);
-        }
-        ComputeDevice::Cpu
+        if cuda::device_count() > 0 { ComputeDevice::Cuda(0) } else { ComputeDevice::Cpu }
     }
 
     /// The candle device to compute on, or why it cannot be opened.
     pub(crate) fn open(self) -> Result<Device, ModelError> {
         match self {
             ComputeDevice::Cpu => Ok(Device::Cpu),
-            #[cfg(feature = "cuda")]
-            ComputeDevice::Cuda(ordinal) => {
-                let device = Device::new_cuda_with_stream(ordinal)
-                    .map_err(|e| ModelError::Device(format!("cannot open CUDA device {ordinal}: {e}")))?;
-                // candle computes on one stream, and the VRAM streamer orders its copy stream
-                // against it with its own events: cudarc's per-buffer event tracking would only
-                // add a driver call per kernel argument.
-                // SAFETY: nothing has been allocated on the device yet.
-                unsafe { device.as_cuda_device()?.disable_event_tracking() };
-                Ok(device)
-            }
-            #[cfg(not(feature = "cuda"))]
-            ComputeDevice::Cuda(_) => Err(ModelError::Device(
-                "this build of Air has no CUDA support (build it with `--features cuda`)".into(),
-            )),
+            ComputeDevice::Cuda(ordinal) => cuda::open(ordinal),
         }
     }
 }
@@ -127,7 +108,6 @@ impl std::ops::Sub for UploadStats {
 struct LayerVectors {
     attn_norm: Tensor,
     /// The query, key and value biases end to end, for stacked projections.
-    #[cfg(feature = "cuda")]
     b_qkv: Option<Tensor>,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
@@ -143,14 +123,12 @@ impl LayerVectors {
     fn upload(w: &LayerWeights, device: &Device) -> Result<Self, ModelError> {
         let up = |t: &Tensor| t.to_device(device);
         let up_opt = |t: &Option<Tensor>| t.as_ref().map(up).transpose();
-        #[cfg(feature = "cuda")]
         let b_qkv = match (&w.bq, &w.bk, &w.bv) {
             (Some(q), Some(k), Some(v)) => Some(up(&Tensor::cat(&[q, k, v], 0)?)?),
             _ => None,
         };
         Ok(Self {
             attn_norm: up(&w.attn_norm)?,
-            #[cfg(feature = "cuda")]
             b_qkv,
             bq: up_opt(&w.bq)?,
             bk: up_opt(&w.bk)?,
@@ -180,96 +158,7 @@ struct Part<'a> {
 #[derive(Default)]
 struct PassState {
     /// Inputs of Air's decode kernels, when every sequence adds one token on CUDA.
-    #[cfg(feature = "cuda")]
-    decode: Option<DecodeStep>,
-}
-
-/// The decode kernels' inputs for a step: RoPE at each sequence's position, the positions, and
-/// the addresses of every sequence's KV cache, for every layer.
-#[cfg(feature = "cuda")]
-struct DecodeStep {
-    tables: RopeTables,
-    local_tables: Option<RopeTables>,
-    positions: Tensor,
-    /// (layers × 2 × sequences) addresses: each layer's key caches, then its value caches.
-    caches: Tensor,
-    sequences: usize,
-    capacity: usize,
-}
-
-#[cfg(feature = "cuda")]
-impl DecodeStep {
-    /// The inputs for `parts` on `device`, or `None` where the kernels do not apply (not CUDA,
-    /// a sequence adding several tokens, caches of different capacities, heads too wide).
-    fn new(model: &crate::Model, parts: &[Part<'_>], device: &Device) -> Result<Option<Self>, ModelError> {
-        let c = model.config();
-        let capacity = parts[0].cache.capacity();
-        if !device.is_cuda()
-            || c.head_dim > kernels::MAX_HEAD_DIM
-            || parts.iter().any(|p| p.n != 1 || p.cache.capacity() != capacity)
-        {
-            return Ok(None);
-        }
-        let positions: Vec<usize> = parts.iter().map(|p| p.cache.len()).collect();
-        let tables = model.rope.tables_at(&positions, device)?;
-        let local_tables = model.local_rope.as_ref().map(|r| r.tables_at(&positions, device)).transpose()?;
-        let mut addresses = Vec::with_capacity(c.n_layer * 2 * parts.len());
-        for layer in 0..c.n_layer {
-            for values in [false, true] {
-                for part in parts {
-                    let (k, v) = part.cache.device_layer(layer).ok_or_else(|| {
-                        ModelError::Config("this KV cache was made for a model on another device".into())
-                    })?;
-                    addresses.push(kernels::address(if values { v } else { k })? as i64);
-                }
-            }
-        }
-        let sequences = parts.len();
-        Ok(Some(Self {
-            tables,
-            local_tables,
-            positions: Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), sequences, device)?,
-            caches: Tensor::from_vec(addresses, c.n_layer * 2 * sequences, device)?,
-            sequences,
-            capacity,
-        }))
-    }
-
-    /// A copy in memory of its own, for a captured graph to read.
-    fn deep_copy(&self) -> Result<Self, ModelError> {
-        Ok(Self {
-            tables: self.tables.deep_copy()?,
-            local_tables: self.local_tables.as_ref().map(RopeTables::deep_copy).transpose()?,
-            positions: self.positions.copy()?,
-            caches: self.caches.copy()?,
-            sequences: self.sequences,
-            capacity: self.capacity,
-        })
-    }
-
-    /// Writes this step's inputs into `dst`'s memory (same shapes).
-    fn write_into(&self, dst: &Self) -> Result<(), ModelError> {
-        self.tables.write_into(&dst.tables)?;
-        if let (Some(src), Some(dst)) = (&self.local_tables, &dst.local_tables) {
-            src.write_into(dst)?;
-        }
-        dst.positions.slice_set(&self.positions, 0, 0)?;
-        dst.caches.slice_set(&self.caches, 0, 0)?;
-        Ok(())
-    }
-
-    /// The cache addresses of `layer`.
-    fn table(&self, layer: usize) -> Result<kernels::CacheTable, ModelError> {
-        let base = kernels::address(&self.caches)?;
-        let row = (self.sequences * 8) as u64;
-        Ok(kernels::CacheTable {
-            keys: base + 2 * layer as u64 * row,
-            values: base + (2 * layer as u64 + 1) * row,
-            positions: kernels::address(&self.positions)?,
-            sequences: self.sequences,
-            capacity: self.capacity,
-        })
-    }
+    decode: Option<cuda::DecodeStep>,
 }
 
 /// How the device pass keeps its weights.
@@ -292,17 +181,12 @@ pub(crate) struct DeviceModel {
     matrices: Vec<Option<LayerMatrices>>,
     output_norm: Tensor,
     output: QMatMul,
-    #[cfg(feature = "cuda")]
-    vram: Option<vram::VramStreamer>,
-    #[cfg(feature = "cuda")]
-    meter: Option<vram::VramMeter>,
-    #[cfg(feature = "cuda")]
-    graphs: graph::DecodeGraphs,
+    /// What a CUDA device adds: VRAM streaming, the memory meter, decode graphs.
+    cuda: Option<cuda::Backend>,
 }
 
 impl DeviceModel {
     /// Uploads the model's weights to `device` within `options`' budget.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub(crate) fn load(
         file: &GgufFile,
         config: &ModelConfig,
@@ -310,51 +194,20 @@ impl DeviceModel {
         device: Device,
         options: DeviceOptions,
     ) -> Result<Self, ModelError> {
-        #[cfg(feature = "cuda")]
-        let meter = match &device {
-            Device::Cuda(cuda) => Some(vram::VramMeter::new(cuda)?),
-            _ => None,
-        };
-        let vectors = weights.layers.iter().map(|w| LayerVectors::upload(w, &device)).collect::<Result<_, _>>()?;
         let output_name = if file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+        let head_bytes = file.tensor(output_name).map_or(0, |t| t.size_bytes);
+        // First, so that the memory in use before loading is measured.
+        let cuda = cuda::Backend::load(file, config, &device, options, head_bytes)?;
+        let vectors = weights.layers.iter().map(|w| LayerVectors::upload(w, &device)).collect::<Result<_, _>>()?;
         let output = matrices::upload(file, output_name, &device)?;
         let output_norm = weights.output_norm.to_device(&device)?;
-        #[cfg(feature = "cuda")]
-        let mut streamer = None;
-        #[cfg(feature = "cuda")]
-        let mut plan = air_stream::ResidencyPlan::all_resident(config.n_layer);
-        #[cfg(feature = "cuda")]
-        if let (Device::Cuda(cuda), Some(meter)) = (&device, &meter) {
-            let budget = options.vram_budget.unwrap_or_else(|| meter.default_budget());
-            let head_bytes = file.tensor(output_name).map_or(0, |t| t.size_bytes);
-            let layer_budget = budget.saturating_sub(head_bytes + vram::WORKSPACE_RESERVE);
-            plan = vram::plan(file, config, layer_budget, options.prefetch_depth)?;
-            if plan.streamed_count() > 0 {
-                streamer = Some(vram::VramStreamer::new(file, cuda, plan.clone(), options.host_budget)?);
-            }
-        }
         let matrices = (0..config.n_layer)
-            .map(|i| {
-                #[cfg(feature = "cuda")]
-                if !plan.is_pinned(i) {
-                    return Ok(None);
-                }
-                LayerMatrices::upload(file, i, &device).map(Some)
+            .map(|i| match &cuda {
+                Some(cuda) if !cuda.is_resident(i) => Ok(None),
+                _ => LayerMatrices::upload(file, i, &device).map(Some),
             })
             .collect::<Result<_, ModelError>>()?;
-        Ok(Self {
-            device,
-            vectors,
-            matrices,
-            output_norm,
-            output,
-            #[cfg(feature = "cuda")]
-            vram: streamer,
-            #[cfg(feature = "cuda")]
-            meter,
-            #[cfg(feature = "cuda")]
-            graphs: Default::default(),
-        })
+        Ok(Self { device, vectors, matrices, output_norm, output, cuda })
     }
 
     /// The device computing.
@@ -369,48 +222,24 @@ impl DeviceModel {
 
     /// Upload counters so far (zero when every layer is resident).
     pub(crate) fn upload_stats(&self) -> UploadStats {
-        #[cfg(feature = "cuda")]
-        if let Some(vram) = &self.vram {
-            return vram.stats();
-        }
-        UploadStats::default()
+        self.cuda.as_ref().map_or_else(UploadStats::default, cuda::Backend::upload_stats)
     }
 
     /// Bytes of weights streamed per pass.
     pub(crate) fn streamed_bytes_per_pass(&self) -> u64 {
-        #[cfg(feature = "cuda")]
-        if let Some(vram) = &self.vram {
-            return vram.bytes_per_pass();
-        }
-        0
+        self.cuda.as_ref().map_or(0, cuda::Backend::bytes_per_pass)
     }
 
     /// Host-to-device bandwidth from pinned memory, measured once (bytes per second); `None`
     /// off CUDA.
     pub(crate) fn measure_pinned_upload(&self) -> Result<Option<f64>, ModelError> {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(cuda) = &self.device {
-            return vram::measure_pinned_upload(cuda).map(Some);
-        }
-        Ok(None)
+        self.cuda.as_ref().map(|c| c.measure_pinned_upload(&self.device)).transpose()
     }
 
     /// The most GPU memory the model has taken so far (sampled after every layer: the device's
     /// memory in use less what was in use before loading), in bytes; `None` off CUDA.
     pub(crate) fn peak_memory(&self) -> Option<u64> {
-        #[cfg(feature = "cuda")]
-        if let Some(meter) = &self.meter {
-            return Some(meter.peak());
-        }
-        None
-    }
-
-    /// Notes the device memory in use (for [`Self::peak_memory`]).
-    fn sample_memory(&self) {
-        #[cfg(feature = "cuda")]
-        if let Some(meter) = &self.meter {
-            meter.sample();
-        }
+        self.cuda.as_ref().map(cuda::Backend::peak_memory)
     }
 
     /// The pass of [`crate::Model::forward_batch`] on the device.
@@ -450,26 +279,32 @@ impl DeviceModel {
         if let Some(scale) = c.embedding_scale {
             x = (x * scale as f64)?;
         }
-        #[allow(unused_mut)]
-        let mut state = PassState::default();
-        #[cfg(feature = "cuda")]
-        if let Some(step) = DecodeStep::new(model, &parts, &self.device)? {
-            // Resident weights and a logit row per sequence: replay the step as a CUDA graph.
-            if self.vram.is_none() && rows.len() == parts.len() {
-                let logits = self.graphs.run(self, model, step, &x)?;
-                for part in &mut parts {
-                    part.cache.advance(part.n);
+        let mut state = PassState { decode: cuda::DecodeStep::new(model, &parts, &self.device)? };
+        // A logit row per sequence of a decode step: replay it as a CUDA graph where the model
+        // allows (every layer resident).
+        if let (Some(cuda), Some(step)) = (&self.cuda, state.decode.take()) {
+            if rows.len() == parts.len() {
+                match cuda.graphed_decode(self, model, step, &x)? {
+                    Ok(logits) => {
+                        for part in &mut parts {
+                            part.cache.advance(part.n);
+                        }
+                        return Ok(logits);
+                    }
+                    Err(step) => state.decode = Some(step),
                 }
-                return Ok(logits);
+            } else {
+                state.decode = Some(step);
             }
-            state.decode = Some(step);
         }
         for i in 0..c.n_layer {
             x = match &self.matrices[i] {
                 Some(m) => self.block(model, i, m, &x, &mut parts, &state)?,
                 None => self.streamed_block(model, i, &x, &mut parts, &state)?,
             };
-            self.sample_memory();
+            if let Some(cuda) = &self.cuda {
+                cuda.sample_memory();
+            }
         }
         for part in &mut parts {
             part.cache.advance(part.n);
@@ -481,22 +316,6 @@ impl DeviceModel {
         Ok(self.output.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// A decode step of resident layers, as a CUDA graph captures it: the (scaled) embeddings
-    /// `x`, one row per sequence, through every layer and the output head, the logits written to
-    /// `logits`.
-    #[cfg(feature = "cuda")]
-    fn decode_body(&self, model: &crate::Model, state: &PassState, x: &Tensor, logits: &Tensor) -> Result<(), ModelError> {
-        let c = model.config();
-        let mut x = x.clone();
-        for (i, m) in self.matrices.iter().enumerate() {
-            let m = m.as_ref().ok_or_else(|| ModelError::Device(format!("layer {i} is not resident")))?;
-            x = self.block(model, i, m, &x, &mut [], state)?;
-        }
-        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, c.rms_norm_eps)?;
-        logits.slice_set(&self.output.forward(&x)?, 0, 0)?;
-        Ok(())
-    }
-
     /// A block whose matrices stream into VRAM: waits for its upload, computes, frees the slot.
     fn streamed_block(
         &self,
@@ -506,14 +325,10 @@ impl DeviceModel {
         parts: &mut [Part<'_>],
         state: &PassState,
     ) -> Result<Tensor, ModelError> {
-        #[cfg(feature = "cuda")]
-        if let Some(vram) = &self.vram {
-            let held = vram.acquire(i)?;
-            return self.block(model, i, held.matrices(), x, parts, state);
+        match &self.cuda {
+            Some(cuda) => cuda.with_streamed(i, |m| self.block(model, i, m, x, parts, state)),
+            None => Err(ModelError::Device(format!("layer {i} has no weights on the device"))),
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = (model, x, parts, state);
-        Err(ModelError::Device(format!("layer {i} has no weights on the device")))
     }
 
     /// One transformer block over the rows of every sequence (see the host pass in `model.rs`).
@@ -539,12 +354,8 @@ impl DeviceModel {
 
     /// The gated feed-forward activation of `h`: act(gate) * up.
     fn gated(&self, c: &ModelConfig, m: &LayerMatrices, h: &Tensor) -> Result<Tensor, ModelError> {
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda()
-            && let Some(gate_up) = m.stacked_gate_up(h)?
-        {
-            let op = kernels::Gated { ffn: c.n_ff, gelu: c.activation == Activation::GeluTanh };
-            return Ok(gate_up.apply_op1_no_bwd(&op)?);
+        if let Some(gated) = cuda::stacked_gated(&self.device, c, m, h)? {
+            return Ok(gated);
         }
         let [gate, up] = m.gate_up(h)?;
         Ok(match c.activation {
@@ -566,17 +377,11 @@ impl DeviceModel {
         state: &PassState,
     ) -> Result<Tensor, ModelError> {
         let c = model.config();
-        #[cfg(feature = "cuda")]
+        let qk_norm = v.q_norm.is_some() || v.k_norm.is_some();
         if let Some(step) = &state.decode
-            && m.has_stacked_qkv()
-            && v.q_norm.is_none()
-            && v.k_norm.is_none()
+            && let Some(attn) = step.stacked_attention(model, index, m, h, &v.b_qkv, qk_norm)?
         {
-            let mut qkv = m.stacked_qkv(h)?.expect("stacked projections");
-            if let Some(b) = &v.b_qkv {
-                qkv = qkv.broadcast_add(b)?;
-            }
-            return self.stacked_decode_attention(model, index, step, &qkv);
+            return Ok(attn);
         }
         let rows = h.dim(0)?;
         let eps = c.rms_norm_eps;
@@ -596,12 +401,9 @@ impl DeviceModel {
             k: finish(k, &v.bk, &v.k_norm, c.n_head_kv)?,
             v: finish(val, &v.bv, &None, c.n_head_kv)?,
         };
-        #[cfg(feature = "cuda")]
         if let Some(step) = &state.decode {
-            return self.decode_attention(model, index, step, &qkv);
+            return cuda::DecodeStep::decode_attention(model, index, step, &qkv);
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = state;
         self.attention(model, index, parts, &qkv)
     }
 
@@ -656,86 +458,6 @@ impl DeviceModel {
         Ok(Tensor::cat(&outputs, 0)?)
     }
 
-    /// [`Self::decode_attention`] from stacked projections (B, (heads + 2 kv_heads) × head_dim):
-    /// RoPE and the cache append in one launch, attention in another.
-    #[cfg(feature = "cuda")]
-    fn stacked_decode_attention(
-        &self,
-        model: &crate::Model,
-        index: usize,
-        step: &DecodeStep,
-        qkv: &Tensor,
-    ) -> Result<Tensor, ModelError> {
-        let c = model.config();
-        let (window, _) = c.layer_attention(index);
-        let (rope, tables) = match (&model.local_rope, &step.local_tables, window) {
-            (Some(r), Some(t), Some(_)) => (r, t),
-            _ => (&model.rope, &step.tables),
-        };
-        let (rope_dim, interleaved) = rope.layout();
-        let (cos, sin) = tables.cos_sin();
-        let (q_scale, scale) = if c.scale_queries { (c.attention_scale, 1.0) } else { (1.0, c.attention_scale) };
-        let table = step.table(index)?;
-        let rope_kv = kernels::RopeKv {
-            table,
-            cos: kernels::address(cos)?,
-            sin: kernels::address(sin)?,
-            rope_dim,
-            interleaved,
-            q_scale,
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            dim: c.head_dim,
-        };
-        let q = qkv.apply_op1_no_bwd(&rope_kv)?;
-        let op = kernels::DecodeAttention {
-            table,
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            dim: c.head_dim,
-            scale,
-            window,
-        };
-        Ok(q.apply_op1_no_bwd(&op)?)
-    }
-
-    /// Attention of layer `index` for a step where every sequence adds one token, by Air's
-    /// decode kernels: all sequences in two launches. Returns (sequences, heads * head_dim).
-    #[cfg(feature = "cuda")]
-    fn decode_attention(
-        &self,
-        model: &crate::Model,
-        index: usize,
-        step: &DecodeStep,
-        qkv: &Projections,
-    ) -> Result<Tensor, ModelError> {
-        let c = model.config();
-        let (window, _) = c.layer_attention(index);
-        let b = step.sequences;
-        let (rope, tables) = match (&model.local_rope, &step.local_tables, window) {
-            (Some(r), Some(t), Some(_)) => (r, t),
-            _ => (&model.rope, &step.tables),
-        };
-        let mut q = rope.apply(&qkv.q.reshape((b, c.n_head, 1, c.head_dim))?.contiguous()?, tables)?;
-        let scale = if c.scale_queries {
-            q = (q * c.attention_scale as f64)?;
-            1.0
-        } else {
-            c.attention_scale
-        };
-        let k = rope.apply(&qkv.k.reshape((b, c.n_head_kv, 1, c.head_dim))?.contiguous()?, tables)?;
-        let table = step.table(index)?;
-        kernels::kv_append(&k, &qkv.v, table, c.n_head_kv, c.head_dim)?;
-        let op = kernels::DecodeAttention {
-            table,
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            dim: c.head_dim,
-            scale,
-            window,
-        };
-        Ok(q.reshape((b, c.n_head, c.head_dim))?.apply_op1_no_bwd(&op)?)
-    }
 }
 
 /// A block's query, key and value projections, (rows, heads * head_dim) each.

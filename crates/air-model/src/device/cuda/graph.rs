@@ -7,6 +7,7 @@
 //! one graph serves every position.
 
 use super::{DecodeStep, DeviceModel, PassState};
+use candle_core::Module;
 use crate::ModelError;
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{CudaGraph, sys};
@@ -61,10 +62,10 @@ impl DecodeGraphs {
                 // candle uploads small constants (shapes, strides) inside some ops: its cache
                 // serves them from device memory during capture, once a plain run filled it.
                 let _uploads = cuda.enable_cuda_graph_htod_cache();
-                pass.decode_body(model, &state, &x, &logits)?;
+                decode_body(pass, model, &state, &x, &logits)?;
                 let stream = cuda.cuda_stream();
                 stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(driver)?;
-                let captured = pass.decode_body(model, &state, &x, &logits);
+                let captured = decode_body(pass, model, &state, &x, &logits);
                 let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(driver)?;
                 captured?;
                 let graph = graph.ok_or_else(|| ModelError::Device("CUDA graph capture recorded nothing".into()))?;
@@ -75,4 +76,24 @@ impl DecodeGraphs {
         g.graph.launch().map_err(driver)?;
         Ok(g.logits.flatten_all()?.to_vec1::<f32>()?)
     }
+}
+
+/// A decode step of resident layers as the graph captures it: the (scaled) embeddings `x`, one
+/// row per sequence, through every layer and the output head, the logits written to `logits`.
+fn decode_body(
+    pass: &DeviceModel,
+    model: &crate::Model,
+    state: &PassState,
+    x: &Tensor,
+    logits: &Tensor,
+) -> Result<(), ModelError> {
+    let c = model.config();
+    let mut x = x.clone();
+    for (i, m) in pass.matrices.iter().enumerate() {
+        let m = m.as_ref().ok_or_else(|| ModelError::Device(format!("layer {i} is not resident")))?;
+        x = pass.block(model, i, m, &x, &mut [], state)?;
+    }
+    let x = candle_nn::ops::rms_norm(&x, &pass.output_norm, c.rms_norm_eps)?;
+    logits.slice_set(&pass.output.forward(&x)?, 0, 0)?;
+    Ok(())
 }

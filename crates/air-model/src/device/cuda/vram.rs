@@ -11,8 +11,8 @@
 //! - When the streamed layers fit the host budget, each keeps its own pinned staging buffer
 //!   after the first pass (a pinned host tier): later passes copy straight from it.
 
-use super::UploadStats;
-use super::matrices::{LayerMatrices, MATRIX_NAMES, ggml_dtype, matrix_shape};
+use crate::device::UploadStats;
+use crate::device::matrices::{LayerMatrices, MATRIX_NAMES, ggml_dtype, matrix_shape};
 use crate::{ModelConfig, ModelError};
 use air_gguf::GgufFile;
 use air_stream::ResidencyPlan;
