@@ -1,6 +1,6 @@
 use crate::Linear;
-use crate::device::{ComputeDevice, DeviceModel, DeviceOptions, UploadStats};
 use crate::attention::{AttentionShape, causal_attention};
+use crate::device::{ComputeDevice, DeviceModel, DeviceOptions, UploadStats};
 use crate::rope::{Rope, RopeTables};
 use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;

@@ -60,7 +60,10 @@ impl Rope {
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> candle_core::Result<RopeTables> {
         let (cos, sin) = self.angles(start..start + len);
         let half = self.dim / 2;
-        Ok(RopeTables { cos: Tensor::from_vec(cos, (len, half), device)?, sin: Tensor::from_vec(sin, (len, half), device)? })
+        Ok(RopeTables {
+            cos: Tensor::from_vec(cos, (len, half), device)?,
+            sin: Tensor::from_vec(sin, (len, half), device)?,
+        })
     }
 
     /// Tables for one position per sequence of a batch: cos and sin of shape

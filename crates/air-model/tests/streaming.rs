@@ -30,7 +30,11 @@ fn streamed_logits_equal_resident_logits() {
         let resident = Model::load(&gguf).unwrap();
         assert_eq!(resident.streamer().plan().streamed_count(), 0);
         // A budget of nothing: every layer streams through a window of one layer ahead.
-        let streamed = Model::load_with(&gguf, LoadOptions { memory_budget: Some(0), prefetch_depth: 1, ..LoadOptions::default() }).unwrap();
+        let streamed = Model::load_with(
+            &gguf,
+            LoadOptions { memory_budget: Some(0), prefetch_depth: 1, ..LoadOptions::default() },
+        )
+        .unwrap();
         assert_eq!(streamed.streamer().plan().streamed_count(), 4);
 
         let tokens = [1u32, 17, 260, 511, 42, 42, 9];
@@ -49,7 +53,9 @@ fn streamed_logits_equal_resident_logits() {
 fn a_batch_of_sequences_gives_each_sequence_its_own_logits() {
     let file = synthetic(TensorType::Q4_0);
     let gguf = GgufFile::open(file.path()).unwrap();
-    let model = Model::load_with(&gguf, LoadOptions { memory_budget: Some(0), prefetch_depth: 2, ..LoadOptions::default() }).unwrap();
+    let model =
+        Model::load_with(&gguf, LoadOptions { memory_budget: Some(0), prefetch_depth: 2, ..LoadOptions::default() })
+            .unwrap();
     let prompts: [&[u32]; 3] = [&[1, 17, 260, 511, 42], &[1, 300], &[1, 9, 9, 9, 100, 200, 301]];
 
     // Each sequence alone: prompt, then three greedy-free steps with fixed tokens.

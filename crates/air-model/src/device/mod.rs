@@ -6,10 +6,10 @@
 
 #[cfg(feature = "cuda")]
 mod cuda;
-mod matrices;
 #[cfg(not(feature = "cuda"))]
 #[path = "no_cuda.rs"]
 mod cuda;
+mod matrices;
 
 use crate::model::{Logits, Sequence};
 use crate::rope::RopeTables;
@@ -255,8 +255,7 @@ impl DeviceModel {
         for seq in batch.iter_mut() {
             let (start, n) = seq.span()?;
             let tables = model.rope.tables(start, n, &self.device)?;
-            let local_tables =
-                model.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
+            let local_tables = model.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
             let window = c.sliding_window.map(|w| w.size);
             let mask = attention_mask(start, n, None, &self.device)?;
             let local_mask = window.map(|w| attention_mask(start, n, Some(w), &self.device)).transpose()?.flatten();
@@ -446,10 +445,11 @@ impl DeviceModel {
             let q = q.reshape((c.n_head_kv, group * part.n, c.head_dim))?;
             let mut scores = (q.matmul(&keys.t()?)? * scale as f64)?;
             if let Some(mask) = mask {
-                scores = scores
-                    .reshape((c.n_head_kv, group, part.n, total))?
-                    .broadcast_add(mask)?
-                    .reshape((c.n_head_kv, group * part.n, total))?;
+                scores = scores.reshape((c.n_head_kv, group, part.n, total))?.broadcast_add(mask)?.reshape((
+                    c.n_head_kv,
+                    group * part.n,
+                    total,
+                ))?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let out = probs.matmul(&values)?.reshape((c.n_head, part.n, c.head_dim))?;
@@ -457,7 +457,6 @@ impl DeviceModel {
         }
         Ok(Tensor::cat(&outputs, 0)?)
     }
-
 }
 
 /// A block's query, key and value projections, (rows, heads * head_dim) each.
@@ -478,7 +477,12 @@ fn post_norm(y: Tensor, norm: &Option<Tensor>, eps: f32) -> Result<Tensor, Model
 /// The additive mask (n, start + n) of `n` queries at positions `start..start + n`: 0 where a
 /// query sees a key (causal, and within `window` when given), -inf elsewhere. `None` when every
 /// query sees every key (a single new position with nothing beyond the window).
-fn attention_mask(start: usize, n: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>, ModelError> {
+fn attention_mask(
+    start: usize,
+    n: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>, ModelError> {
     let total = start + n;
     let visible = |pos: usize, key: usize| key <= pos && window.is_none_or(|w| key + w > pos);
     if (start..total).all(|pos| (0..total).all(|key| visible(pos, key))) {

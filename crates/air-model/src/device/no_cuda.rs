@@ -74,7 +74,12 @@ impl Backend {
 }
 
 /// Air's gated-activation kernel is CUDA's: never here.
-pub(super) fn stacked_gated(_: &Device, _: &ModelConfig, _: &LayerMatrices, _: &Tensor) -> Result<Option<Tensor>, ModelError> {
+pub(super) fn stacked_gated(
+    _: &Device,
+    _: &ModelConfig,
+    _: &LayerMatrices,
+    _: &Tensor,
+) -> Result<Option<Tensor>, ModelError> {
     Ok(None)
 }
 
@@ -99,7 +104,12 @@ impl DecodeStep {
         match *self {}
     }
 
-    pub(super) fn decode_attention(_: &crate::Model, _: usize, step: &DecodeStep, _: &Projections) -> Result<Tensor, ModelError> {
+    pub(super) fn decode_attention(
+        _: &crate::Model,
+        _: usize,
+        step: &DecodeStep,
+        _: &Projections,
+    ) -> Result<Tensor, ModelError> {
         match *step {}
     }
 }

@@ -7,8 +7,8 @@
 //! one graph serves every position.
 
 use super::{DecodeStep, DeviceModel, PassState};
-use candle_core::Module;
 use crate::ModelError;
+use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{CudaGraph, sys};
 use std::collections::HashMap;

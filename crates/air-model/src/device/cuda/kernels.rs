@@ -211,13 +211,23 @@ pub(crate) struct CacheTable {
 }
 
 /// Writes `k` and `v` (B, kv_heads, dim; f32, contiguous) into each sequence's cache.
-pub(crate) fn kv_append(k: &Tensor, v: &Tensor, table: CacheTable, kv_heads: usize, dim: usize) -> Result<(), ModelError> {
+pub(crate) fn kv_append(
+    k: &Tensor,
+    v: &Tensor,
+    table: CacheTable,
+    kv_heads: usize,
+    dim: usize,
+) -> Result<(), ModelError> {
     let device = k.device().as_cuda_device()?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let (k_addr, v_addr) = (address(&k)?, address(&v)?);
     let func = function(device, "air_kv_append")?;
     let n = (kv_heads * dim) as u32;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256), table.sequences as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256), table.sequences as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let (cap, kv_heads, dim) = (table.capacity as i32, kv_heads as i32, dim as i32);
     let stream = device.cuda_stream();
     let mut launch = stream.launch_builder(&func);
@@ -250,7 +260,11 @@ impl CustomOp1 for RopeKv {
         "air-rope-kv"
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         candle_core::bail!("air-rope-kv runs on CUDA only")
     }
 
@@ -295,7 +309,11 @@ impl CustomOp1 for Gated {
         "air-gated"
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         candle_core::bail!("air-gated runs on CUDA only")
     }
 
@@ -310,7 +328,8 @@ impl CustomOp1 for Gated {
         // SAFETY: the kernel writes every element of the output.
         let out = unsafe { device.alloc::<f32>(rows * self.ffn)? };
         let func = function(&device, "air_gated").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (n.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (ffn, gelu) = (self.ffn as i32, i32::from(self.gelu));
         let stream = device.cuda_stream();
         let mut launch = stream.launch_builder(&func);
@@ -336,7 +355,11 @@ impl CustomOp1 for DecodeAttention {
         "air-decode-attention"
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         candle_core::bail!("air-decode-attention runs on CUDA only")
     }
 

@@ -168,7 +168,6 @@ impl DecodeStep {
         Self::stacked_decode_attention(model, index, self, &qkv).map(Some)
     }
 
-
     /// The inputs for `parts` on `device`, or `None` where the kernels do not apply (not CUDA,
     /// a sequence adding several tokens, caches of different capacities, heads too wide).
     pub(super) fn new(model: &crate::Model, parts: &[Part<'_>], device: &Device) -> Result<Option<Self>, ModelError> {
@@ -271,14 +270,8 @@ impl DecodeStep {
             dim: c.head_dim,
         };
         let q = qkv.apply_op1_no_bwd(&rope_kv)?;
-        let op = kernels::DecodeAttention {
-            table,
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            dim: c.head_dim,
-            scale,
-            window,
-        };
+        let op =
+            kernels::DecodeAttention { table, heads: c.n_head, kv_heads: c.n_head_kv, dim: c.head_dim, scale, window };
         Ok(q.apply_op1_no_bwd(&op)?)
     }
 
@@ -307,14 +300,8 @@ impl DecodeStep {
         let k = rope.apply(&qkv.k.reshape((b, c.n_head_kv, 1, c.head_dim))?.contiguous()?, tables)?;
         let table = step.table(index)?;
         kernels::kv_append(&k, &qkv.v, table, c.n_head_kv, c.head_dim)?;
-        let op = kernels::DecodeAttention {
-            table,
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            dim: c.head_dim,
-            scale,
-            window,
-        };
+        let op =
+            kernels::DecodeAttention { table, heads: c.n_head, kv_heads: c.n_head_kv, dim: c.head_dim, scale, window };
         Ok(q.reshape((b, c.n_head, c.head_dim))?.apply_op1_no_bwd(&op)?)
     }
 }
