@@ -125,9 +125,15 @@ impl Model {
         self.compute_device
     }
 
+    /// On a GPU, which layers stay in VRAM and which stream into it on every pass (within the
+    /// VRAM budget less the output head and a workspace).
+    pub fn vram_plan(&self) -> Option<&ResidencyPlan> {
+        self.on_device.as_ref().and_then(DeviceModel::vram_plan)
+    }
+
     /// Layers streamed into device memory on every pass (0 on the host).
     pub fn device_streamed_layers(&self) -> usize {
-        self.on_device.as_ref().map_or(0, DeviceModel::streamed_layers)
+        self.vram_plan().map_or(0, ResidencyPlan::streamed_count)
     }
 
     /// Bytes of weights streamed into device memory per pass (0 on the host).

@@ -37,15 +37,22 @@ impl Loaded {
         };
         let model =
             Model::load_with(&file, options).with_context(|| format!("cannot load model {}", path.display()))?;
-        if model.device_streamed_layers() > 0 {
-            let layers = model.config().n_layer;
+        if let Some(plan) = model.vram_plan().filter(|p| p.streamed_count() > 0) {
             eprintln!(
-                "air: {device}: {} of {layers} layers resident in VRAM, {} streamed over PCIe ({} per pass, {} layers ahead)",
-                layers - model.device_streamed_layers(),
-                model.device_streamed_layers(),
+                "air: {device}: {} of {} layers resident in VRAM, {} streamed over PCIe ({} per pass, {} layers ahead)",
+                plan.pinned_count(),
+                plan.layers(),
+                plan.streamed_count(),
                 ByteSize::new(model.device_streamed_bytes_per_pass()),
-                args.prefetch_depth
+                plan.depth()
             );
+            if !plan.fits_budget() {
+                eprintln!(
+                    "air: warning: the VRAM budget leaves {} for layers (after the output head and a 512 MiB workspace), less than the streaming window of {}",
+                    ByteSize::new(plan.budget()),
+                    ByteSize::new(plan.window_bytes())
+                );
+            }
         }
         let plan = model.streamer().plan();
         if plan.streamed_count() > 0 {

@@ -215,9 +215,9 @@ impl DeviceModel {
         &self.device
     }
 
-    /// Layers whose matrices stream into VRAM on every pass.
-    pub(crate) fn streamed_layers(&self) -> usize {
-        self.matrices.iter().filter(|m| m.is_none()).count()
+    /// Which layers stay in VRAM and which stream, on a GPU.
+    pub(crate) fn vram_plan(&self) -> Option<&air_stream::ResidencyPlan> {
+        self.cuda.as_ref().map(cuda::Backend::plan)
     }
 
     /// Upload counters so far (zero when every layer is resident).

@@ -34,6 +34,10 @@ impl Backend {
         match *self {}
     }
 
+    pub(super) fn plan(&self) -> &air_stream::ResidencyPlan {
+        match *self {}
+    }
+
     pub(super) fn with_streamed<T>(
         &self,
         _: usize,

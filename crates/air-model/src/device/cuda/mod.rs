@@ -66,6 +66,11 @@ impl Backend {
         self.plan.is_pinned(i)
     }
 
+    /// Which layers stay in VRAM and which stream.
+    pub(super) fn plan(&self) -> &ResidencyPlan {
+        &self.plan
+    }
+
     /// Runs `f` with streamed layer `i`'s matrices once they are in VRAM; frees the slot after.
     pub(super) fn with_streamed<T>(
         &self,
