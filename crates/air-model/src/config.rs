@@ -95,6 +95,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The attention scale split as the family applies it: (factor on the queries before the
+    /// dot products, factor on the scores). Gemma scales the queries; the others the scores.
+    pub fn attention_scales(&self) -> (f32, f32) {
+        if self.scale_queries { (self.attention_scale, 1.0) } else { (1.0, self.attention_scale) }
+    }
+
     /// The attention window of layer `layer` (None: global) and its RoPE base.
     pub fn layer_attention(&self, layer: usize) -> (Option<usize>, f32) {
         match self.sliding_window {

@@ -272,9 +272,10 @@ impl Model {
                 let y = y.narrow(0, part.row, part.n)?;
                 Ok(y.reshape((1, part.n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
             };
+            let (q_scale, score_scale) = c.attention_scales();
             let mut q = rope.apply(&heads_first(&q_all, c.n_head)?, tables)?;
-            if c.scale_queries {
-                q = (q * c.attention_scale as f64)?;
+            if q_scale != 1.0 {
+                q = (q * q_scale as f64)?;
             }
             let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?;
             let v = heads_first(&v_all, c.n_head_kv)?;
@@ -288,7 +289,7 @@ impl Model {
                 kv_heads: c.n_head_kv,
                 head_dim: c.head_dim,
                 capacity,
-                scale: if c.scale_queries { 1.0 } else { c.attention_scale },
+                scale: score_scale,
                 window,
             };
             attn.extend(causal_attention(&flat(q)?, keys, values, start, part.n, shape));

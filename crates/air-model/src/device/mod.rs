@@ -142,16 +142,35 @@ impl LayerVectors {
     }
 }
 
-/// A sequence's share of a device pass.
+/// A sequence's share of a device pass: its cache, its rows in the stacked activations, and
+/// what op-by-op attention needs of its positions (none when Air's decode kernels serve the step).
 struct Part<'a> {
     cache: &'a mut KvCache,
     row: usize,
     n: usize,
+    positions: Option<Positions>,
+}
+
+/// RoPE tables and attention masks of a sequence's new positions.
+struct Positions {
     tables: RopeTables,
     local_tables: Option<RopeTables>,
     /// Additive attention masks (n, start + n): causal, and causal within the window.
     mask: Option<Tensor>,
     local_mask: Option<Tensor>,
+}
+
+impl Positions {
+    /// For the `n` positions from `start`.
+    fn new(model: &crate::Model, start: usize, n: usize, device: &Device) -> Result<Self, ModelError> {
+        let window = model.config().sliding_window.map(|w| w.size);
+        Ok(Self {
+            tables: model.rope.tables(start, n, device)?,
+            local_tables: model.local_rope.as_ref().map(|r| r.tables(start, n, device)).transpose()?,
+            mask: attention_mask(start, n, None, device)?,
+            local_mask: window.map(|w| attention_mask(start, n, Some(w), device)).transpose()?.flatten(),
+        })
+    }
 }
 
 /// What every layer of one pass shares beyond the sequences' parts.
@@ -250,20 +269,20 @@ impl DeviceModel {
         logits: Logits,
     ) -> Result<Vec<f32>, ModelError> {
         let c = model.config();
+        let spans = batch.iter().map(Sequence::span).collect::<Result<Vec<_>, _>>()?;
+        if spans.iter().all(|&(_, n)| n == 0) {
+            return Ok(Vec::new());
+        }
+        let mut state = PassState { decode: cuda::DecodeStep::new(model, batch, &self.device)? };
         let mut tokens = Vec::new();
         let mut parts = Vec::with_capacity(batch.len());
-        for seq in batch.iter_mut() {
-            let (start, n) = seq.span()?;
-            let tables = model.rope.tables(start, n, &self.device)?;
-            let local_tables = model.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
-            let window = c.sliding_window.map(|w| w.size);
-            let mask = attention_mask(start, n, None, &self.device)?;
-            let local_mask = window.map(|w| attention_mask(start, n, Some(w), &self.device)).transpose()?.flatten();
-            parts.push(Part { cache: &mut *seq.cache, row: tokens.len(), n, tables, local_tables, mask, local_mask });
+        for (seq, &(start, n)) in batch.iter_mut().zip(&spans) {
+            let positions = match state.decode {
+                Some(_) => None,
+                None => Some(Positions::new(model, start, n, &self.device)?),
+            };
+            parts.push(Part { cache: &mut *seq.cache, row: tokens.len(), n, positions });
             tokens.extend_from_slice(seq.tokens);
-        }
-        if tokens.is_empty() {
-            return Ok(Vec::new());
         }
         let mut rows = Vec::new();
         for part in &parts {
@@ -273,12 +292,10 @@ impl DeviceModel {
             };
             rows.extend((part.row + from.min(part.n)..part.row + part.n).map(|r| r as u32));
         }
-        let index = Tensor::new(rows.as_slice(), &self.device)?;
         let mut x = model.weights.token_embd.rows(&tokens)?.to_device(&self.device)?;
         if let Some(scale) = c.embedding_scale {
             x = (x * scale as f64)?;
         }
-        let mut state = PassState { decode: cuda::DecodeStep::new(model, &parts, &self.device)? };
         // A logit row per sequence of a decode step: replay it as a CUDA graph where the model
         // allows (every layer resident).
         if let (Some(cuda), Some(step)) = (&self.cuda, state.decode.take()) {
@@ -311,6 +328,7 @@ impl DeviceModel {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let index = Tensor::new(rows.as_slice(), &self.device)?;
         let x = candle_nn::ops::rms_norm(&x.index_select(&index, 0)?, &self.output_norm, c.rms_norm_eps)?;
         Ok(self.output.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
     }
@@ -419,11 +437,15 @@ impl DeviceModel {
         let (window, _) = c.layer_attention(index);
         let group = c.n_head / c.n_head_kv;
         let mut outputs = Vec::with_capacity(parts.len());
+        let (q_scale, score_scale) = c.attention_scales();
         for part in parts.iter_mut() {
-            let (rope, tables, mask) = match (&model.local_rope, &part.local_tables, window) {
-                (Some(r), Some(t), Some(_)) => (r, t, &part.local_mask),
-                (_, _, Some(_)) => (&model.rope, &part.tables, &part.local_mask),
-                _ => (&model.rope, &part.tables, &part.mask),
+            let p = part.positions.as_ref().ok_or_else(|| {
+                ModelError::Device("attention of a sequence whose positions were not prepared".into())
+            })?;
+            let (rope, tables, mask) = match (&model.local_rope, &p.local_tables, window) {
+                (Some(r), Some(t), Some(_)) => (r, t, &p.local_mask),
+                (_, _, Some(_)) => (&model.rope, &p.tables, &p.local_mask),
+                _ => (&model.rope, &p.tables, &p.mask),
             };
             // (n, heads * head_dim) -> (1, heads, n, head_dim)
             let heads_first = |y: &Tensor, heads: usize| -> Result<Tensor, ModelError> {
@@ -431,19 +453,16 @@ impl DeviceModel {
                 Ok(y.reshape((1, part.n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
             };
             let mut q = rope.apply(&heads_first(&qkv.q, c.n_head)?, tables)?;
-            let scale = if c.scale_queries {
-                q = (q * c.attention_scale as f64)?;
-                1.0
-            } else {
-                c.attention_scale
-            };
+            if q_scale != 1.0 {
+                q = (q * q_scale as f64)?;
+            }
             let k = rope.apply(&heads_first(&qkv.k, c.n_head_kv)?, tables)?.squeeze(0)?;
             let val = heads_first(&qkv.v, c.n_head_kv)?.squeeze(0)?;
             let (keys, values) = part.cache.append_on_device(index, &k, &val)?;
             let total = keys.dim(1)?;
             // Queries grouped by the KV head they share: (kv_heads, group * n, head_dim).
             let q = q.reshape((c.n_head_kv, group * part.n, c.head_dim))?;
-            let mut scores = (q.matmul(&keys.t()?)? * scale as f64)?;
+            let mut scores = (q.matmul(&keys.t()?)? * score_scale as f64)?;
             if let Some(mask) = mask {
                 scores = scores.reshape((c.n_head_kv, group, part.n, total))?.broadcast_add(mask)?.reshape((
                     c.n_head_kv,

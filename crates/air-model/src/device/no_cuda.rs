@@ -1,7 +1,8 @@
 //! The CUDA side of the device pass in a build without the `cuda` feature: the same API as
 //! `cuda/mod.rs`, with no CUDA device to open, no backend and no decode step.
 
-use super::{DeviceModel, DeviceOptions, LayerMatrices, Part, Projections, UploadStats};
+use super::{DeviceModel, DeviceOptions, LayerMatrices, Projections, UploadStats};
+use crate::model::Sequence;
 use crate::{ModelConfig, ModelError};
 use air_gguf::GgufFile;
 use candle_core::{Device, Tensor};
@@ -91,7 +92,7 @@ pub(super) fn stacked_gated(
 pub(super) enum DecodeStep {}
 
 impl DecodeStep {
-    pub(super) fn new(_: &crate::Model, _: &[Part<'_>], _: &Device) -> Result<Option<Self>, ModelError> {
+    pub(super) fn new(_: &crate::Model, _: &[Sequence<'_>], _: &Device) -> Result<Option<Self>, ModelError> {
         Ok(None)
     }
 

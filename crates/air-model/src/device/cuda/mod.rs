@@ -6,7 +6,9 @@ mod graph;
 mod kernels;
 mod vram;
 
-use super::{DeviceModel, DeviceOptions, LayerMatrices, Part, PassState, Projections, UploadStats};
+use super::{DeviceModel, DeviceOptions, LayerMatrices, PassState, Projections, UploadStats};
+use crate::model::Sequence;
+use crate::rope::Rope;
 use crate::rope::RopeTables;
 use crate::{Activation, ModelConfig, ModelError};
 use air_gguf::GgufFile;
@@ -173,32 +175,37 @@ impl DecodeStep {
         Self::stacked_decode_attention(model, index, self, &qkv).map(Some)
     }
 
-    /// The inputs for `parts` on `device`, or `None` where the kernels do not apply (not CUDA,
-    /// a sequence adding several tokens, caches of different capacities, heads too wide).
-    pub(super) fn new(model: &crate::Model, parts: &[Part<'_>], device: &Device) -> Result<Option<Self>, ModelError> {
+    /// The inputs for `batch` on `device`, or `None` where the kernels do not apply (not CUDA,
+    /// a sequence adding other than one token, caches of different capacities, heads too wide).
+    /// The caller has checked that every sequence fits its cache.
+    pub(super) fn new(
+        model: &crate::Model,
+        batch: &[Sequence<'_>],
+        device: &Device,
+    ) -> Result<Option<Self>, ModelError> {
         let c = model.config();
-        let capacity = parts[0].cache.capacity();
+        let Some(capacity) = batch.first().map(|s| s.cache.capacity()) else { return Ok(None) };
         if !device.is_cuda()
             || c.head_dim > kernels::MAX_HEAD_DIM
-            || parts.iter().any(|p| p.n != 1 || p.cache.capacity() != capacity)
+            || batch.iter().any(|s| s.tokens.len() != 1 || s.cache.capacity() != capacity)
         {
             return Ok(None);
         }
-        let positions: Vec<usize> = parts.iter().map(|p| p.cache.len()).collect();
+        let positions: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
         let tables = model.rope.tables_at(&positions, device)?;
         let local_tables = model.local_rope.as_ref().map(|r| r.tables_at(&positions, device)).transpose()?;
-        let mut addresses = Vec::with_capacity(c.n_layer * 2 * parts.len());
+        let mut addresses = Vec::with_capacity(c.n_layer * 2 * batch.len());
         for layer in 0..c.n_layer {
             for values in [false, true] {
-                for part in parts {
-                    let (k, v) = part.cache.device_layer(layer).ok_or_else(|| {
+                for seq in batch {
+                    let (k, v) = seq.cache.device_layer(layer).ok_or_else(|| {
                         ModelError::Config("this KV cache was made for a model on another device".into())
                     })?;
                     addresses.push(kernels::address(if values { v } else { k })? as i64);
                 }
             }
         }
-        let sequences = parts.len();
+        let sequences = batch.len();
         Ok(Some(Self {
             tables,
             local_tables,
@@ -232,6 +239,14 @@ impl DecodeStep {
         Ok(())
     }
 
+    /// The RoPE and tables of a layer with attention window `window`.
+    fn rope<'a>(&'a self, model: &'a crate::Model, window: Option<usize>) -> (&'a Rope, &'a RopeTables) {
+        match (&model.local_rope, &self.local_tables, window) {
+            (Some(r), Some(t), Some(_)) => (r, t),
+            _ => (&model.rope, &self.tables),
+        }
+    }
+
     /// The cache addresses of `layer`.
     fn table(&self, layer: usize) -> Result<kernels::CacheTable, ModelError> {
         let base = kernels::address(&self.caches)?;
@@ -255,13 +270,10 @@ impl DecodeStep {
     ) -> Result<Tensor, ModelError> {
         let c = model.config();
         let (window, _) = c.layer_attention(index);
-        let (rope, tables) = match (&model.local_rope, &step.local_tables, window) {
-            (Some(r), Some(t), Some(_)) => (r, t),
-            _ => (&model.rope, &step.tables),
-        };
+        let (rope, tables) = step.rope(model, window);
         let (rope_dim, interleaved) = rope.layout();
         let (cos, sin) = tables.cos_sin();
-        let (q_scale, scale) = if c.scale_queries { (c.attention_scale, 1.0) } else { (1.0, c.attention_scale) };
+        let (q_scale, scale) = c.attention_scales();
         let table = step.table(index)?;
         let rope_kv = kernels::RopeKv {
             table,
@@ -291,17 +303,12 @@ impl DecodeStep {
         let c = model.config();
         let (window, _) = c.layer_attention(index);
         let b = step.sequences;
-        let (rope, tables) = match (&model.local_rope, &step.local_tables, window) {
-            (Some(r), Some(t), Some(_)) => (r, t),
-            _ => (&model.rope, &step.tables),
-        };
+        let (rope, tables) = step.rope(model, window);
+        let (q_scale, scale) = c.attention_scales();
         let mut q = rope.apply(&qkv.q.reshape((b, c.n_head, 1, c.head_dim))?.contiguous()?, tables)?;
-        let scale = if c.scale_queries {
-            q = (q * c.attention_scale as f64)?;
-            1.0
-        } else {
-            c.attention_scale
-        };
+        if q_scale != 1.0 {
+            q = (q * q_scale as f64)?;
+        }
         let k = rope.apply(&qkv.k.reshape((b, c.n_head_kv, 1, c.head_dim))?.contiguous()?, tables)?;
         let table = step.table(index)?;
         kernels::kv_append(&k, &qkv.v, table, c.n_head_kv, c.head_dim)?;
