@@ -51,7 +51,9 @@ impl DecodeGraphs {
         let key = (step.sequences, step.capacity);
         match graphs.get(&key) {
             Some(g) => {
-                let PassState { decode: Some(inputs) } = &g.state else { unreachable!("graphs keep their step") };
+                let Some(inputs) = &g.state.decode else {
+                    return Err(ModelError::Device("a decode graph lost its step inputs".into()));
+                };
                 step.write_into(inputs)?;
                 g.x.slice_set(x, 0, 0)?;
             }
