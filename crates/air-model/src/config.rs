@@ -101,6 +101,11 @@ impl ModelConfig {
         if self.scale_queries { (self.attention_scale, 1.0) } else { (1.0, self.attention_scale) }
     }
 
+    /// The geometry of a KV store for this model with blocks of `block_size` positions.
+    pub fn kv_shape(&self, block_size: usize) -> air_kv::KvShape {
+        air_kv::KvShape { layers: self.n_layer, kv_heads: self.n_head_kv, head_dim: self.head_dim, block_size }
+    }
+
     /// The attention window of layer `layer` (None: global) and its RoPE base.
     pub fn layer_attention(&self, layer: usize) -> (Option<usize>, f32) {
         match self.sliding_window {

@@ -1,11 +1,14 @@
 use crate::{ModelConfig, ModelError};
+use air_kv::{BlockId, KvStore};
 use candle_core::{DType, Device, Tensor};
-use half::f16;
+
+/// The block table of a [`KvCache`] in host memory: its one block.
+pub(crate) const WHOLE: [BlockId; 1] = [0];
 
 /// Keys and values of one sequence for every layer, in f16 (as llama.cpp's default cache),
 /// preallocated for `capacity` positions and written in place as the sequence grows. It lives
-/// where the model computes: in host memory, or on the model's device (VRAM).
-/// Layout per layer: (kv_heads, capacity, head_dim).
+/// where the model computes: in host memory (a [`KvStore`] of one block of `capacity`
+/// positions), or on the model's device (VRAM). Layout per layer: (kv_heads, capacity, head_dim).
 pub struct KvCache {
     store: Store,
     len: usize,
@@ -13,18 +16,9 @@ pub struct KvCache {
 }
 
 enum Store {
-    Host(HostKv),
+    Host(KvStore),
     /// Per layer, keys and values as f16 tensors (kv_heads, capacity, head_dim) on the device.
     Device(Vec<(Tensor, Tensor)>),
-}
-
-/// A cache in host memory, read by the CPU attention kernels.
-pub(crate) struct HostKv {
-    keys: Vec<Vec<f16>>,
-    values: Vec<Vec<f16>>,
-    kv_heads: usize,
-    head_dim: usize,
-    capacity: usize,
 }
 
 fn check_capacity(config: &ModelConfig, capacity: usize) -> Result<(), ModelError> {
@@ -38,15 +32,8 @@ impl KvCache {
     /// An empty cache in host memory for up to `capacity` positions.
     pub fn new(config: &ModelConfig, capacity: usize) -> Result<Self, ModelError> {
         check_capacity(config, capacity)?;
-        let size = config.n_head_kv * capacity * config.head_dim;
-        let host = HostKv {
-            keys: (0..config.n_layer).map(|_| vec![f16::ZERO; size]).collect(),
-            values: (0..config.n_layer).map(|_| vec![f16::ZERO; size]).collect(),
-            kv_heads: config.n_head_kv,
-            head_dim: config.head_dim,
-            capacity,
-        };
-        Ok(Self { store: Store::Host(host), len: 0, capacity })
+        let shape = config.kv_shape(capacity.max(1));
+        Ok(Self { store: Store::Host(KvStore::new(shape, 1)), len: 0, capacity })
     }
 
     /// An empty cache on `device` for up to `capacity` positions.
@@ -79,8 +66,8 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// The host store, for the CPU pass.
-    pub(crate) fn host(&mut self) -> Result<&mut HostKv, ModelError> {
+    /// The host store (block table [`WHOLE`]), for the CPU pass.
+    pub(crate) fn host(&mut self) -> Result<&mut KvStore, ModelError> {
         match &mut self.store {
             Store::Host(h) => Ok(h),
             Store::Device(_) => Err(misplaced()),
@@ -122,24 +109,4 @@ impl KvCache {
 
 fn misplaced() -> ModelError {
     ModelError::Config("this KV cache was made for a model on another device".into())
-}
-
-impl HostKv {
-    /// Writes keys and values (kv_heads, n, head_dim) of `layer` for the `n` positions after
-    /// position `at` (rounded to f16).
-    pub(crate) fn write(&mut self, layer: usize, at: usize, k: &[f32], v: &[f32], n: usize) {
-        let d = self.head_dim;
-        for (cache, src) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
-            for h in 0..self.kv_heads {
-                let dst = &mut cache[(h * self.capacity + at) * d..(h * self.capacity + at + n) * d];
-                let src = &src[h * n * d..(h + 1) * n * d];
-                dst.iter_mut().zip(src).for_each(|(o, &x)| *o = f16::from_f32(x));
-            }
-        }
-    }
-
-    /// Keys and values of `layer`, (kv_heads, capacity, head_dim).
-    pub(crate) fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
-        (&self.keys[layer], &self.values[layer])
-    }
 }

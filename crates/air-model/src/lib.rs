@@ -26,6 +26,6 @@ pub use device::{ComputeDevice, UploadStats};
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::Linear;
-pub use model::{LoadOptions, Logits, Model, Sequence};
+pub use model::{LoadOptions, Logits, Model, PagedSequence, Sequence};
 pub use synth::{SYNTH_TYPES, SynthSpec};
 pub use weights::{LayerWeights, Weights};

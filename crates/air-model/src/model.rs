@@ -1,9 +1,11 @@
 use crate::Linear;
-use crate::attention::{AttentionShape, causal_attention};
+use crate::attention::{AttentionShape, F32_QUERY_ROWS, causal_attention};
 use crate::device::{ComputeDevice, DeviceModel, DeviceOptions, UploadStats};
+use crate::kv_cache::WHOLE;
 use crate::rope::{Rope, RopeTables};
 use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
+use air_kv::{BlockId, KvStore};
 use air_stream::{LayerStreamer, ResidencyPlan, StreamOptions};
 use candle_core::{Device, Tensor};
 use std::ops::Range;
@@ -35,11 +37,31 @@ impl Sequence<'_> {
     }
 }
 
-/// A sequence's share of a pass: its cache, its rows in the stacked activations, its RoPE.
+/// One sequence of a batch whose keys and values live in a shared paged [`KvStore`].
+pub struct PagedSequence<'a> {
+    /// New tokens, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Positions already in the cache.
+    pub start: usize,
+    /// The sequence's blocks in position order, covering at least `start + tokens.len()`.
+    pub blocks: &'a [BlockId],
+    /// How many leading tokens of this call attention computes by its prompt path (f32 tiles);
+    /// the rest by its generation path. Rows computed by the same path give the same bits
+    /// however the sequence is chunked or batched; llama.cpp takes the prompt path for prompts
+    /// of 64 tokens or more.
+    pub prompt_rows: usize,
+}
+
+/// A sequence's share of a host pass: its store and block table, its rows in the stacked
+/// activations, its RoPE.
 struct Part<'a> {
-    cache: &'a mut KvCache,
+    /// Index of its store among the pass's stores.
+    store: usize,
+    table: &'a [BlockId],
+    start: usize,
     row: usize,
     n: usize,
+    prompt_rows: usize,
     tables: RopeTables,
     local_tables: Option<RopeTables>,
 }
@@ -195,54 +217,121 @@ impl Model {
         if let Some(on_device) = &self.on_device {
             return on_device.forward_batch(self, batch, logits);
         }
-        // One hand-off to the compute pool per pass: the pass runs on a pool thread, so its
-        // parallel regions (a dozen per layer) do not each wake the calling thread.
-        rayon::scope(|_| self.forward_on_pool(batch, logits))
-    }
-
-    fn forward_on_pool(&self, batch: &mut [Sequence<'_>], logits: Logits) -> Result<Vec<f32>, ModelError> {
-        let mut tokens = Vec::new();
         let mut parts = Vec::with_capacity(batch.len());
-        for seq in batch.iter_mut() {
+        let mut tokens = Vec::new();
+        for (i, seq) in batch.iter().enumerate() {
             let (start, n) = seq.span()?;
-            let tables = self.rope.tables(start, n, &self.device)?;
-            let local_tables = self.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
-            parts.push(Part { cache: &mut *seq.cache, row: tokens.len(), n, tables, local_tables });
+            let prompt_rows = if n >= F32_QUERY_ROWS { n } else { 0 };
+            parts.push(self.part(i, &WHOLE, start, tokens.len(), n, prompt_rows)?);
             tokens.extend_from_slice(seq.tokens);
         }
+        let mut stores = batch.iter_mut().map(|s| s.cache.host()).collect::<Result<Vec<_>, _>>()?;
+        let out = self.forward_on_pool(&mut stores, &mut parts, &tokens, logits)?;
+        for seq in batch.iter_mut() {
+            seq.cache.advance(seq.tokens.len());
+        }
+        Ok(out)
+    }
+
+    /// Runs several sequences whose keys and values live in the paged `store` through one pass
+    /// (see [`Self::forward_batch`]), writing their new keys and values through their block
+    /// tables. Host (CPU) models only.
+    pub fn forward_paged(
+        &self,
+        store: &mut KvStore,
+        batch: &[PagedSequence<'_>],
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        if self.on_device.is_some() {
+            return Err(ModelError::Device("the paged KV cache is not on GPUs yet".into()));
+        }
+        if store.shape() != self.config.kv_shape(store.shape().block_size) {
+            return Err(ModelError::Config("the KV store was made for another model".into()));
+        }
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut tokens = Vec::new();
+        for seq in batch {
+            let n = seq.tokens.len();
+            let end = seq.start + n;
+            let covered = seq.blocks.len() * store.shape().block_size;
+            if end > covered.min(self.config.context_length) {
+                return Err(ModelError::ContextOverflow { needed: end, capacity: covered });
+            }
+            if seq.blocks.iter().any(|&b| b as usize >= store.blocks()) {
+                return Err(ModelError::Config("a block table names a block outside the KV store".into()));
+            }
+            parts.push(self.part(0, seq.blocks, seq.start, tokens.len(), n, seq.prompt_rows.min(n))?);
+            tokens.extend_from_slice(seq.tokens);
+        }
+        self.forward_on_pool(&mut [store], &mut parts, &tokens, logits)
+    }
+
+    /// A sequence's share of a host pass, with the RoPE tables of its positions.
+    fn part<'a>(
+        &self,
+        store: usize,
+        table: &'a [BlockId],
+        start: usize,
+        row: usize,
+        n: usize,
+        prompt_rows: usize,
+    ) -> Result<Part<'a>, ModelError> {
+        let tables = self.rope.tables(start, n, &self.device)?;
+        let local_tables = self.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
+        Ok(Part { store, table, start, row, n, prompt_rows, tables, local_tables })
+    }
+
+    /// The host pass over `tokens` (the sequences' rows, stacked), on the compute pool: one
+    /// hand-off per pass, so its parallel regions (a dozen per layer) do not each wake the
+    /// calling thread.
+    fn forward_on_pool(
+        &self,
+        stores: &mut [&mut KvStore],
+        parts: &mut [Part<'_>],
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        let mut x = self.weights.token_embd.rows(&tokens)?;
-        if let Some(scale) = self.config.embedding_scale {
-            x = (x * scale as f64)?;
-        }
-        for (i, layer) in self.weights.layers.iter().enumerate() {
-            let _resident = self.streamer.acquire(i)?;
-            x = self.block(i, layer, &x, &mut parts)?;
-        }
-        let mut rows = Vec::new();
-        for part in &mut parts {
-            part.cache.advance(part.n);
-            let from = match logits {
-                Logits::Last => part.n.saturating_sub(1),
-                Logits::From(i) => i,
-            };
-            rows.extend(part.row + from.min(part.n)..part.row + part.n);
-        }
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
-        let x = x.index_select(&index, 0)?;
-        let x = crate::ops::rms_norm(&x, &self.weights.output_norm, self.config.rms_norm_eps)?;
-        let out = self.weights.output.forward(&x)?;
-        Ok(out.flatten_all()?.to_vec1::<f32>()?)
+        rayon::scope(|_| {
+            let mut x = self.weights.token_embd.rows(tokens)?;
+            if let Some(scale) = self.config.embedding_scale {
+                x = (x * scale as f64)?;
+            }
+            for (i, layer) in self.weights.layers.iter().enumerate() {
+                let _resident = self.streamer.acquire(i)?;
+                x = self.block(i, layer, &x, stores, parts)?;
+            }
+            let mut rows = Vec::new();
+            for part in parts.iter() {
+                let from = match logits {
+                    Logits::Last => part.n.saturating_sub(1),
+                    Logits::From(i) => i,
+                };
+                rows.extend(part.row + from.min(part.n)..part.row + part.n);
+            }
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
+            let x = x.index_select(&index, 0)?;
+            let x = crate::ops::rms_norm(&x, &self.weights.output_norm, self.config.rms_norm_eps)?;
+            let out = self.weights.output.forward(&x)?;
+            Ok(out.flatten_all()?.to_vec1::<f32>()?)
+        })
     }
 
     /// One transformer block over the rows of every sequence: pre-norm attention and gated
     /// feed-forward, each with a residual (and, per family, QK-norm and post-norms).
-    fn block(&self, index: usize, w: &LayerWeights, x: &Tensor, parts: &mut [Part<'_>]) -> Result<Tensor, ModelError> {
+    fn block(
+        &self,
+        index: usize,
+        w: &LayerWeights,
+        x: &Tensor,
+        stores: &mut [&mut KvStore],
+        parts: &[Part<'_>],
+    ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let rows = x.dim(0)?;
         let (window, _) = c.layer_attention(index);
@@ -262,7 +351,7 @@ impl Model {
         let k_all = project(&w.wk, &w.bk, &w.k_norm, c.n_head_kv)?;
         let v_all = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
         let mut attn = Vec::with_capacity(rows * c.n_head * c.head_dim);
-        for part in parts.iter_mut() {
+        for part in parts {
             let (rope, tables) = match (&self.local_rope, &part.local_tables, window) {
                 (Some(r), Some(t), Some(_)) => (r, t),
                 _ => (&self.rope, &part.tables),
@@ -280,19 +369,17 @@ impl Model {
             let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?;
             let v = heads_first(&v_all, c.n_head_kv)?;
             let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-            let (start, capacity) = (part.cache.len(), part.cache.capacity());
-            let store = part.cache.host()?;
-            store.write(index, start, &flat(k)?, &flat(v)?, part.n);
-            let (keys, values) = store.layer(index);
+            let store = &mut *stores[part.store];
+            store.write(index, part.table, part.start, &flat(k)?, &flat(v)?, part.n);
             let shape = AttentionShape {
                 heads: c.n_head,
                 kv_heads: c.n_head_kv,
                 head_dim: c.head_dim,
-                capacity,
                 scale: score_scale,
                 window,
             };
-            attn.extend(causal_attention(&flat(q)?, keys, values, start, part.n, shape));
+            let kv = store.layer(index, part.table);
+            attn.extend(causal_attention(&flat(q)?, kv, part.start, part.n, part.prompt_rows, shape));
         }
         let attn = Tensor::from_vec(attn, (rows, c.n_head * c.head_dim), &self.device)?;
         let x = (x + self.post_norm(w.wo.forward(&attn)?, &w.post_attn_norm)?)?;

@@ -1,14 +1,17 @@
 //! Causal grouped-query attention over an f16 KV cache, with the numerics of ggml's CPU
 //! flash-attention kernel (what llama.cpp runs by default), so logits agree with llama.cpp's.
 //!
-//! Like ggml, two paths. For fewer than [`F32_QUERY_ROWS`] query rows (generation), one pass
-//! per query row with an online softmax (running max, running sum), the query rounded to f16 and
-//! the value accumulator kept in f16. For more (prompts), f32 tiles ([`tiled`]).
+//! Like ggml, two paths. For generation, one pass per query row with an online softmax (running
+//! max, running sum), the query rounded to f16 and the value accumulator kept in f16. For
+//! prompts, f32 tiles ([`tiled`]). ggml picks by the rows of a call (tiles from
+//! [`F32_QUERY_ROWS`] on); the caller picks here, per row, so that a row's result does not
+//! depend on how a prompt was split into chunks or batched with others. Keys and values are read
+//! through the sequence's block table ([`LayerView`]).
 
 mod tiled;
 
 use crate::exp::{EXP_LANES, sum16};
-use half::f16;
+use air_kv::LayerView;
 use half::slice::HalfFloatSliceExt;
 
 /// From this many query rows on, ggml switches to its tiled f32 kernel.
@@ -20,8 +23,6 @@ pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// Positions the cache can hold (stride between KV heads, in rows).
-    pub capacity: usize,
     /// Multiplier of the scores (usually 1/sqrt(head_dim)).
     pub scale: f32,
     /// Sliding window: a query sees only the last `window` positions (itself included).
@@ -29,11 +30,9 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
-    /// The rows of KV head serving query head `h` in a (kv_heads, capacity, head_dim) cache.
-    fn kv_head<'a>(&self, cache: &'a [f16], h: usize) -> &'a [f16] {
-        let kv = h / (self.heads / self.kv_heads);
-        let rows = self.capacity * self.head_dim;
-        &cache[kv * rows..(kv + 1) * rows]
+    /// The KV head serving query head `h`.
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
     }
 
     /// The cached positions a query at `pos` attends to: all before it and itself, or only the
@@ -44,27 +43,33 @@ impl AttentionShape {
 }
 
 /// Attention of `n` query rows at positions `start..start + n` over cached positions
-/// `0..start + n`. `q` is (heads, n, head_dim); `keys`/`values` are (kv_heads, capacity, head_dim);
-/// the result is (n, heads * head_dim).
+/// `0..start + n`: the first `tiled_rows` rows by the prompt path, the rest by the generation
+/// path. `q` is (heads, n, head_dim); the result is (n, heads * head_dim).
 pub fn causal_attention(
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
+    kv: LayerView<'_>,
     start: usize,
     n: usize,
+    tiled_rows: usize,
     s: AttentionShape,
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let d = s.head_dim;
+    let tiled_rows = tiled_rows.min(n);
     // Heads are independent: each worker computes one head's (n, d) block.
     let per_head: Vec<Vec<f32>> = (0..s.heads)
         .into_par_iter()
         .map(|h| {
-            if n < F32_QUERY_ROWS {
-                head_attention(q, keys, values, start, n, h, s)
-            } else {
-                tiled::head_attention(q, keys, values, start, n, h, s)
+            let q_head = &q[h * n * d..(h + 1) * n * d];
+            let (q_tiled, q_rows) = q_head.split_at(tiled_rows * d);
+            let mut out = Vec::with_capacity(n * d);
+            if tiled_rows > 0 {
+                out.extend(tiled::head_attention(q_tiled, kv, start, tiled_rows, h, s));
             }
+            if tiled_rows < n {
+                out.extend(head_attention(q_rows, kv, start + tiled_rows, n - tiled_rows, h, s));
+            }
+            out
         })
         .collect();
     let mut out = vec![0f32; n * s.heads * d];
@@ -76,30 +81,23 @@ pub fn causal_attention(
     out
 }
 
-/// One query head over its KV head, generation path: (n, head_dim). As ggml's kernel: the
-/// query rounded to f16, scores by [`dot_f16`], the value accumulator kept in f16 (widened,
-/// updated with one FMA, rounded back), the result times 1/sum.
-fn head_attention(
-    q: &[f32],
-    keys: &[f16],
-    values: &[f16],
-    start: usize,
-    n: usize,
-    h: usize,
-    s: AttentionShape,
-) -> Vec<f32> {
+/// Query head `h` over its KV head, generation path: `q` and the result are (n, head_dim). As
+/// ggml's kernel: the query rounded to f16, scores by [`dot_f16`], the value accumulator kept
+/// in f16 (widened, updated with one FMA, rounded back), the result times 1/sum.
+fn head_attention(q: &[f32], kv: LayerView<'_>, start: usize, n: usize, h: usize, s: AttentionShape) -> Vec<f32> {
+    use half::f16;
     let d = s.head_dim;
-    let (k_head, v_head) = (s.kv_head(keys, h), s.kv_head(values, h));
+    let kv_head = s.kv_head(h);
     let mut out = vec![0f32; n * d];
     let (mut q_row, mut acc, mut v_row, mut k_row) = (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
     let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
     for i in 0..n {
-        q16.convert_from_f32_slice(&q[(h * n + i) * d..(h * n + i + 1) * d]);
+        q16.convert_from_f32_slice(&q[i * d..(i + 1) * d]);
         q16.convert_to_f32_slice(&mut q_row);
         acc16.fill(f16::ZERO);
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
         for j in s.visible(start + i) {
-            k_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut k_row);
+            kv.key(kv_head, j).convert_to_f32_slice(&mut k_row);
             let score = dot_f16(&k_row, &q_row) * s.scale;
             // On a new maximum rescale the accumulator, then add the weighted value.
             let (rescale, weight) = if score > max {
@@ -112,7 +110,7 @@ fn head_attention(
             } else {
                 (1.0, (score - max).exp())
             };
-            v_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut v_row);
+            kv.value(kv_head, j).convert_to_f32_slice(&mut v_row);
             acc16.convert_to_f32_slice(&mut acc);
             for (a, &v) in acc.iter_mut().zip(&v_row) {
                 *a = v.mul_add(weight, *a);
@@ -154,20 +152,20 @@ fn dot_f16(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use air_kv::{KvShape, KvStore};
 
     /// Plain softmax attention in f64 as the oracle.
-    fn naive(q: &[f32], k: &[f16], v: &[f16], start: usize, n: usize, s: AttentionShape) -> Vec<f32> {
+    fn naive(q: &[f32], kv: LayerView<'_>, start: usize, n: usize, s: AttentionShape) -> Vec<f32> {
         let d = s.head_dim;
         let mut out = vec![0f32; n * s.heads * d];
         for h in 0..s.heads {
-            let kv = h / (s.heads / s.kv_heads);
+            let kvh = s.kv_head(h);
             for i in 0..n {
                 let qr = &q[(h * n + i) * d..(h * n + i + 1) * d];
                 let first = s.window.map_or(0, |w| (start + i + 1).saturating_sub(w));
                 let scores: Vec<f64> = (0..=start + i)
                     .map(|j| {
-                        let kr = &k[(kv * s.capacity + j) * d..(kv * s.capacity + j + 1) * d];
-                        let dot = qr.iter().zip(kr).map(|(a, b)| *a as f64 * b.to_f64()).sum::<f64>();
+                        let dot = qr.iter().zip(kv.key(kvh, j)).map(|(a, b)| *a as f64 * b.to_f64()).sum::<f64>();
                         if j < first { f64::NEG_INFINITY } else { dot * s.scale as f64 }
                     })
                     .collect();
@@ -175,8 +173,7 @@ mod tests {
                 let w: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let total: f64 = w.iter().sum();
                 for c in 0..d {
-                    let val: f64 =
-                        w.iter().enumerate().map(|(j, wj)| wj * v[(kv * s.capacity + j) * d + c].to_f64()).sum();
+                    let val: f64 = w.iter().enumerate().map(|(j, wj)| wj * kv.value(kvh, j)[c].to_f64()).sum();
                     out[(i * s.heads + h) * d + c] = (val / total) as f32;
                 }
             }
@@ -185,23 +182,15 @@ mod tests {
     }
 
     #[test]
-    fn matches_plain_softmax_attention() {
-        let s = AttentionShape {
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 8,
-            capacity: 100,
-            scale: 1.0 / 8f32.sqrt(),
-            window: None,
-        };
+    fn matches_plain_softmax_attention_and_rows_do_not_depend_on_the_call() {
+        let s = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8, scale: 1.0 / 8f32.sqrt(), window: None };
         let mut seed = 1u32;
         let mut rnd = move || {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        let kv_len = s.kv_heads * s.capacity * 64;
-        let k: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd() * 4.0)).collect();
-        let v: Vec<f16> = (0..kv_len).map(|_| f16::from_f32(rnd())).collect();
+        // 112 positions in 7 blocks of 16, scattered over a store of 9.
+        let table = [5, 0, 8, 2, 7, 1, 3];
         let windowed = AttentionShape { window: Some(4), ..s };
         let wide = AttentionShape { head_dim: 64, scale: 0.125, ..s };
         let cases = [
@@ -216,12 +205,31 @@ mod tests {
             (0, 90, AttentionShape { window: Some(70), ..wide }),
         ];
         for (start, n, s) in cases {
+            let shape = KvShape { layers: 1, kv_heads: s.kv_heads, head_dim: s.head_dim, block_size: 16 };
+            let mut store = KvStore::new(shape, 9);
+            let len = s.kv_heads * (start + n) * s.head_dim;
+            let k: Vec<f32> = (0..len).map(|_| rnd() * 4.0).collect();
+            let v: Vec<f32> = (0..len).map(|_| rnd()).collect();
+            store.write(0, &table, 0, &k, &v, start + n);
+            let kv = store.layer(0, &table);
             let q: Vec<f32> = (0..s.heads * n * s.head_dim).map(|_| rnd() * 4.0).collect();
-            let got = causal_attention(&q, &k, &v, start, n, s);
-            let want = naive(&q, &k, &v, start, n, s);
-            let tolerance = if n < F32_QUERY_ROWS { 2e-2 } else { 1e-5 };
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < tolerance, "start {start} n {n}: {g} vs {w}");
+            let want = naive(&q, kv, start, n, s);
+            let d = s.head_dim;
+            // Rows of head h, rows..: (heads, n, d) -> (heads, rows, d).
+            let rows_of = |range: std::ops::Range<usize>| -> Vec<f32> {
+                (0..s.heads).flat_map(|h| q[(h * n + range.start) * d..(h * n + range.end) * d].to_vec()).collect()
+            };
+            for (tiled_rows, tolerance) in [(0, 2e-2), (n, 1e-5)] {
+                let got = causal_attention(&q, kv, start, n, tiled_rows, s);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() < tolerance, "start {start} n {n} tiled {tiled_rows}: {g} vs {w}");
+                }
+                // The same rows split in two calls give the same bits.
+                let cut = n / 3;
+                let mut split = causal_attention(&rows_of(0..cut), kv, start, cut, tiled_rows.min(cut), s);
+                let rest = tiled_rows.saturating_sub(cut);
+                split.extend(causal_attention(&rows_of(cut..n), kv, start + cut, n - cut, rest, s));
+                assert_eq!(split, got, "start {start} n {n} tiled {tiled_rows} split at {cut}");
             }
         }
     }

@@ -8,7 +8,7 @@
 
 use super::AttentionShape;
 use crate::exp::{EXP_LANES, exp16, sum16};
-use half::f16;
+use air_kv::LayerView;
 use half::slice::HalfFloatSliceExt;
 
 /// Query rows per tile.
@@ -16,19 +16,18 @@ const Q_TILE: usize = 64;
 /// Keys per tile.
 const KV_TILE: usize = 64;
 
-/// One query head over its KV head: (n, head_dim).
+/// Query head `h` over its KV head: `q` and the result are (n, head_dim). Key tiles are aligned
+/// to absolute positions, so a row's result does not depend on the other rows of the call.
 pub(super) fn head_attention(
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
+    kv: LayerView<'_>,
     start: usize,
     n: usize,
     h: usize,
     s: AttentionShape,
 ) -> Vec<f32> {
     let d = s.head_dim;
-    let (k_head, v_head) = (s.kv_head(keys, h), s.kv_head(values, h));
-    let q = &q[h * n * d..(h + 1) * n * d];
+    let kv_head = s.kv_head(h);
     let mut out = vec![0f32; n * d];
     let visible = |row: usize| s.visible(start + row);
     // Every key tile any query row sees, widened to f32 once: keys transposed per tile
@@ -41,14 +40,15 @@ pub(super) fn head_attention(
     for tile in first_tile..end_tile {
         let k_t = &mut k_tiles[(tile - first_tile) * d * KV_TILE..][..d * KV_TILE];
         for (t, j) in tile_keys(tile).enumerate() {
-            k_head[j * d..(j + 1) * d].convert_to_f32_slice(&mut widened);
+            kv.key(kv_head, j).convert_to_f32_slice(&mut widened);
             for (c, &v) in widened.iter().enumerate() {
                 k_t[c * KV_TILE + t] = v;
             }
         }
-        let keys = tile_keys(tile);
-        let v_tile = &mut v_tiles[(tile - first_tile) * KV_TILE * d..][..keys.len() * d];
-        v_head[keys.start * d..keys.end * d].convert_to_f32_slice(v_tile);
+        let v_tile = &mut v_tiles[(tile - first_tile) * KV_TILE * d..][..KV_TILE * d];
+        for (t, j) in tile_keys(tile).enumerate() {
+            kv.value(kv_head, j).convert_to_f32_slice(&mut v_tile[t * d..(t + 1) * d]);
+        }
     }
     let mut scores = vec![[0f32; KV_TILE]; Q_TILE];
     let mut acc = vec![0f32; Q_TILE * d];
