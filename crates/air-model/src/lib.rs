@@ -21,6 +21,7 @@ mod rope;
 mod synth;
 mod weights;
 
+pub use attention::F32_QUERY_ROWS;
 pub use config::{Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
 pub use device::{ComputeDevice, UploadStats};
 pub use error::ModelError;

@@ -1,0 +1,147 @@
+//! The model runner: a dedicated compute thread that owns the model and the KV store, runs each
+//! step's plan as one batched pass and samples the next tokens. The async runtime never computes.
+
+use crate::request::TokenLogprobs;
+use crate::scheduler::{SeqId, StepPlan};
+use air_kv::KvStore;
+use air_model::{Logits, Model, PagedSequence};
+use air_sampling::{Sampler, SamplingParams};
+use std::collections::HashMap;
+use std::sync::mpsc;
+
+/// A token sampled for a sequence in a step.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Sampled {
+    pub id: SeqId,
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// What the runner needs to know of a sequence before its first step.
+pub(crate) struct SeqSetup {
+    pub id: SeqId,
+    pub sampling: SamplingParams,
+    pub logprobs: Option<usize>,
+}
+
+/// Work for the compute thread.
+pub(crate) enum RunnerMsg {
+    /// A new sequence's sampler.
+    Setup(SeqSetup),
+    /// A step; the result goes to the callback.
+    Step(StepPlan),
+}
+
+/// A sequence's state on the compute thread.
+struct RunnerSeq {
+    sampler: Sampler,
+    /// Every token so far (for penalties), rebuilt from the chunks the plans carry.
+    history: Vec<u32>,
+    logprobs: Option<usize>,
+}
+
+/// The model, its KV store and the samplers of the sequences.
+pub(crate) struct Runner {
+    model: Model,
+    store: KvStore,
+    seqs: HashMap<SeqId, RunnerSeq>,
+}
+
+impl Runner {
+    pub fn new(model: Model, store: KvStore) -> Self {
+        Self { model, store, seqs: HashMap::new() }
+    }
+
+    /// Starts the compute thread; each step's plan and result go to `done`.
+    pub fn spawn(
+        mut self,
+        done: impl Fn(StepPlan, Result<Vec<Sampled>, String>) -> bool + Send + 'static,
+    ) -> std::io::Result<mpsc::Sender<RunnerMsg>> {
+        let (tx, rx) = mpsc::channel::<RunnerMsg>();
+        std::thread::Builder::new().name("air-compute".into()).spawn(move || {
+            while let Ok(msg) = rx.recv() {
+                match msg {
+                    RunnerMsg::Setup(setup) => self.setup(setup),
+                    RunnerMsg::Step(plan) => {
+                        let result = self.step(&plan);
+                        if !done(plan, result) {
+                            break;
+                        }
+                    }
+                }
+            }
+        })?;
+        Ok(tx)
+    }
+
+    fn setup(&mut self, s: SeqSetup) {
+        // Parameters were validated at submission.
+        if let Ok(sampler) = Sampler::new(s.sampling) {
+            self.seqs.insert(s.id, RunnerSeq { sampler, history: Vec::new(), logprobs: s.logprobs });
+        }
+    }
+
+    /// One batched pass over the plan's chunks, then a token for each sequence that samples.
+    fn step(&mut self, plan: &StepPlan) -> Result<Vec<Sampled>, String> {
+        for id in &plan.finished {
+            self.seqs.remove(id);
+        }
+        let batch: Vec<PagedSequence<'_>> = plan
+            .entries
+            .iter()
+            .map(|e| PagedSequence { tokens: &e.tokens, start: e.start, blocks: &e.blocks, prompt_rows: e.prompt_rows })
+            .collect();
+        let logits = self.model.forward_paged(&mut self.store, &batch, Logits::Last).map_err(|e| e.to_string())?;
+        let vocab = self.model.vocab_size();
+        let mut sampled = Vec::new();
+        for (e, row) in plan.entries.iter().zip(logits.chunks_exact(vocab)) {
+            let seq = self.seqs.get_mut(&e.id).ok_or_else(|| format!("sequence {} has no sampler", e.id))?;
+            seq.history.truncate(e.start);
+            seq.history.extend_from_slice(&e.tokens);
+            if !e.sample {
+                continue;
+            }
+            let token = seq.sampler.sample(row, &seq.history);
+            let logprobs = seq.logprobs.map(|top| token_logprobs(row, token, top));
+            sampled.push(Sampled { id: e.id, token, logprobs });
+        }
+        Ok(sampled)
+    }
+}
+
+/// The log-probability of `token` under the softmax of `logits`, with the `top` most likely.
+fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let log_sum = max + logits.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() < top || x > best[best.len() - 1].1 {
+                let at = best.partition_point(|&(_, y)| y >= x);
+                best.insert(at, (i as u32, x));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprobs {
+        logprob: logits[token as usize] - log_sum,
+        top: best.into_iter().map(|(i, x)| (i, x - log_sum)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_normalized_and_ranked() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let lp = token_logprobs(&logits, 2, 2);
+        let total: f32 = logits.iter().map(|&x| (x - 3.0).exp()).sum();
+        let want = |x: f32| x - 3.0 - total.ln();
+        assert!((lp.logprob - want(2.0)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((lp.top[0].1 - want(3.0)).abs() < 1e-6);
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+    }
+}
