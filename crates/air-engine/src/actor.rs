@@ -39,6 +39,7 @@ struct Client {
     text: StopText,
     prompt_len: usize,
     max_tokens: usize,
+    ignore_eos: bool,
     generated: usize,
     submitted: Instant,
     first_token: Option<Instant>,
@@ -134,7 +135,8 @@ impl SchedulerState {
         let id = self.next_id;
         self.scheduler.admit(id, request.prompt, prompt_len + max_tokens)?;
         self.next_id += 1;
-        let setup = SeqSetup { id, sampling: request.sampling, logprobs: request.logprobs };
+        let max_len = prompt_len + max_tokens;
+        let setup = SeqSetup { id, max_len, sampling: request.sampling, logprobs: request.logprobs };
         self.runner.send(RunnerMsg::Setup(setup)).map_err(|_| EngineError::Stopped)?;
         self.clients.insert(
             id,
@@ -144,6 +146,7 @@ impl SchedulerState {
                 text: StopText::new(request.stop),
                 prompt_len,
                 max_tokens,
+                ignore_eos: request.ignore_eos,
                 generated: 0,
                 submitted: Instant::now(),
                 first_token: None,
@@ -190,7 +193,7 @@ impl SchedulerState {
     fn on_token(&mut self, s: Sampled) -> Option<(SeqId, FinishReason)> {
         let client = self.clients.get_mut(&s.id)?;
         client.first_token.get_or_insert_with(Instant::now);
-        if self.tokenizer.is_end_of_generation(s.token) {
+        if !client.ignore_eos && self.tokenizer.is_end_of_generation(s.token) {
             return Some((s.id, FinishReason::Eos));
         }
         self.scheduler.push_token(s.id, s.token);

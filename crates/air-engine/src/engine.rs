@@ -3,7 +3,7 @@
 use crate::actor::{SchedulerActor, SchedulerArgs, SchedulerMsg};
 use crate::mux::{ModelMux, MuxMsg};
 use crate::request::{EngineError, Event, Request};
-use crate::runner::Runner;
+use crate::runner::{KvMemory, Runner};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerStats, SeqId};
 use air_kv::KvStore;
 use air_model::Model;
@@ -108,11 +108,17 @@ impl Engine {
                 });
             }
             let context_length = m.model.config().context_length;
+            let (kv, scheduler) = if m.model.supports_paged_kv() {
+                (KvMemory::Paged(KvStore::new(shape, blocks)), s)
+            } else {
+                // Prefix reuse needs the shared paged store.
+                (KvMemory::PerSequence, SchedulerConfig { prefix_caching: false, ..s })
+            };
             let args = SchedulerArgs {
-                scheduler: Scheduler::new(s, blocks, config.block_size),
+                scheduler: Scheduler::new(scheduler, blocks, config.block_size),
                 vocab_size: m.model.vocab_size(),
                 context_length,
-                runner: Runner::new(m.model, KvStore::new(shape, blocks)),
+                runner: Runner::new(m.model, kv),
                 tokenizer: m.tokenizer,
             };
             let (actor, _) = Actor::spawn(None, SchedulerActor, args).await?;

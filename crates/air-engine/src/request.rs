@@ -18,12 +18,22 @@ pub struct Request {
     /// Alternatives per token to report with their log-probabilities (`Some(0)`: only the
     /// chosen token's); `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Keep generating past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Request {
     /// A request for `prompt` with llama.cpp's default sampling.
     pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
-        Self { model: None, prompt, max_tokens, sampling: SamplingParams::default(), stop: Vec::new(), logprobs: None }
+        Self {
+            model: None,
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            logprobs: None,
+            ignore_eos: false,
+        }
     }
 }
 

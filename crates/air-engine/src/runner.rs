@@ -4,7 +4,7 @@
 use crate::request::TokenLogprobs;
 use crate::scheduler::{SeqId, StepPlan};
 use air_kv::KvStore;
-use air_model::{Logits, Model, PagedSequence};
+use air_model::{KvCache, Logits, Model, PagedSequence, Sequence};
 use air_sampling::{Sampler, SamplingParams};
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -20,6 +20,8 @@ pub(crate) struct Sampled {
 /// What the runner needs to know of a sequence before its first step.
 pub(crate) struct SeqSetup {
     pub id: SeqId,
+    /// The most positions the sequence may reach.
+    pub max_len: usize,
     pub sampling: SamplingParams,
     pub logprobs: Option<usize>,
 }
@@ -32,8 +34,20 @@ pub(crate) enum RunnerMsg {
     Step(StepPlan),
 }
 
+/// Where keys and values live.
+pub(crate) enum KvMemory {
+    /// Blocks of one paged store, through each step's block tables (host models).
+    Paged(KvStore),
+    /// A cache per sequence, sized for its longest length (models on a GPU, until the paged
+    /// cache runs there); the scheduler's blocks only account for it.
+    PerSequence,
+}
+
 /// A sequence's state on the compute thread.
 struct RunnerSeq {
+    /// Its own cache, under [`KvMemory::PerSequence`].
+    cache: Option<KvCache>,
+    max_len: usize,
     sampler: Sampler,
     /// Every token so far (for penalties), rebuilt from the chunks the plans carry.
     history: Vec<u32>,
@@ -43,13 +57,13 @@ struct RunnerSeq {
 /// The model, its KV store and the samplers of the sequences.
 pub(crate) struct Runner {
     model: Model,
-    store: KvStore,
+    kv: KvMemory,
     seqs: HashMap<SeqId, RunnerSeq>,
 }
 
 impl Runner {
-    pub fn new(model: Model, store: KvStore) -> Self {
-        Self { model, store, seqs: HashMap::new() }
+    pub fn new(model: Model, kv: KvMemory) -> Self {
+        Self { model, kv, seqs: HashMap::new() }
     }
 
     /// Starts the compute thread; each step's plan and result go to `done`.
@@ -77,7 +91,8 @@ impl Runner {
     fn setup(&mut self, s: SeqSetup) {
         // Parameters were validated at submission.
         if let Ok(sampler) = Sampler::new(s.sampling) {
-            self.seqs.insert(s.id, RunnerSeq { sampler, history: Vec::new(), logprobs: s.logprobs });
+            let seq = RunnerSeq { cache: None, max_len: s.max_len, sampler, history: Vec::new(), logprobs: s.logprobs };
+            self.seqs.insert(s.id, seq);
         }
     }
 
@@ -86,12 +101,23 @@ impl Runner {
         for id in &plan.finished {
             self.seqs.remove(id);
         }
-        let batch: Vec<PagedSequence<'_>> = plan
-            .entries
-            .iter()
-            .map(|e| PagedSequence { tokens: &e.tokens, start: e.start, blocks: &e.blocks, prompt_rows: e.prompt_rows })
-            .collect();
-        let logits = self.model.forward_paged(&mut self.store, &batch, Logits::Last).map_err(|e| e.to_string())?;
+        let logits = match &mut self.kv {
+            KvMemory::Paged(store) => {
+                let batch: Vec<PagedSequence<'_>> = plan
+                    .entries
+                    .iter()
+                    .map(|e| PagedSequence {
+                        tokens: &e.tokens,
+                        start: e.start,
+                        blocks: &e.blocks,
+                        prompt_rows: e.prompt_rows,
+                    })
+                    .collect();
+                self.model.forward_paged(store, &batch, Logits::Last)
+            }
+            KvMemory::PerSequence => forward_per_sequence(&self.model, &mut self.seqs, plan),
+        }
+        .map_err(|e| e.to_string())?;
         let vocab = self.model.vocab_size();
         let mut sampled = Vec::new();
         for (e, row) in plan.entries.iter().zip(logits.chunks_exact(vocab)) {
@@ -107,6 +133,38 @@ impl Runner {
         }
         Ok(sampled)
     }
+}
+
+/// One pass over the plan with a cache per sequence, made at its first step and cleared when
+/// it is computed again from the start (after a preemption).
+fn forward_per_sequence(
+    model: &Model,
+    seqs: &mut HashMap<SeqId, RunnerSeq>,
+    plan: &StepPlan,
+) -> Result<Vec<f32>, air_model::ModelError> {
+    let mut caches = Vec::with_capacity(plan.entries.len());
+    for e in &plan.entries {
+        let seq =
+            seqs.get_mut(&e.id).ok_or_else(|| air_model::ModelError::Config(format!("unknown sequence {}", e.id)))?;
+        let mut cache = match seq.cache.take() {
+            Some(cache) => cache,
+            None => model.new_cache(seq.max_len)?,
+        };
+        if e.start == 0 {
+            cache.clear();
+        }
+        caches.push(cache);
+    }
+    let mut batch: Vec<Sequence<'_>> =
+        plan.entries.iter().zip(caches.iter_mut()).map(|(e, cache)| Sequence { tokens: &e.tokens, cache }).collect();
+    let logits = model.forward_batch(&mut batch, Logits::Last);
+    drop(batch);
+    for (e, cache) in plan.entries.iter().zip(caches) {
+        if let Some(seq) = seqs.get_mut(&e.id) {
+            seq.cache = Some(cache);
+        }
+    }
+    logits
 }
 
 /// The log-probability of `token` under the softmax of `logits`, with the `top` most likely.

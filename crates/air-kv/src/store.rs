@@ -1,5 +1,6 @@
 use crate::BlockId;
 use half::f16;
+use half::slice::HalfBitsSliceExt;
 
 /// The geometry of a KV store: how many layers, KV heads of what width, positions per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,13 +25,15 @@ impl KvShape {
 }
 
 /// Keys and values in f16 (as llama.cpp's default cache), `blocks` blocks per layer, allocated
-/// up front (zeroed pages are only touched when written). Layout per layer and block:
-/// (kv_heads, block_size, head_dim).
+/// up front as zeroed memory, so pages are only backed once written. Layout per layer and
+/// block: (kv_heads, block_size, head_dim).
 pub struct KvStore {
     shape: KvShape,
     blocks: usize,
-    keys: Vec<Vec<f16>>,
-    values: Vec<Vec<f16>>,
+    /// f16 bit patterns: a zeroed `Vec<u16>` comes from the allocator's zeroed pages, where a
+    /// `Vec<f16>` would be written element by element.
+    keys: Vec<Vec<u16>>,
+    values: Vec<Vec<u16>>,
 }
 
 impl KvStore {
@@ -40,8 +43,8 @@ impl KvStore {
         Self {
             shape,
             blocks,
-            keys: (0..shape.layers).map(|_| vec![f16::ZERO; len]).collect(),
-            values: (0..shape.layers).map(|_| vec![f16::ZERO; len]).collect(),
+            keys: (0..shape.layers).map(|_| vec![0u16; len]).collect(),
+            values: (0..shape.layers).map(|_| vec![0u16; len]).collect(),
         }
     }
 
@@ -64,6 +67,7 @@ impl KvStore {
         let s = self.shape;
         let d = s.head_dim;
         for (store, src) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
+            let store = store.reinterpret_cast_mut::<f16>();
             for kv in 0..s.kv_heads {
                 for (i, row) in src[kv * n * d..(kv + 1) * n * d].chunks_exact(d).enumerate() {
                     let at = offset(s, table, kv, at + i);
@@ -75,7 +79,8 @@ impl KvStore {
 
     /// What attention reads of `layer` for the sequence whose blocks are `table`.
     pub fn layer<'a>(&'a self, layer: usize, table: &'a [BlockId]) -> LayerView<'a> {
-        LayerView { keys: &self.keys[layer], values: &self.values[layer], table, shape: self.shape }
+        let (keys, values) = (self.keys[layer].reinterpret_cast::<f16>(), self.values[layer].reinterpret_cast::<f16>());
+        LayerView { keys, values, table, shape: self.shape }
     }
 }
 
@@ -138,9 +143,9 @@ mod tests {
             }
         }
         // Block 3 holds positions 0 and 1; nothing was written to layer 0 or to blocks 0 and 2.
-        assert_eq!(store.keys[1][(3 * 2) * 2 * 3 + 3].to_f32(), k[3]);
-        assert!(store.keys[0].iter().all(|x| x.to_f32() == 0.0));
-        assert!(store.keys[1][..2 * 2 * 3].iter().all(|x| x.to_f32() == 0.0));
+        assert_eq!(f16::from_bits(store.keys[1][(3 * 2) * 2 * 3 + 3]).to_f32(), k[3]);
+        assert!(store.keys[0].iter().all(|&x| x == 0));
+        assert!(store.keys[1][..2 * 2 * 3].iter().all(|&x| x == 0));
         assert_eq!(shape.block_bytes(), 2 * 2 * 2 * 2 * 3 * 2);
     }
 }

@@ -233,6 +233,12 @@ impl Model {
         Ok(out)
     }
 
+    /// Whether [`Self::forward_paged`] runs on this model (host models; a model on a GPU keeps a
+    /// [`KvCache`] per sequence in VRAM).
+    pub fn supports_paged_kv(&self) -> bool {
+        self.on_device.is_none()
+    }
+
     /// Runs several sequences whose keys and values live in the paged `store` through one pass
     /// (see [`Self::forward_batch`]), writing their new keys and values through their block
     /// tables. Host (CPU) models only.

@@ -15,6 +15,9 @@ use serde_json::json;
 use std::time::Instant;
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if !args.concurrency.is_empty() {
+        return crate::serving_bench::run(args);
+    }
     ensure!(args.runs > 0, "--runs must be at least 1");
     ensure!(args.batch > 0, "--batch must be at least 1");
     ensure!(
@@ -29,7 +32,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "the test needs {} positions but the model's context is {ctx}",
         args.prompt_tokens.max(args.gen_tokens)
     );
-    let tokens = bench_tokens(model.vocab_size(), args.prompt_tokens.max(args.batch));
+    let tokens = bench_tokens(model.vocab_size(), args.prompt_tokens.max(args.batch), 0);
 
     // One untimed pass warms the page cache and the thread pool.
     let mut cache = model.new_cache(args.prompt_tokens.max(tokens.len().min(16)))?;
@@ -137,9 +140,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// A fixed pseudo-random sequence of token ids (like llama-bench's random prompt).
-fn bench_tokens(vocab: usize, n: usize) -> Vec<u32> {
-    let mut state = 0x2545F4914F6CDD1Du64;
+/// A fixed pseudo-random sequence of token ids (like llama-bench's random prompt); each `seed`
+/// gives another.
+pub fn bench_tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut state = 0x2545F4914F6CDD1Du64 ^ seed.wrapping_mul(0x9E3779B97F4A7C15);
     (0..n)
         .map(|_| {
             state ^= state << 13;

@@ -70,6 +70,32 @@ pub struct RuntimeArgs {
     pub vram_budget: Option<ByteSize>,
 }
 
+/// How the engine batches requests and sizes its KV cache.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Memory for the KV cache (f16 keys and values in blocks), e.g. 256MiB, 2GiB (default:
+    /// what the command's requests can use at most). Requests beyond it wait, or are preempted
+    /// and computed again later.
+    #[arg(long, env = "AIR_KV_BUDGET", value_name = "SIZE")]
+    pub kv_budget: Option<ByteSize>,
+    /// Tokens per engine step over all requests: one per generating request plus chunks of
+    /// new prompts, so a long prompt never stalls the others for long.
+    #[arg(long, env = "AIR_MAX_BATCH_TOKENS", default_value_t = 512, value_name = "TOKENS")]
+    pub max_batch_tokens: usize,
+    /// Requests generating at once (vLLM's --max-num-seqs, llama-server's --parallel).
+    #[arg(long, env = "AIR_MAX_SEQS", default_value_t = 64, visible_alias = "max-num-seqs")]
+    pub max_seqs: usize,
+    /// Requests that may wait for a slot; beyond it new ones are refused as overloaded.
+    #[arg(long, env = "AIR_MAX_QUEUE", default_value_t = 1024)]
+    pub max_queue: usize,
+    /// Token positions per KV-cache block.
+    #[arg(long, env = "AIR_KV_BLOCK_SIZE", default_value_t = 16, value_name = "TOKENS")]
+    pub kv_block_size: usize,
+    /// Compute every prompt in full instead of reusing the KV cache of prefixes seen before.
+    #[arg(long, env = "AIR_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct CheckArgs {
     #[command(flatten)]
@@ -92,6 +118,8 @@ pub struct CheckArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// The prompt text (special tokens such as <|im_start|> written in it are recognised).
     #[arg(short, long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
@@ -131,6 +159,12 @@ pub struct GenerateArgs {
     /// Random seed, for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Stop when this text appears (not printed); repeatable.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// `text` streams the generated text; `json` prints one object with token ids, text and timings.
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
@@ -148,6 +182,14 @@ pub struct InfoArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Serving test instead of the single-stream one: for each level N (comma-separated, e.g.
+    /// 1,4,16), N requests of --prompt-tokens distinct tokens each generate --gen-tokens
+    /// through the engine at once; reports aggregate tokens/s, time to first token and
+    /// inter-token latency percentiles per level.
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub concurrency: Vec<usize>,
     /// Prompt length to process in one pass (0 skips the prompt test).
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,

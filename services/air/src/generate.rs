@@ -3,7 +3,9 @@
 use crate::cli::{Format, GenerateArgs};
 use crate::generation::generate;
 use crate::loaded::Loaded;
-use air_sampling::{Sampler, SamplingParams};
+use crate::serving::with_engine;
+use air_engine::Request;
+use air_sampling::SamplingParams;
 use air_tokenizer::{ChatMessage, ChatTemplate};
 use anyhow::{Context, Result, bail};
 use std::io::Write;
@@ -19,7 +21,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         ..SamplingParams::default()
     };
-    let mut sampler = Sampler::new(params)?;
+    params.validate()?;
     let loaded = Loaded::open(&args.runtime)?;
     let prompt = prompt_tokens(&loaded, &args)?;
     let context_length = loaded.model.config().context_length;
@@ -32,13 +34,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let max_tokens = args.max_tokens.min(ctx - prompt.len());
     let stream = args.format == Format::Text;
-    let mut stdout = std::io::stdout().lock();
-    let result = generate(&loaded.model, &loaded.tokenizer, prompt, max_tokens, &mut sampler, |piece| {
-        if stream && !piece.is_empty() {
-            // A closed stdout (e.g. `| head`) ends the output, not the process with a panic.
-            let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
-        }
+    let kv_tokens = prompt.len() + max_tokens;
+    let request = Request {
+        sampling: params,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+        ..Request::new(prompt, max_tokens)
+    };
+    let result = with_engine(loaded, &args.engine, kv_tokens, async |engine| {
+        let mut stdout = std::io::stdout().lock();
+        generate(&engine, request, |piece| {
+            if stream && !piece.is_empty() {
+                // A closed stdout (e.g. `| head`) ends the output, not the process with a panic.
+                let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
+            }
+        })
+        .await
     })?;
+    let mut stdout = std::io::stdout().lock();
     if stream {
         let _ = writeln!(stdout);
     } else {

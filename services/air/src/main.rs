@@ -9,6 +9,8 @@ mod generation;
 mod info;
 mod loaded;
 mod perplexity;
+mod serving;
+mod serving_bench;
 mod synth;
 
 use clap::Parser;

@@ -1,0 +1,166 @@
+//! `air bench --concurrency N,...`: the serving test. For each level N, N requests (distinct
+//! random prompts, greedy, end-of-generation ignored so that each generates exactly
+//! --gen-tokens) go through the engine at once; reported per level: aggregate generated
+//! tokens/s over the wall time, time to first token and inter-token latency percentiles.
+
+use crate::bench::bench_tokens;
+use crate::cli::{BenchArgs, Format};
+use crate::loaded::Loaded;
+use crate::serving::with_engine;
+use air_engine::{Engine, Event, FinishReason, Request};
+use air_sampling::SamplingParams;
+use anyhow::{Result, bail, ensure};
+use serde_json::{Value, json};
+use std::time::Instant;
+
+/// What one request saw.
+struct Trace {
+    /// Seconds from submission to the first token.
+    ttft: f64,
+    /// Seconds between consecutive tokens.
+    gaps: Vec<f64>,
+    tokens: usize,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let levels = args.concurrency.clone();
+    ensure!(levels.iter().all(|&n| n > 0), "--concurrency levels must be at least 1");
+    ensure!(
+        args.prompt_tokens > 0 && args.gen_tokens > 0,
+        "the serving test needs --prompt-tokens and --gen-tokens > 0"
+    );
+    let loaded = Loaded::open(&args.runtime)?;
+    let ctx = loaded.model.config().context_length;
+    ensure!(
+        args.prompt_tokens + args.gen_tokens <= ctx,
+        "a request needs {} positions but the model's context is {ctx}",
+        args.prompt_tokens + args.gen_tokens
+    );
+    let vocab = loaded.model.vocab_size();
+    let device = loaded.model.compute_device().to_string();
+    let threads = loaded.threads();
+    let max_level = levels.iter().copied().max().unwrap_or(1);
+    let kv_tokens = max_level * (args.prompt_tokens + args.gen_tokens);
+    let model_path = args.runtime.model.display().to_string();
+    with_engine(loaded, &args.engine, kv_tokens, async |engine| {
+        // Untimed: warms the page cache and the compute threads.
+        let warm = Request { prompt: bench_tokens(vocab, 16, u64::MAX), ..request(Vec::new(), 4) };
+        trace(&engine, warm).await?;
+        for (level_index, &n) in levels.iter().enumerate() {
+            let before = engine.stats(None).await?;
+            let started = Instant::now();
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let prompt = bench_tokens(vocab, args.prompt_tokens, (level_index * 1_000_003 + i) as u64);
+                    let engine = engine.clone();
+                    let request = request(prompt, args.gen_tokens);
+                    tokio::spawn(async move { trace(&engine, request).await })
+                })
+                .collect();
+            let mut traces = Vec::new();
+            for task in tasks {
+                traces.push(task.await??);
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let after = engine.stats(None).await?;
+            let report = level_report(n, &traces, wall, after.preemptions - before.preemptions);
+            let report = json!({ "model": model_path, "device": device, "threads": threads,
+                "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "level": report });
+            print_level(&report, args.format);
+        }
+        Ok(())
+    })
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request { sampling: SamplingParams::greedy(), ignore_eos: true, ..Request::new(prompt, max_tokens) }
+}
+
+/// Runs one request, timing its tokens.
+async fn trace(engine: &Engine, request: Request) -> Result<Trace> {
+    let started = Instant::now();
+    let mut stream = engine.submit(request).await?;
+    let (mut last, mut ttft, mut gaps, mut tokens) = (None::<Instant>, 0.0, Vec::new(), 0);
+    while let Some(event) = stream.next().await {
+        match event {
+            Event::Token { .. } => {
+                let now = Instant::now();
+                match last {
+                    None => ttft = (now - started).as_secs_f64(),
+                    Some(t) => gaps.push((now - t).as_secs_f64()),
+                }
+                last = Some(now);
+                tokens += 1;
+            }
+            Event::Finished { reason: FinishReason::Error(e), .. } => bail!("a request failed: {e}"),
+            Event::Finished { .. } => return Ok(Trace { ttft, gaps, tokens }),
+        }
+    }
+    bail!("the engine stopped during the test")
+}
+
+/// The figures of one level as JSON.
+fn level_report(n: usize, traces: &[Trace], wall: f64, preemptions: u64) -> Value {
+    let generated: usize = traces.iter().map(|t| t.tokens).sum();
+    let mut ttft: Vec<f64> = traces.iter().map(|t| t.ttft * 1e3).collect();
+    let mut gaps: Vec<f64> = traces.iter().flat_map(|t| t.gaps.iter().map(|g| g * 1e3)).collect();
+    json!({
+        "concurrency": n,
+        "requests": traces.len(),
+        "generated_tokens": generated,
+        "wall_s": wall,
+        "aggregate_decode_tokens_per_s": generated as f64 / wall,
+        "ttft_ms_p50": percentile(&mut ttft, 50.0),
+        "ttft_ms_p99": percentile(&mut ttft, 99.0),
+        "itl_ms_p50": percentile(&mut gaps, 50.0),
+        "itl_ms_p99": percentile(&mut gaps, 99.0),
+        "preemptions": preemptions,
+    })
+}
+
+/// Nearest-rank percentile.
+fn percentile(xs: &mut [f64], p: f64) -> Option<f64> {
+    xs.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0 * xs.len() as f64).ceil() as usize).clamp(1, xs.len().max(1));
+    xs.get(rank - 1).copied()
+}
+
+fn print_level(report: &Value, format: Format) {
+    let level = &report["level"];
+    match format {
+        Format::Json => {
+            let mut flat = level.clone();
+            for key in ["model", "device", "threads", "prompt_tokens", "gen_tokens"] {
+                flat[key] = report[key].clone();
+            }
+            println!("{flat}");
+        }
+        Format::Text => {
+            let f = |key: &str| level[key].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "concurrency {:>3}: {:>8.1} tokens/s aggregate | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions",
+                level["concurrency"],
+                f("aggregate_decode_tokens_per_s"),
+                f("ttft_ms_p50"),
+                f("ttft_ms_p99"),
+                f("itl_ms_p50"),
+                f("itl_ms_p99"),
+                level["preemptions"]
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut xs: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut xs, 50.0), Some(50.0));
+        assert_eq!(percentile(&mut xs, 99.0), Some(99.0));
+        assert_eq!(percentile(&mut [7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&mut [], 50.0), None);
+    }
+}
