@@ -58,21 +58,19 @@ impl KvStore {
         self.blocks
     }
 
-    /// Writes keys and values of `layer`, each (kv_heads, n, head_dim), for the `n` positions
-    /// from `at` of the sequence whose blocks are `table` (rounded to f16).
+    /// Writes keys and values of KV head `kv` of `layer`, each rows of head_dim values, at the
+    /// consecutive positions from `at` of the sequence whose blocks are `table` (rounded to f16).
     ///
     /// Panics when a position lies beyond the table or a block id beyond the store: the caller
     /// grows the table first.
-    pub fn write(&mut self, layer: usize, table: &[BlockId], at: usize, k: &[f32], v: &[f32], n: usize) {
+    pub fn write(&mut self, layer: usize, table: &[BlockId], kv: usize, at: usize, k: &[f32], v: &[f32]) {
         let s = self.shape;
         let d = s.head_dim;
         for (store, src) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
             let store = store.reinterpret_cast_mut::<f16>();
-            for kv in 0..s.kv_heads {
-                for (i, row) in src[kv * n * d..(kv + 1) * n * d].chunks_exact(d).enumerate() {
-                    let at = offset(s, table, kv, at + i);
-                    store[at..at + d].iter_mut().zip(row).for_each(|(o, &x)| *o = f16::from_f32(x));
-                }
+            for (i, row) in src.chunks_exact(d).enumerate() {
+                let at = offset(s, table, kv, at + i);
+                store[at..at + d].iter_mut().zip(row).for_each(|(o, &x)| *o = f16::from_f32(x));
             }
         }
     }
@@ -133,7 +131,9 @@ mod tests {
         let table = [3, 1];
         let k: Vec<f32> = (0..2 * 3 * 3).map(|x| x as f32).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
-        store.write(1, &table, 0, &k, &v, 3);
+        for kv in 0..2 {
+            store.write(1, &table, kv, 0, &k[kv * 9..(kv + 1) * 9], &v[kv * 9..(kv + 1) * 9]);
+        }
         let view = store.layer(1, &table);
         for kv in 0..2 {
             for pos in 0..3 {

@@ -1,5 +1,5 @@
 use crate::Linear;
-use crate::attention::{AttentionShape, F32_QUERY_ROWS, causal_attention};
+use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, causal_attention};
 use crate::device::{ComputeDevice, DeviceModel, DeviceOptions, UploadStats};
 use crate::kv_cache::WHOLE;
 use crate::rope::{Rope, RopeTables};
@@ -53,7 +53,7 @@ pub struct PagedSequence<'a> {
 }
 
 /// A sequence's share of a host pass: its store and block table, its rows in the stacked
-/// activations, its RoPE.
+/// activations.
 struct Part<'a> {
     /// Index of its store among the pass's stores.
     store: usize,
@@ -62,8 +62,13 @@ struct Part<'a> {
     row: usize,
     n: usize,
     prompt_rows: usize,
-    tables: RopeTables,
-    local_tables: Option<RopeTables>,
+}
+
+/// RoPE tables of every row of a host pass (the sequences' positions, stacked), for the global
+/// layers and for the sliding-window layers when they have their own base.
+struct PassTables {
+    global: RopeTables,
+    local: Option<RopeTables>,
 }
 
 /// How a model's weights are kept in memory.
@@ -222,7 +227,7 @@ impl Model {
         for (i, seq) in batch.iter().enumerate() {
             let (start, n) = seq.span()?;
             let prompt_rows = if n >= F32_QUERY_ROWS { n } else { 0 };
-            parts.push(self.part(i, &WHOLE, start, tokens.len(), n, prompt_rows)?);
+            parts.push(Part { store: i, table: &WHOLE, start, row: tokens.len(), n, prompt_rows });
             tokens.extend_from_slice(seq.tokens);
         }
         let mut stores = batch.iter_mut().map(|s| s.cache.host()).collect::<Result<Vec<_>, _>>()?;
@@ -266,25 +271,11 @@ impl Model {
             if seq.blocks.iter().any(|&b| b as usize >= store.blocks()) {
                 return Err(ModelError::Config("a block table names a block outside the KV store".into()));
             }
-            parts.push(self.part(0, seq.blocks, seq.start, tokens.len(), n, seq.prompt_rows.min(n))?);
+            let prompt_rows = seq.prompt_rows.min(n);
+            parts.push(Part { store: 0, table: seq.blocks, start: seq.start, row: tokens.len(), n, prompt_rows });
             tokens.extend_from_slice(seq.tokens);
         }
         self.forward_on_pool(&mut [store], &mut parts, &tokens, logits)
-    }
-
-    /// A sequence's share of a host pass, with the RoPE tables of its positions.
-    fn part<'a>(
-        &self,
-        store: usize,
-        table: &'a [BlockId],
-        start: usize,
-        row: usize,
-        n: usize,
-        prompt_rows: usize,
-    ) -> Result<Part<'a>, ModelError> {
-        let tables = self.rope.tables(start, n, &self.device)?;
-        let local_tables = self.local_rope.as_ref().map(|r| r.tables(start, n, &self.device)).transpose()?;
-        Ok(Part { store, table, start, row, n, prompt_rows, tables, local_tables })
     }
 
     /// The host pass over `tokens` (the sequences' rows, stacked), on the compute pool: one
@@ -300,6 +291,11 @@ impl Model {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
+        let positions = || parts.iter().flat_map(|p| p.start..p.start + p.n);
+        let tables = PassTables {
+            global: self.rope.tables_for(positions(), &self.device)?,
+            local: self.local_rope.as_ref().map(|r| r.tables_for(positions(), &self.device)).transpose()?,
+        };
         rayon::scope(|_| {
             let mut x = self.weights.token_embd.rows(tokens)?;
             if let Some(scale) = self.config.embedding_scale {
@@ -307,7 +303,7 @@ impl Model {
             }
             for (i, layer) in self.weights.layers.iter().enumerate() {
                 let _resident = self.streamer.acquire(i)?;
-                x = self.block(i, layer, &x, stores, parts)?;
+                x = self.block(i, layer, &x, stores, parts, &tables)?;
             }
             let mut rows = Vec::new();
             for part in parts.iter() {
@@ -337,6 +333,7 @@ impl Model {
         x: &Tensor,
         stores: &mut [&mut KvStore],
         parts: &[Part<'_>],
+        tables: &PassTables,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let rows = x.dim(0)?;
@@ -356,37 +353,44 @@ impl Model {
         let q_all = project(&w.wq, &w.bq, &w.q_norm, c.n_head)?;
         let k_all = project(&w.wk, &w.bk, &w.k_norm, c.n_head_kv)?;
         let v_all = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
-        let mut attn = Vec::with_capacity(rows * c.n_head * c.head_dim);
-        for part in parts {
-            let (rope, tables) = match (&self.local_rope, &part.local_tables, window) {
-                (Some(r), Some(t), Some(_)) => (r, t),
-                _ => (&self.rope, &part.tables),
-            };
-            // (n, heads * head_dim) -> (1, heads, n, head_dim)
-            let heads_first = |y: &Tensor, heads: usize| -> Result<Tensor, ModelError> {
-                let y = y.narrow(0, part.row, part.n)?;
-                Ok(y.reshape((1, part.n, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (q_scale, score_scale) = c.attention_scales();
-            let mut q = rope.apply(&heads_first(&q_all, c.n_head)?, tables)?;
-            if q_scale != 1.0 {
-                q = (q * q_scale as f64)?;
-            }
-            let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?;
-            let v = heads_first(&v_all, c.n_head_kv)?;
-            let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-            let store = &mut *stores[part.store];
-            store.write(index, part.table, part.start, &flat(k)?, &flat(v)?, part.n);
-            let shape = AttentionShape {
-                heads: c.n_head,
-                kv_heads: c.n_head_kv,
-                head_dim: c.head_dim,
-                scale: score_scale,
-                window,
-            };
-            let kv = store.layer(index, part.table);
-            attn.extend(causal_attention(&flat(q)?, kv, part.start, part.n, part.prompt_rows, shape));
+        // Every sequence's rows together: RoPE at each row's position, then keys and values
+        // into each sequence's store, then attention of every (sequence, head) at once.
+        let (rope, tables) = match (&self.local_rope, &tables.local, window) {
+            (Some(r), Some(t), Some(_)) => (r, t),
+            _ => (&self.rope, &tables.global),
+        };
+        // (rows, heads * head_dim) -> (1, heads, rows, head_dim)
+        let heads_first = |y: &Tensor, heads: usize| -> Result<Tensor, ModelError> {
+            Ok(y.reshape((1, rows, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q_scale, score_scale) = c.attention_scales();
+        let mut q = rope.apply(&heads_first(&q_all, c.n_head)?, tables)?;
+        if q_scale != 1.0 {
+            q = (q * q_scale as f64)?;
         }
+        let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?;
+        let v = heads_first(&v_all, c.n_head_kv)?;
+        let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+        let d = c.head_dim;
+        for part in parts {
+            for kv in 0..c.n_head_kv {
+                let span = (kv * rows + part.row) * d..(kv * rows + part.row + part.n) * d;
+                stores[part.store].write(index, part.table, kv, part.start, &k[span.clone()], &v[span]);
+            }
+        }
+        let shape = AttentionShape { heads: c.n_head, kv_heads: c.n_head_kv, head_dim: d, scale: score_scale, window };
+        let seqs: Vec<QueryRows<'_>> = parts
+            .iter()
+            .map(|p| QueryRows {
+                kv: stores[p.store].layer(index, p.table),
+                row: p.row,
+                n: p.n,
+                start: p.start,
+                tiled_rows: p.prompt_rows,
+            })
+            .collect();
+        let attn = causal_attention(&q, rows, &seqs, shape);
         let attn = Tensor::from_vec(attn, (rows, c.n_head * c.head_dim), &self.device)?;
         let x = (x + self.post_norm(w.wo.forward(&attn)?, &w.post_attn_norm)?)?;
 

@@ -58,11 +58,21 @@ impl Rope {
 
     /// Tables for positions `start..start + len`: cos and sin of shape (len, rope_dim / 2).
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> candle_core::Result<RopeTables> {
-        let (cos, sin) = self.angles(start..start + len);
-        let half = self.dim / 2;
+        self.tables_for(start..start + len, device)
+    }
+
+    /// Tables for one row per position in `positions` (e.g. the rows of several sequences,
+    /// stacked): cos and sin of shape (rows, rope_dim / 2).
+    pub fn tables_for(
+        &self,
+        positions: impl Iterator<Item = usize>,
+        device: &Device,
+    ) -> candle_core::Result<RopeTables> {
+        let (cos, sin) = self.angles(positions);
+        let (half, rows) = (self.dim / 2, cos.len() / (self.dim / 2).max(1));
         Ok(RopeTables {
-            cos: Tensor::from_vec(cos, (len, half), device)?,
-            sin: Tensor::from_vec(sin, (len, half), device)?,
+            cos: Tensor::from_vec(cos, (rows, half), device)?,
+            sin: Tensor::from_vec(sin, (rows, half), device)?,
         })
     }
 

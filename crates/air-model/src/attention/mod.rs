@@ -42,40 +42,48 @@ impl AttentionShape {
     }
 }
 
-/// Attention of `n` query rows at positions `start..start + n` over cached positions
-/// `0..start + n`: the first `tiled_rows` rows by the prompt path, the rest by the generation
-/// path. `q` is (heads, n, head_dim); the result is (n, heads * head_dim).
-pub fn causal_attention(
-    q: &[f32],
-    kv: LayerView<'_>,
-    start: usize,
-    n: usize,
-    tiled_rows: usize,
-    s: AttentionShape,
-) -> Vec<f32> {
+/// One sequence's query rows in a call of [`causal_attention`].
+#[derive(Clone, Copy)]
+pub struct QueryRows<'a> {
+    /// The sequence's keys and values of this layer.
+    pub kv: LayerView<'a>,
+    /// Its first row among the call's rows.
+    pub row: usize,
+    /// Its rows, at positions `start..start + n`; they attend to cached positions
+    /// `0..start + n`.
+    pub n: usize,
+    pub start: usize,
+    /// The first `tiled_rows` rows by the prompt path, the rest by the generation path.
+    pub tiled_rows: usize,
+}
+
+/// Attention of the query rows of several sequences, every (sequence, head) pair in one
+/// parallel region. `q` is (heads, rows, head_dim) over all the call's rows; the result is
+/// (rows, heads * head_dim).
+pub fn causal_attention(q: &[f32], rows: usize, seqs: &[QueryRows<'_>], s: AttentionShape) -> Vec<f32> {
     use rayon::prelude::*;
     let d = s.head_dim;
-    let tiled_rows = tiled_rows.min(n);
-    // Heads are independent: each worker computes one head's (n, d) block.
-    let per_head: Vec<Vec<f32>> = (0..s.heads)
+    let blocks: Vec<(usize, usize, Vec<f32>)> = (0..seqs.len() * s.heads)
         .into_par_iter()
-        .map(|h| {
-            let q_head = &q[h * n * d..(h + 1) * n * d];
-            let (q_tiled, q_rows) = q_head.split_at(tiled_rows * d);
+        .map(|task| {
+            let (q_rows, h) = (&seqs[task / s.heads], task % s.heads);
+            let (n, tiled) = (q_rows.n, q_rows.tiled_rows.min(q_rows.n));
+            let q_head = &q[(h * rows + q_rows.row) * d..(h * rows + q_rows.row + n) * d];
+            let (q_tiled, q_rest) = q_head.split_at(tiled * d);
             let mut out = Vec::with_capacity(n * d);
-            if tiled_rows > 0 {
-                out.extend(tiled::head_attention(q_tiled, kv, start, tiled_rows, h, s));
+            if tiled > 0 {
+                out.extend(tiled::head_attention(q_tiled, q_rows.kv, q_rows.start, tiled, h, s));
             }
-            if tiled_rows < n {
-                out.extend(head_attention(q_rows, kv, start + tiled_rows, n - tiled_rows, h, s));
+            if tiled < n {
+                out.extend(head_attention(q_rest, q_rows.kv, q_rows.start + tiled, n - tiled, h, s));
             }
-            out
+            (q_rows.row, h, out)
         })
         .collect();
-    let mut out = vec![0f32; n * s.heads * d];
-    for (h, block) in per_head.iter().enumerate() {
-        for (i, row) in block.chunks_exact(d).enumerate() {
-            out[(i * s.heads + h) * d..(i * s.heads + h + 1) * d].copy_from_slice(row);
+    let mut out = vec![0f32; rows * s.heads * d];
+    for (row, h, block) in blocks {
+        for (i, values) in block.chunks_exact(d).enumerate() {
+            out[((row + i) * s.heads + h) * d..((row + i) * s.heads + h + 1) * d].copy_from_slice(values);
         }
     }
     out
@@ -207,10 +215,12 @@ mod tests {
         for (start, n, s) in cases {
             let shape = KvShape { layers: 1, kv_heads: s.kv_heads, head_dim: s.head_dim, block_size: 16 };
             let mut store = KvStore::new(shape, 9);
-            let len = s.kv_heads * (start + n) * s.head_dim;
-            let k: Vec<f32> = (0..len).map(|_| rnd() * 4.0).collect();
-            let v: Vec<f32> = (0..len).map(|_| rnd()).collect();
-            store.write(0, &table, 0, &k, &v, start + n);
+            let len = (start + n) * s.head_dim;
+            for kv in 0..s.kv_heads {
+                let k: Vec<f32> = (0..len).map(|_| rnd() * 4.0).collect();
+                let v: Vec<f32> = (0..len).map(|_| rnd()).collect();
+                store.write(0, &table, kv, 0, &k, &v);
+            }
             let kv = store.layer(0, &table);
             let q: Vec<f32> = (0..s.heads * n * s.head_dim).map(|_| rnd() * 4.0).collect();
             let want = naive(&q, kv, start, n, s);
@@ -219,17 +229,26 @@ mod tests {
             let rows_of = |range: std::ops::Range<usize>| -> Vec<f32> {
                 (0..s.heads).flat_map(|h| q[(h * n + range.start) * d..(h * n + range.end) * d].to_vec()).collect()
             };
+            let call = |q: &[f32], start: usize, n: usize, tiled_rows: usize| {
+                causal_attention(q, n, &[QueryRows { kv, row: 0, n, start, tiled_rows }], s)
+            };
             for (tiled_rows, tolerance) in [(0, 2e-2), (n, 1e-5)] {
-                let got = causal_attention(&q, kv, start, n, tiled_rows, s);
+                let got = call(&q, start, n, tiled_rows);
                 for (g, w) in got.iter().zip(&want) {
                     assert!((g - w).abs() < tolerance, "start {start} n {n} tiled {tiled_rows}: {g} vs {w}");
                 }
-                // The same rows split in two calls give the same bits.
+                // The same rows split in two calls give the same bits...
                 let cut = n / 3;
-                let mut split = causal_attention(&rows_of(0..cut), kv, start, cut, tiled_rows.min(cut), s);
+                let mut split = call(&rows_of(0..cut), start, cut, tiled_rows.min(cut));
                 let rest = tiled_rows.saturating_sub(cut);
-                split.extend(causal_attention(&rows_of(cut..n), kv, start + cut, n - cut, rest, s));
+                split.extend(call(&rows_of(cut..n), start + cut, n - cut, rest));
                 assert_eq!(split, got, "start {start} n {n} tiled {tiled_rows} split at {cut}");
+                // ...and so do they as two sequences of one call.
+                let two = [
+                    QueryRows { kv, row: 0, n: cut, start, tiled_rows: tiled_rows.min(cut) },
+                    QueryRows { kv, row: cut, n: n - cut, start: start + cut, tiled_rows: rest },
+                ];
+                assert_eq!(causal_attention(&q, n, &two, s), got);
             }
         }
     }
