@@ -245,3 +245,61 @@ async fn a_full_queue_and_bad_requests_fail_fast_with_a_clear_error() {
     let stats = wait_until_idle(&engine).await;
     assert_eq!(stats.kv_blocks_used, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_cut_the_text_and_logprobs_rank_the_greedy_choice_first() {
+    let engine = engine(config(512, 64 << 20)).await;
+    let prompt = prompts()[2].clone();
+    let text_of = async |request: Request| {
+        let mut stream = engine.submit(request).await.unwrap();
+        let (mut text, mut logprobs) = (String::new(), Vec::new());
+        loop {
+            match stream.next().await.unwrap() {
+                Event::Token { id, text: piece, logprobs: lp } => {
+                    text.push_str(&piece);
+                    logprobs.push((id, lp));
+                }
+                Event::Finished { reason, text_tail, .. } => return (text + &text_tail, reason, logprobs),
+            }
+        }
+    };
+    let (full, _, logprobs) = text_of(Request { logprobs: Some(3), ..greedy(prompt.clone(), 24) }).await;
+    for (id, lp) in &logprobs {
+        let lp = lp.as_ref().expect("logprobs asked for");
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(lp.top[0].0, *id, "greedy picks the most likely token");
+        assert!(lp.logprob <= 0.0 && (lp.logprob - lp.top[0].1).abs() < 1e-6);
+        assert!(lp.top[1].1 <= lp.top[0].1 && lp.top[2].1 <= lp.top[1].1);
+    }
+    // A stop string from the middle of that text: the text ends right before it.
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let want = &full[..full.find(&stop).unwrap()];
+    let (cut, reason, _) = text_of(Request { stop: vec![stop.clone()], ..greedy(prompt, 24) }).await;
+    assert_eq!((cut.as_str(), reason), (want, FinishReason::Stop), "stop {stop:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mux_routes_requests_by_model_name() {
+    let file = model_file();
+    let load =
+        |name: &str| EngineModel { name: name.into(), model: Model::load(&file).unwrap(), tokenizer: tokenizer() };
+    let config = config(512, 64 << 20);
+    let engine = Engine::start(vec![load("first"), load("second")], config).await.unwrap();
+    let names: Vec<_> = engine.models().iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["first", "second"]);
+    // The KV budget is shared: each model gets half.
+    let half = engine.models()[0].kv_blocks;
+    assert_eq!(engine.models()[1].kv_blocks, half);
+    assert_eq!(half as u64, (32 << 20) / Model::load(&file).unwrap().config().kv_shape(16).block_bytes());
+    let prompt = prompts()[1].clone();
+    let (second, _, _) = run(&engine, Request { model: Some("second".into()), ..greedy(prompt.clone(), 6) }).await;
+    let (default, _, _) = run(&engine, greedy(prompt, 6)).await;
+    assert_eq!(second, default);
+    assert_eq!(
+        engine.stats(Some("second")).await.unwrap().computed_tokens,
+        engine.stats(None).await.unwrap().computed_tokens
+    );
+    let duplicate = Engine::start(vec![load("same"), load("same")], config).await;
+    assert!(matches!(duplicate, Err(air_engine::StartError::DuplicateName(n)) if n == "same"));
+}

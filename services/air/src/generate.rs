@@ -34,14 +34,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let max_tokens = args.max_tokens.min(ctx - prompt.len());
     let stream = args.format == Format::Text;
-    let kv_tokens = prompt.len() + max_tokens;
+    let positions = prompt.len() + max_tokens;
     let request = Request {
         sampling: params,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
         ..Request::new(prompt, max_tokens)
     };
-    let result = with_engine(loaded, &args.engine, kv_tokens, async |engine| {
+    let result = with_engine(loaded, &args.engine, 1, positions, async |engine| {
         let mut stdout = std::io::stdout().lock();
         generate(&engine, request, |piece| {
             if stream && !piece.is_empty() {

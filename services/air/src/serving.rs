@@ -8,19 +8,21 @@ use air_stream::ByteSize;
 use anyhow::{Context, Result, ensure};
 use std::sync::Arc;
 
-/// Runs `job` with an engine over `loaded`'s model. `kv_tokens`: the positions the command's
-/// requests can use at once, the KV budget when `--kv-budget` is not given.
+/// Runs `job` with an engine over `loaded`'s model. Without `--kv-budget`, the KV cache holds
+/// `requests` requests of up to `tokens_each` positions at once (plus the one spare block per
+/// running request that admission keeps free).
 pub fn with_engine<T>(
     loaded: Loaded,
     args: &EngineArgs,
-    kv_tokens: usize,
+    requests: usize,
+    tokens_each: usize,
     job: impl AsyncFnOnce(Engine) -> Result<T>,
 ) -> Result<T> {
     ensure!(args.kv_block_size > 0, "--kv-block-size must be at least 1");
     let block_bytes = loaded.model.config().kv_shape(args.kv_block_size).block_bytes();
     let kv_budget = match args.kv_budget {
         Some(b) => b.bytes(),
-        None => kv_tokens.div_ceil(args.kv_block_size) as u64 * block_bytes,
+        None => (requests * (tokens_each.div_ceil(args.kv_block_size) + 1)) as u64 * block_bytes,
     };
     let config = EngineConfig {
         scheduler: SchedulerConfig {

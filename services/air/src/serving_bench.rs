@@ -40,9 +40,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let device = loaded.model.compute_device().to_string();
     let threads = loaded.threads();
     let max_level = levels.iter().copied().max().unwrap_or(1);
-    let kv_tokens = max_level * (args.prompt_tokens + args.gen_tokens);
     let model_path = args.runtime.model.display().to_string();
-    with_engine(loaded, &args.engine, kv_tokens, async |engine| {
+    with_engine(loaded, &args.engine, max_level, args.prompt_tokens + args.gen_tokens, async |engine| {
         // Untimed: warms the page cache and the compute threads.
         let warm = Request { prompt: bench_tokens(vocab, 16, u64::MAX), ..request(Vec::new(), 4) };
         trace(&engine, warm).await?;
