@@ -13,6 +13,9 @@
 #   staged     as `streamed` and `huge` at batch 1, with --memory-budget 1GiB: the streamed layers
 #              no longer stay pinned; a ring of staging buffers is refilled from the page cache
 #   huge       a ~39 GB synthetic model (Llama-70B shape, Q4_0) under --vram-budget 4GiB
+#   engine     requests through the engine on the GPU: `air generate` of SmolLM2 (when its parts
+#              have arrived) on the GPU and the CPU; `air bench --concurrency 1,16` on the
+#              8B-shape Q4_0 model resident and half streamed
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/air-out}
@@ -41,7 +44,10 @@ stage, label, rc, seconds, out = sys.argv[1:6]
 try:
     result = json.loads(out)
 except Exception:
-    result = None
+    try:  # one JSON object per line (bench --concurrency: one per level)
+        result = [json.loads(line) for line in out.splitlines() if line.strip()]
+    except Exception:
+        result = None
 print(json.dumps({"stage": stage, "label": label, "exit": int(rc), "seconds": int(seconds), "result": result}))
 PY
   log "   exit $rc in $((SECONDS - started)) s: $(echo "$out" | head -c 600)"
@@ -115,6 +121,25 @@ MODELS
         --prompt-tokens 0 --gen-tokens 4 --runs 1
       record huge "llama70b-q4_0-4GiB-batch32" bench -m "$model" --device cuda --vram-budget 4GiB \
         --prompt-tokens 0 --gen-tokens 4 --runs 1 --batch 32
+      ;;
+    engine)
+      smol=$work/SmolLM2-135M-Instruct.Q4_1.gguf
+      [ -f "$smol" ] || cat "$work"/SmolLM2-135M-Instruct.Q4_1.part.* >"$smol" 2>/dev/null
+      if echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $smol" | sha256sum -c --quiet - 2>/dev/null; then
+        for device in cuda cpu; do
+          record engine "SmolLM2 generate on $device" generate -m "$smol" --device "$device" \
+            --prompt "The capital of France is" -n 48 --temperature 0
+        done
+        record engine "SmolLM2 concurrency" bench -m "$smol" --device cuda --concurrency 1,16,64 \
+          --prompt-tokens 32 --gen-tokens 64
+      else
+        log "SmolLM2: not all parts have arrived"; rm -f "$smol"
+      fi
+      model=$(llama8b q4_0)
+      record engine "llama8b-q4_0 resident concurrency" bench -m "$model" --device cuda --concurrency 1,16 \
+        --prompt-tokens 128 --gen-tokens 64
+      record engine "llama8b-q4_0 half streamed concurrency" bench -m "$model" --device cuda --vram-budget 3GiB \
+        --concurrency 1,16 --prompt-tokens 16 --gen-tokens 32
       ;;
     *) log "unknown stage $stage"; exit 2 ;;
   esac

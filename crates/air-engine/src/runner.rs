@@ -148,7 +148,7 @@ fn forward_per_sequence(
             seqs.get_mut(&e.id).ok_or_else(|| air_model::ModelError::Config(format!("unknown sequence {}", e.id)))?;
         let mut cache = match seq.cache.take() {
             Some(cache) => cache,
-            None => model.new_cache(seq.max_len)?,
+            None => model.new_cache(cache_capacity(seq.max_len, model.config().context_length))?,
         };
         if e.start == 0 {
             cache.clear();
@@ -165,6 +165,13 @@ fn forward_per_sequence(
         }
     }
     logits
+}
+
+/// Positions of a per-sequence cache for a sequence of up to `max_len`: a power of two (at
+/// least 256, at most the context), so that sequences of similar lengths share a capacity and
+/// their decode steps can take the GPU's captured decode graphs, made per (batch, capacity).
+fn cache_capacity(max_len: usize, context_length: usize) -> usize {
+    max_len.next_power_of_two().max(256).min(context_length).max(max_len)
 }
 
 /// The log-probability of `token` under the softmax of `logits`, with the `top` most likely.
@@ -190,6 +197,14 @@ fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_sequence_caches_come_in_few_sizes() {
+        assert_eq!(cache_capacity(20, 8192), 256);
+        assert_eq!(cache_capacity(300, 8192), 512);
+        assert_eq!(cache_capacity(300, 400), 400);
+        assert_eq!(cache_capacity(8192, 8192), 8192);
+    }
 
     #[test]
     fn logprobs_are_normalized_and_ranked() {
