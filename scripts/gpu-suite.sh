@@ -123,6 +123,7 @@ MODELS
         --prompt-tokens 0 --gen-tokens 4 --runs 1 --batch 32
       ;;
     engine)
+      cp .device-carry/*.part.* "$work"/ 2>/dev/null
       smol=$work/SmolLM2-135M-Instruct.Q4_1.gguf
       [ -f "$smol" ] || cat "$work"/SmolLM2-135M-Instruct.Q4_1.part.* >"$smol" 2>/dev/null
       if echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $smol" | sha256sum -c --quiet - 2>/dev/null; then
@@ -136,7 +137,9 @@ MODELS
         log "SmolLM2: not all parts have arrived"; rm -f "$smol"
       fi
       model=$(llama8b q4_0)
-      record engine "llama8b-q4_0 resident concurrency" bench -m "$model" --device cuda --concurrency 1,16 \
+      record engine "llama8b-q4_0 resident, model driven directly" bench -m "$model" --device cuda \
+        --prompt-tokens 0 --gen-tokens 64 --runs 2
+      record engine "llama8b-q4_0 resident concurrency" bench -m "$model" --device cuda --concurrency 1,16,64 \
         --prompt-tokens 128 --gen-tokens 64
       record engine "llama8b-q4_0 half streamed concurrency" bench -m "$model" --device cuda --vram-budget 3GiB \
         --concurrency 1,16 --prompt-tokens 16 --gen-tokens 32

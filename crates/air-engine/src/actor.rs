@@ -48,6 +48,8 @@ struct Client {
 pub(crate) struct SchedulerState {
     scheduler: Scheduler,
     runner: mpsc::Sender<RunnerMsg>,
+    /// The compute thread, joined when the actor stops (it owns the model and its device).
+    compute: Option<std::thread::JoinHandle<()>>,
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     context_length: usize,
@@ -71,10 +73,12 @@ impl Actor for SchedulerActor {
         args: SchedulerArgs,
     ) -> Result<SchedulerState, ActorProcessingErr> {
         let me = myself.clone();
-        let runner = args.runner.spawn(move |plan, result| me.cast(SchedulerMsg::StepDone(plan, result)).is_ok())?;
+        let (runner, compute) =
+            args.runner.spawn(move |plan, result| me.cast(SchedulerMsg::StepDone(plan, result)).is_ok())?;
         Ok(SchedulerState {
             scheduler: args.scheduler,
             runner,
+            compute: Some(compute),
             tokenizer: args.tokenizer,
             vocab_size: args.vocab_size,
             context_length: args.context_length,
@@ -114,6 +118,24 @@ impl Actor for SchedulerActor {
             }
         }
         state.kick()?;
+        Ok(())
+    }
+
+    /// Ends every request, then stops the compute thread and waits for it, so that the model
+    /// (and a GPU context) is released before the process may exit.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SchedulerMsg>,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ids: Vec<SeqId> = state.clients.keys().copied().collect();
+        for id in ids {
+            state.end(id, FinishReason::Error("the engine stopped".into()));
+        }
+        state.runner = mpsc::channel().0;
+        if let Some(thread) = state.compute.take() {
+            tokio::task::spawn_blocking(move || thread.join()).await.ok();
+        }
         Ok(())
     }
 }

@@ -159,9 +159,10 @@ impl Engine {
         ractor::call!(self.mux, MuxMsg::Route, model).map_err(|_| EngineError::Stopped)?
     }
 
-    /// Stops the actors (and with them the compute threads); requests in flight end.
-    pub fn shutdown(&self) {
-        self.mux.stop(None);
+    /// Stops the actors and waits for the compute threads to release their models; requests
+    /// in flight end with an error.
+    pub async fn shutdown(&self) {
+        self.mux.stop_and_wait(None, None).await.ok();
     }
 }
 

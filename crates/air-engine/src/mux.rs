@@ -45,9 +45,10 @@ impl Actor for ModelMux {
         Ok(())
     }
 
+    /// Stops the schedulers and waits for them (and their compute threads) to end.
     async fn post_stop(&self, _myself: ActorRef<MuxMsg>, routes: &mut Routes) -> Result<(), ActorProcessingErr> {
         for (_, scheduler) in routes.iter() {
-            scheduler.stop(None);
+            scheduler.stop_and_wait(None, None).await.ok();
         }
         Ok(())
     }

@@ -6,8 +6,10 @@ use crate::scheduler::{SeqId, StepPlan};
 use air_kv::KvStore;
 use air_model::{KvCache, Logits, Model, PagedSequence, Sequence};
 use air_sampling::{Sampler, SamplingParams};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 /// A token sampled for a sequence in a step.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,13 +68,14 @@ impl Runner {
         Self { model, kv, seqs: HashMap::new() }
     }
 
-    /// Starts the compute thread; each step's plan and result go to `done`.
+    /// Starts the compute thread; each step's plan and result go to `done`. The thread ends,
+    /// dropping the model, when the sender is dropped or `done` returns false.
     pub fn spawn(
         mut self,
         done: impl Fn(StepPlan, Result<Vec<Sampled>, String>) -> bool + Send + 'static,
-    ) -> std::io::Result<mpsc::Sender<RunnerMsg>> {
+    ) -> std::io::Result<(mpsc::Sender<RunnerMsg>, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel::<RunnerMsg>();
-        std::thread::Builder::new().name("air-compute".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("air-compute".into()).spawn(move || {
             while let Ok(msg) = rx.recv() {
                 match msg {
                     RunnerMsg::Setup(setup) => self.setup(setup),
@@ -85,7 +88,7 @@ impl Runner {
                 }
             }
         })?;
-        Ok(tx)
+        Ok((tx, thread))
     }
 
     fn setup(&mut self, s: SeqSetup) {
@@ -119,18 +122,29 @@ impl Runner {
         }
         .map_err(|e| e.to_string())?;
         let vocab = self.model.vocab_size();
-        let mut sampled = Vec::new();
+        let mut to_sample = Vec::new();
         for (e, row) in plan.entries.iter().zip(logits.chunks_exact(vocab)) {
             let seq = self.seqs.get_mut(&e.id).ok_or_else(|| format!("sequence {} has no sampler", e.id))?;
             seq.history.truncate(e.start);
             seq.history.extend_from_slice(&e.tokens);
-            if !e.sample {
-                continue;
+            if e.sample {
+                to_sample.push((e.id, row));
             }
-            let token = seq.sampler.sample(row, &seq.history);
-            let logprobs = seq.logprobs.map(|top| token_logprobs(row, token, top));
-            sampled.push(Sampled { id: e.id, token, logprobs });
         }
+        // Sequences sample independently: in parallel over the compute pool (a 128k-token
+        // vocabulary takes a fraction of a millisecond per sequence).
+        let order: HashMap<SeqId, usize> = to_sample.iter().enumerate().map(|(i, &(id, _))| (id, i)).collect();
+        let mut work: Vec<(usize, &[f32], &mut RunnerSeq)> =
+            self.seqs.iter_mut().filter_map(|(id, seq)| order.get(id).map(|&i| (i, to_sample[i].1, seq))).collect();
+        work.sort_by_key(|w| w.0);
+        let sampled = work
+            .into_par_iter()
+            .map(|(i, row, seq)| {
+                let token = seq.sampler.sample(row, &seq.history);
+                let logprobs = seq.logprobs.map(|top| token_logprobs(row, token, top));
+                Sampled { id: to_sample[i].0, token, logprobs }
+            })
+            .collect();
         Ok(sampled)
     }
 }

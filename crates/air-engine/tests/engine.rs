@@ -303,3 +303,17 @@ async fn the_mux_routes_requests_by_model_name() {
     let duplicate = Engine::start(vec![load("same"), load("same")], config).await;
     assert!(matches!(duplicate, Err(air_engine::StartError::DuplicateName(n)) if n == "same"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_requests_in_flight_and_waits_for_the_compute_thread() {
+    let engine = engine(config(512, 64 << 20)).await;
+    let mut stream = engine.submit(greedy(prompts()[0].clone(), 1000)).await.unwrap();
+    assert!(matches!(stream.next().await, Some(Event::Token { .. })));
+    engine.shutdown().await;
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event);
+    }
+    assert!(matches!(last, Some(Event::Finished { reason: FinishReason::Error(_), .. })), "{last:?}");
+    assert_eq!(engine.submit(greedy(prompts()[0].clone(), 4)).await.err(), Some(EngineError::Stopped));
+}

@@ -50,6 +50,11 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether any penalty changes the logits.
+    fn has_penalties(&self) -> bool {
+        self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+    }
+
     /// Always the most likely token, no penalties.
     pub fn greedy() -> Self {
         Self { temperature: 0.0, ..Self::default() }
@@ -109,6 +114,14 @@ impl Sampler {
     /// Chooses the next token from `logits`, given the tokens so far (`history`, for penalties).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
+        if p.temperature <= 0.0 && !p.has_penalties() {
+            // Greedy without penalties: the first maximum, without building candidates.
+            return logits
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |b, (i, &l)| if l > b.1 { (i, l) } else { b })
+                .0 as u32;
+        }
         self.candidates.clear();
         self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         apply_penalties(&mut self.candidates, history, p);
@@ -159,7 +172,7 @@ fn softmax(logits: impl Iterator<Item = f32> + Clone, temperature: f32) -> Vec<f
 }
 
 fn apply_penalties(c: &mut [(u32, f32)], history: &[u32], p: &SamplingParams) {
-    if p.repeat_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 {
+    if !p.has_penalties() {
         return;
     }
     let recent = &history[history.len().saturating_sub(p.penalty_last_n)..];

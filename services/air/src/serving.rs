@@ -53,7 +53,7 @@ pub fn with_engine<T>(
             );
         }
         let result = job(engine.clone()).await;
-        engine.shutdown();
+        engine.shutdown().await;
         result
     })
 }
