@@ -160,6 +160,49 @@ fn bench_reports_speed_and_memory() {
 }
 
 #[test]
+fn bench_concurrency_reports_every_level() {
+    let out = air(&[
+        "bench",
+        "-m",
+        &smollm2(),
+        "--concurrency",
+        "1,3",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let levels: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(levels.iter().map(|l| l["concurrency"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
+    for level in &levels {
+        assert_eq!(level["generated_tokens"].as_u64(), Some(4 * level["concurrency"].as_u64().unwrap()));
+        for key in ["aggregate_decode_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"] {
+            assert!(level[key].as_f64().unwrap() > 0.0, "{key}: {level}");
+        }
+        assert!(level["ttft_ms_p99"].as_f64() >= level["ttft_ms_p50"].as_f64());
+    }
+    assert_fails(&["bench", "-m", &smollm2(), "--concurrency", "0"], "--concurrency levels must be at least 1");
+}
+
+#[test]
+fn generate_stops_at_a_stop_string_and_checks_engine_flags() {
+    let m = smollm2();
+    let args = ["-p", "The capital of France is", "-n", "16", "--temperature", "0"];
+    let full = generate_json(&m, &args);
+    let text = full["text"].as_str().unwrap();
+    // Cut at the first "." of the greedy text: the text ends before it.
+    let cut = generate_json(&m, &[&args[..], &["--stop", "."]].concat());
+    assert_eq!(cut["text"].as_str().unwrap(), &text[..text.find('.').unwrap()]);
+    assert_eq!(cut["finish_reason"], "stop");
+    assert_fails(&["generate", "-m", &m, "-p", "hi", "--max-seqs", "600"], "cannot all decode within a batch");
+    assert_fails(&["generate", "-m", &m, "-p", "hi", "--kv-budget", "1KiB"], "KV budget");
+}
+
+#[test]
 fn bad_input_gives_one_clear_line() {
     let m = smollm2();
     assert_fails(&["generate", "-m", "/nonexistent.gguf", "-p", "hi"], "cannot read /nonexistent.gguf");
