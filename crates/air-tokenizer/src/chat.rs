@@ -1,4 +1,5 @@
-use crate::TokenizerError;
+use crate::{Tokenizer, TokenizerError};
+use air_gguf::Metadata;
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
@@ -40,6 +41,22 @@ impl ChatTemplate {
         let source = source.into();
         environment().template_from_str(&source).map_err(|e| TokenizerError::Template(e.to_string()))?;
         Ok(Self { source, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+    }
+
+    /// The template of a GGUF file (`tokenizer.chat_template`), with the texts of its BOS and
+    /// EOS tokens; `None` when the file has no template.
+    pub fn from_gguf(md: &Metadata, tokenizer: &Tokenizer) -> Result<Option<Self>, TokenizerError> {
+        let Some(source) = md.opt(md.get_str("tokenizer.chat_template"))? else { return Ok(None) };
+        let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
+        Self::new(source, &text(tokenizer.bos()), &text(tokenizer.eos())).map(Some)
+    }
+
+    /// Renders `messages` with the generation prompt and tokenizes the result, adding the BOS
+    /// token only when the template did not write it.
+    pub fn encode(&self, tokenizer: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.render(messages, true)?;
+        let writes_bos = !self.bos_token.is_empty() && text.starts_with(&self.bos_token);
+        tokenizer.encode(&text, !writes_bos)
     }
 
     /// Renders a conversation; with `add_generation_prompt` the text ends where the assistant's

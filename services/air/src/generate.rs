@@ -72,26 +72,18 @@ fn prompt_text(args: &GenerateArgs) -> Result<String> {
 fn prompt_tokens(loaded: &Loaded, args: &GenerateArgs) -> Result<Vec<u32>> {
     let tok = &loaded.tokenizer;
     let prompt = prompt_text(args)?;
-    let text = if args.chat {
-        let md = loaded.file.metadata();
-        let source = md
-            .opt(md.get_str("tokenizer.chat_template"))?
+    let ids = if args.chat {
+        let template = ChatTemplate::from_gguf(loaded.file.metadata(), tok)?
             .context("this model has no chat template (tokenizer.chat_template); run without --chat")?;
-        let token_text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-        let template = ChatTemplate::new(source, &token_text(tok.bos()), &token_text(tok.eos()))?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(ChatMessage::new("system", system));
         }
         messages.push(ChatMessage::new("user", prompt));
-        template.render(&messages, true)?
+        template.encode(tok, &messages)?
     } else {
-        prompt
+        tok.encode(&prompt, true)?
     };
-    // A template that writes the BOS token itself must not get a second one.
-    let bos_text = tok.bos().and_then(|b| tok.token_text(b)).filter(|t| !t.is_empty());
-    let add_special = !(args.chat && bos_text.is_some_and(|b| text.starts_with(b)));
-    let ids = tok.encode(&text, add_special)?;
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
