@@ -3,8 +3,8 @@
 //! the top-1 token and the logits at every position; then greedy decoding on the device,
 //! comparing the text. Fails (non-zero exit) when top-1 agreement is under `--min-agreement`.
 
-use crate::cli::{CheckArgs, Format, RuntimeArgs};
-use crate::loaded::Loaded;
+use crate::cli::{CheckArgs, Format};
+use crate::loaded::{Loaded, start_threads};
 use air_model::{ComputeDevice, Logits, Model};
 use anyhow::{Result, bail, ensure};
 use serde_json::json;
@@ -41,12 +41,17 @@ fn top_margin(logits: &[f32]) -> f32 {
 pub fn run(args: CheckArgs) -> Result<()> {
     ensure!(args.steps > 0, "--steps must be at least 1");
     ensure!((0.0..=1.0).contains(&args.min_agreement), "--min-agreement must be between 0 and 1");
-    let device = args.runtime.device.unwrap_or_else(ComputeDevice::preferred);
+    let device = args.runtime.compute.device.unwrap_or_else(ComputeDevice::preferred);
     if device == ComputeDevice::Cpu {
         bail!("--device names the device to check against the CPU: give cuda or cuda:N");
     }
-    let on_device = Loaded::open(&RuntimeArgs { device: Some(device), ..args.runtime.clone() })?;
-    let on_cpu = Loaded::open(&RuntimeArgs { device: Some(ComputeDevice::Cpu), ..args.runtime.clone() })?;
+    let on_device = |device| -> Result<Loaded> {
+        let mut runtime = args.runtime.clone();
+        runtime.compute.device = Some(device);
+        Loaded::open_path(&runtime.model, &runtime.compute, 1)
+    };
+    start_threads(&args.runtime.compute)?;
+    let (on_device, on_cpu) = (on_device(device)?, on_device(ComputeDevice::Cpu)?);
     let prompt = on_cpu.tokenizer.encode(&args.prompt, true)?;
     ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
     let ctx = on_cpu.model.config().context_length;

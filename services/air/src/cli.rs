@@ -25,6 +25,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(PerplexityArgs),
+    /// Serve models over an OpenAI-compatible HTTP API (chat and text completions, models,
+    /// health probes).
+    Serve(ServeArgs),
     /// Write a synthetic model (random weights, small vocabulary) of any shape, for scale tests.
     Synth(SynthArgs),
     /// Check a GPU against the CPU: top-1 agreement and logit differences over greedy steps.
@@ -47,6 +50,13 @@ pub struct RuntimeArgs {
     /// Path to a GGUF model file.
     #[arg(short, long, env = "AIR_MODEL")]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Where and with how much memory models compute.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
     /// Compute threads (default: all cores).
     #[arg(short, long, env = "AIR_THREADS")]
     pub threads: Option<usize>,
@@ -266,4 +276,60 @@ pub struct SynthArgs {
 
 fn parse_tensor_type(name: &str) -> Result<TensorType, String> {
     TensorType::from_name(name).ok_or_else(|| format!("unknown tensor type {name:?}"))
+}
+
+/// A model to serve: `NAME=PATH`, or `PATH` (named after the file).
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for ModelSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, path) = match s.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !name.contains('/') => (name.to_string(), PathBuf::from(path)),
+            _ => {
+                let path = PathBuf::from(s);
+                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                (stem, path)
+            }
+        };
+        if name.is_empty() || path.as_os_str().is_empty() {
+            return Err(format!("expected [NAME=]PATH, got {s:?}"));
+        }
+        Ok(Self { name, path })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// A model to serve, as NAME=PATH (NAME is the `model` of requests) or PATH (named after
+    /// the file); repeatable. The first is listed first. The memory budget is shared evenly.
+    #[arg(short, long = "model", value_name = "[NAME=]PATH", required = true, env = "AIR_MODEL")]
+    pub models: Vec<ModelSpec>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, env = "AIR_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, env = "AIR_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Accept only requests with `Authorization: Bearer KEY`; repeatable. Health probes stay open.
+    #[arg(long = "api-key", env = "AIR_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Read more API keys from a file, one per line.
+    #[arg(long, env = "AIR_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// A Jinja chat template for every served model, instead of the one in the GGUF file.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C, seconds to let requests in flight finish before stopping.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub shutdown_timeout: u64,
 }

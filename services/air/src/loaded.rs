@@ -1,6 +1,6 @@
 //! Opening a model file for a command: the GGUF mapping, its tokenizer, the forward pass.
 
-use crate::cli::RuntimeArgs;
+use crate::cli::{ComputeArgs, RuntimeArgs};
 use air_gguf::GgufFile;
 use air_model::{ComputeDevice, LoadOptions, Model};
 use air_stream::{ByteSize, available_memory};
@@ -17,13 +17,14 @@ pub struct Loaded {
 impl Loaded {
     /// Sets up the compute threads and loads the model named in `args`.
     pub fn open(args: &RuntimeArgs) -> Result<Self> {
-        if let Some(n) = args.threads {
-            anyhow::ensure!(n > 0, "--threads must be at least 1");
-            rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start compute threads")?;
-        }
-        let path = &args.model;
+        start_threads(&args.compute)?;
+        Self::open_path(&args.model, &args.compute, 1)
+    }
+
+    /// Loads the model at `path` with a `1 / shares` part of the memory budget.
+    pub fn open_path(path: &std::path::Path, args: &ComputeArgs, shares: u64) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let budget = args.memory_budget.or_else(available_memory);
+        let budget = args.memory_budget.or_else(available_memory).map(|b| ByteSize::new(b.bytes() / shares.max(1)));
         let device = args.device.unwrap_or_else(ComputeDevice::preferred);
         anyhow::ensure!(
             device != ComputeDevice::Cpu || args.vram_budget.is_none(),
@@ -78,8 +79,22 @@ impl Loaded {
         Ok(Self { file, tokenizer, model })
     }
 
+    /// The name requests use for this model: the file name without extension.
+    pub fn file_stem(&self) -> String {
+        self.file.path().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
     /// Threads the forward pass runs on.
     pub fn threads(&self) -> usize {
         rayon::current_num_threads()
     }
+}
+
+/// Sizes the compute pool (`--threads`); call once, before loading models.
+pub fn start_threads(args: &ComputeArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start compute threads")?;
+    }
+    Ok(())
 }

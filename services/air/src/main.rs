@@ -9,6 +9,7 @@ mod generation;
 mod info;
 mod loaded;
 mod perplexity;
+mod serve;
 mod serving;
 mod serving_bench;
 mod synth;
@@ -22,6 +23,7 @@ fn main() {
         cli::Command::Info(args) => info::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Perplexity(args) => perplexity::run(args),
+        cli::Command::Serve(args) => serve::run(args),
         cli::Command::Synth(args) => synth::run(args),
         cli::Command::Check(args) => check::run(args),
     };

@@ -20,28 +20,11 @@ pub fn with_engine<T>(
 ) -> Result<T> {
     ensure!(args.kv_block_size > 0, "--kv-block-size must be at least 1");
     let block_bytes = loaded.model.config().kv_shape(args.kv_block_size).block_bytes();
-    let kv_budget = match args.kv_budget {
-        Some(b) => b.bytes(),
-        None => (requests * (tokens_each.div_ceil(args.kv_block_size) + 1)) as u64 * block_bytes,
-    };
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_batch_tokens: args.max_batch_tokens,
-            max_running: args.max_seqs,
-            max_waiting: args.max_queue,
-            prefix_caching: !args.no_prefix_cache,
-        },
-        kv_budget,
-        block_size: args.kv_block_size,
-    };
-    let name = loaded.file.path().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let needed = (requests * (tokens_each.div_ceil(args.kv_block_size) + 1)) as u64 * block_bytes;
+    let config = engine_config(args, needed);
+    let name = loaded.file_stem();
     let model = EngineModel { name, model: loaded.model, tokenizer: Arc::new(loaded.tokenizer) };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    runtime(1)?.block_on(async move {
         let engine = Engine::start(vec![model], config).await?;
         let info = &engine.models()[0];
         if args.kv_budget.is_some() {
@@ -56,4 +39,28 @@ pub fn with_engine<T>(
         engine.shutdown().await;
         result
     })
+}
+
+/// The engine's settings from the flags; `default_kv_budget` when `--kv-budget` is not given.
+pub fn engine_config(args: &EngineArgs, default_kv_budget: u64) -> EngineConfig {
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_running: args.max_seqs,
+            max_waiting: args.max_queue,
+            prefix_caching: !args.no_prefix_cache,
+        },
+        kv_budget: args.kv_budget.map_or(default_kv_budget, ByteSize::bytes),
+        block_size: args.kv_block_size,
+    }
+}
+
+/// The async runtime of the actors (and the HTTP server): `workers` threads; the math runs on
+/// the engine's compute threads.
+pub fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }

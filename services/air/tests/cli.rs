@@ -423,3 +423,46 @@ fn device_flags_are_checked() {
     let text = generate_json(&m, &["-p", "The capital of France is", "--max-tokens", "4", "--device", "cpu"]);
     assert_eq!(text["tokens"].as_array().map(Vec::len), Some(4));
 }
+
+/// One HTTP/1.1 exchange over a fresh connection: the status line and the body.
+fn http(port: u16, request: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+#[test]
+fn serve_answers_http_and_stops_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let model = format!("smol={}", smollm2());
+    let mut server = Command::new(env!("CARGO_BIN_EXE_air"))
+        .args(["serve", "-m", &model, "--port", &port.to_string(), "--kv-budget", "64MiB"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let health = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let up = (0..300).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        http(port, health).is_some_and(|a| a.starts_with("HTTP/1.1 200"))
+    });
+    assert!(up, "the server did not come up");
+    let body = r#"{"model":"smol","prompt":"The capital of France is","max_tokens":8,"temperature":0}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = http(port, &request).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let json: Value = serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    // The same greedy text as `air generate` gives for the prompt.
+    let generated = generate_json(&smollm2(), &["-p", "The capital of France is", "-n", "8", "--temperature", "0"]);
+    assert_eq!(json["choices"][0]["text"], generated["text"]);
+    let unknown = request.replace("\"smol\"", "\"nope\"");
+    assert!(http(port, &unknown).unwrap().starts_with("HTTP/1.1 404"));
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    let status = server.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
