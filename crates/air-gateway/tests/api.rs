@@ -148,4 +148,9 @@ async fn errors_come_in_openai_shape_with_the_right_status() {
         call(&app, "POST", "/v1/chat/completions", Some(json!({ "model": "smol", "messages": [] })), key).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(call(&app, "GET", "/v1/nothing", None, key).await.0, StatusCode::NOT_FOUND);
+    // A body over the 2 MB limit.
+    let huge = json!({ "model": "smol", "prompt": "x".repeat(3 << 20) });
+    let (status, text) = call(&app, "POST", "/v1/completions", Some(huge), key).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string(), "{text}");
 }
