@@ -155,11 +155,14 @@ impl SchedulerState {
         request.sampling.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
         let max_tokens = request.max_tokens.min(self.context_length - prompt_len);
         let id = self.next_id;
-        self.scheduler.admit(id, request.prompt, prompt_len + max_tokens)?;
-        self.next_id += 1;
         let max_len = prompt_len + max_tokens;
+        self.scheduler.admit(id, request.prompt, max_len)?;
+        self.next_id += 1;
         let setup = SeqSetup { id, max_len, sampling: request.sampling, logprobs: request.logprobs };
-        self.runner.send(RunnerMsg::Setup(setup)).map_err(|_| EngineError::Stopped)?;
+        if self.runner.send(RunnerMsg::Setup(setup)).is_err() {
+            self.scheduler.finish(id);
+            return Err(EngineError::Stopped);
+        }
         self.clients.insert(
             id,
             Client {

@@ -42,9 +42,8 @@ impl Default for EngineConfig {
 pub struct ModelInfo {
     pub name: String,
     pub context_length: usize,
-    /// Blocks (and positions) of its KV cache.
+    /// Blocks of its KV cache.
     pub kv_blocks: usize,
-    pub kv_tokens: usize,
 }
 
 /// Could not start the engine.
@@ -54,10 +53,8 @@ pub enum StartError {
     NoModels,
     #[error("two models are named {0:?}")]
     DuplicateName(String),
-    #[error(
-        "the KV budget of {budget} bytes holds {blocks} blocks for model {model:?}; it needs at least one ({block_bytes} bytes)"
-    )]
-    KvBudget { model: String, budget: u64, blocks: usize, block_bytes: u64 },
+    #[error("the KV budget of {budget} bytes holds no block for model {model:?}; one takes {block_bytes} bytes")]
+    KvBudget { model: String, budget: u64, block_bytes: u64 },
     #[error("invalid engine settings: {0}")]
     Config(String),
     #[error("cannot start an actor: {0}")]
@@ -76,9 +73,9 @@ impl Engine {
     /// Starts the actors for `models` (the first one is the default).
     pub async fn start(models: Vec<EngineModel>, config: EngineConfig) -> Result<Engine, StartError> {
         let s = config.scheduler;
-        if s.max_batch_tokens == 0 || s.max_running == 0 || config.block_size == 0 {
+        if s.max_batch_tokens == 0 || s.max_running == 0 || s.max_waiting == 0 || config.block_size == 0 {
             return Err(StartError::Config(
-                "the batch token budget, running sequences and block size must be > 0".into(),
+                "the batch token budget, running sequences, queue length and block size must be > 0".into(),
             ));
         }
         if s.max_running > s.max_batch_tokens {
@@ -100,12 +97,7 @@ impl Engine {
             let shape = m.model.config().kv_shape(config.block_size);
             let blocks = (share / shape.block_bytes()) as usize;
             if blocks == 0 {
-                return Err(StartError::KvBudget {
-                    model: m.name,
-                    budget: share,
-                    blocks,
-                    block_bytes: shape.block_bytes(),
-                });
+                return Err(StartError::KvBudget { model: m.name, budget: share, block_bytes: shape.block_bytes() });
             }
             let context_length = m.model.config().context_length;
             let (kv, scheduler) = if m.model.supports_paged_kv() {
@@ -122,12 +114,7 @@ impl Engine {
                 tokenizer: m.tokenizer,
             };
             let (actor, _) = Actor::spawn(None, SchedulerActor, args).await?;
-            infos.push(ModelInfo {
-                name: m.name.clone(),
-                context_length,
-                kv_blocks: blocks,
-                kv_tokens: blocks * config.block_size,
-            });
+            infos.push(ModelInfo { name: m.name.clone(), context_length, kv_blocks: blocks });
             routes.push((m.name, actor));
         }
         let (mux, _) = Actor::spawn(None, ModelMux, routes).await?;

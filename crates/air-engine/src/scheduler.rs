@@ -56,13 +56,6 @@ pub struct StepPlan {
     pub finished: Vec<SeqId>,
 }
 
-impl StepPlan {
-    /// Tokens computed in this step.
-    pub fn tokens(&self) -> usize {
-        self.entries.iter().map(|e| e.tokens.len()).sum()
-    }
-}
-
 /// A sequence as the scheduler sees it.
 #[derive(Debug)]
 struct Seq {
@@ -200,7 +193,7 @@ impl Scheduler {
         for i in 0..self.running.len() {
             let pending = self.running[i].pending();
             if pending > 1 && budget > 0 {
-                let n = self.fit(i, pending.min(budget));
+                let n = self.fit(i, pending.min(budget), 0);
                 if n > 0 && self.grow(i, n) {
                     entries.push(self.entry(i, n));
                     budget -= n;
@@ -221,7 +214,7 @@ impl Scheduler {
             let i = self.running.len() - 1;
             let headroom = self.running.len() - 1;
             let pending = self.running[i].pending();
-            let n = self.fit_with_headroom(i, pending.min(budget), headroom);
+            let n = self.fit(i, pending.min(budget), headroom);
             if n == 0 || !self.grow(i, n) {
                 let mut seq = self.running.pop().expect("just pushed");
                 seq.table.release(&mut self.pool);
@@ -239,12 +232,9 @@ impl Scheduler {
         Some(StepPlan { entries, finished: std::mem::take(&mut self.finished) })
     }
 
-    /// Tokens of a chunk of up to `n` for running sequence `i` that the free blocks can hold.
-    fn fit(&self, i: usize, n: usize) -> usize {
-        self.fit_with_headroom(i, n, 0)
-    }
-
-    fn fit_with_headroom(&self, i: usize, n: usize, headroom: usize) -> usize {
+    /// Tokens of a chunk of up to `n` for running sequence `i` that the free blocks can hold,
+    /// leaving `headroom` blocks free.
+    fn fit(&self, i: usize, n: usize, headroom: usize) -> usize {
         let s = &self.running[i];
         let bs = self.pool.block_size();
         let blocks = (s.table.blocks().len() + self.pool.available().saturating_sub(headroom)) * bs;

@@ -47,8 +47,13 @@ impl ChatTemplate {
     /// EOS tokens; `None` when the file has no template.
     pub fn from_gguf(md: &Metadata, tokenizer: &Tokenizer) -> Result<Option<Self>, TokenizerError> {
         let Some(source) = md.opt(md.get_str("tokenizer.chat_template"))? else { return Ok(None) };
+        Self::for_tokenizer(source, tokenizer).map(Some)
+    }
+
+    /// Compiles `source` with the texts of `tokenizer`'s BOS and EOS tokens.
+    pub fn for_tokenizer(source: impl Into<String>, tokenizer: &Tokenizer) -> Result<Self, TokenizerError> {
         let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
-        Self::new(source, &text(tokenizer.bos()), &text(tokenizer.eos())).map(Some)
+        Self::new(source, &text(tokenizer.bos()), &text(tokenizer.eos()))
     }
 
     /// Renders `messages` with the generation prompt and tokenizes the result, adding the BOS

@@ -84,8 +84,8 @@ pub struct ComputeArgs {
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
     /// Memory for the KV cache (f16 keys and values in blocks), e.g. 256MiB, 2GiB (default:
-    /// what the command's requests can use at most). Requests beyond it wait, or are preempted
-    /// and computed again later.
+    /// for generate and bench, what their requests can use at most; for serve, 1GiB). Requests
+    /// beyond it wait, or are preempted and computed again later.
     #[arg(long, env = "AIR_KV_BUDGET", value_name = "SIZE")]
     pub kv_budget: Option<ByteSize>,
     /// Tokens per engine step over all requests: one per generating request plus chunks of

@@ -35,17 +35,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let loaded = Loaded::open_path(&spec.path, &args.compute, shares)?;
         let tokenizer = Arc::new(loaded.tokenizer);
         let template = match &template_source {
-            Some(source) => {
-                let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
-                Some(ChatTemplate::new(source.as_str(), &text(tokenizer.bos()), &text(tokenizer.eos()))?)
-            }
+            Some(source) => Some(ChatTemplate::for_tokenizer(source.as_str(), &tokenizer)?),
             None => ChatTemplate::from_gguf(loaded.file.metadata(), &tokenizer)?,
         };
         let context_length = loaded.model.config().context_length;
         served.push(ServedModel { name: spec.name.clone(), tokenizer: tokenizer.clone(), template, context_length });
         engine_models.push(EngineModel { name: spec.name.clone(), model: loaded.model, tokenizer });
     }
-    let config = engine_config(&args.engine, DEFAULT_KV_BUDGET);
+    let config = engine_config(&args.engine, DEFAULT_KV_BUDGET)?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     runtime(workers)?.block_on(async move {
         let engine = Engine::start(engine_models, config).await?;

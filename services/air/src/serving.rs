@@ -4,7 +4,7 @@
 use crate::cli::EngineArgs;
 use crate::loaded::Loaded;
 use air_engine::{Engine, EngineConfig, EngineModel, SchedulerConfig};
-use air_stream::ByteSize;
+use air_stream::{ByteSize, available_memory};
 use anyhow::{Context, Result, ensure};
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ pub fn with_engine<T>(
     ensure!(args.kv_block_size > 0, "--kv-block-size must be at least 1");
     let block_bytes = loaded.model.config().kv_shape(args.kv_block_size).block_bytes();
     let needed = (requests * (tokens_each.div_ceil(args.kv_block_size) + 1)) as u64 * block_bytes;
-    let config = engine_config(args, needed);
+    let config = engine_config(args, needed)?;
     let name = loaded.file_stem();
     let model = EngineModel { name, model: loaded.model, tokenizer: Arc::new(loaded.tokenizer) };
     runtime(1)?.block_on(async move {
@@ -42,17 +42,26 @@ pub fn with_engine<T>(
 }
 
 /// The engine's settings from the flags; `default_kv_budget` when `--kv-budget` is not given.
-pub fn engine_config(args: &EngineArgs, default_kv_budget: u64) -> EngineConfig {
-    EngineConfig {
+/// A budget beyond the memory available now is refused: the cache is allocated up front.
+pub fn engine_config(args: &EngineArgs, default_kv_budget: u64) -> Result<EngineConfig> {
+    let kv_budget = args.kv_budget.map_or(default_kv_budget, ByteSize::bytes);
+    if let Some(available) = available_memory() {
+        ensure!(
+            kv_budget <= available.bytes(),
+            "the KV budget of {} is more than the memory available ({available}); lower --kv-budget",
+            ByteSize::new(kv_budget)
+        );
+    }
+    Ok(EngineConfig {
         scheduler: SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_seqs,
             max_waiting: args.max_queue,
             prefix_caching: !args.no_prefix_cache,
         },
-        kv_budget: args.kv_budget.map_or(default_kv_budget, ByteSize::bytes),
+        kv_budget,
         block_size: args.kv_block_size,
-    }
+    })
 }
 
 /// The async runtime of the actors (and the HTTP server): `workers` threads; the math runs on

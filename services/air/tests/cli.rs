@@ -200,6 +200,8 @@ fn generate_stops_at_a_stop_string_and_checks_engine_flags() {
     assert_eq!(cut["finish_reason"], "stop");
     assert_fails(&["generate", "-m", &m, "-p", "hi", "--max-seqs", "600"], "cannot all decode within a batch");
     assert_fails(&["generate", "-m", &m, "-p", "hi", "--kv-budget", "1KiB"], "KV budget");
+    assert_fails(&["generate", "-m", &m, "-p", "hi", "--kv-budget", "900TB"], "more than the memory available");
+    assert_fails(&["generate", "-m", &m, "-p", "hi", "--max-queue", "0"], "queue length");
 }
 
 #[test]
