@@ -1,9 +1,10 @@
 //! The two completion endpoints: a request becomes `n` engine requests; their events become one
 //! JSON answer, or a stream of Server-Sent Events.
 
+use crate::metrics::Observed;
 use crate::openai::{ChatRequest, Common, CompletionRequest, Prompt, top_logprobs};
 use crate::{ApiError, Gateway, ServedModel, unix_now};
-use air_engine::{Event, EventStream, FinishReason, Request, TokenLogprobs, Usage};
+use air_engine::{Event, FinishReason, Request, TokenLogprobs, Usage};
 use air_tokenizer::{ChatMessage, Tokenizer};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -15,6 +16,7 @@ use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use tokio_stream::{StreamExt, StreamMap};
 
 /// Which endpoint: the shapes of its answers differ.
@@ -41,11 +43,13 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
 }
 
 pub async fn chat(State(g): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> Response {
-    respond(&g, chat_job(&g, parse(body))).await
+    let received = Instant::now();
+    respond(&g, received, chat_job(&g, parse(body))).await
 }
 
 pub async fn text(State(g): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> Response {
-    respond(&g, text_job(&g, parse(body))).await
+    let received = Instant::now();
+    respond(&g, received, text_job(&g, parse(body))).await
 }
 
 fn chat_job(g: &Gateway, request: Result<ChatRequest, ApiError>) -> Result<Job, ApiError> {
@@ -127,7 +131,7 @@ fn job(
                 sampling: c.sampling(i)?,
                 stop: c.stops(),
                 logprobs,
-                ignore_eos: false,
+                ignore_eos: c.ignore_eos,
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -144,7 +148,7 @@ fn job(
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-async fn respond(g: &Gateway, job: Result<Job, ApiError>) -> Response {
+async fn respond(g: &Gateway, received: Instant, job: Result<Job, ApiError>) -> Response {
     let job = match job {
         Ok(job) => job,
         Err(e) => return e.into_response(),
@@ -152,8 +156,8 @@ async fn respond(g: &Gateway, job: Result<Job, ApiError>) -> Response {
     let mut streams = StreamMap::new();
     for (i, request) in job.requests.iter().enumerate() {
         match g.engine.submit(request.clone()).await {
-            Ok(stream) => {
-                streams.insert(i, stream);
+            Ok(events) => {
+                streams.insert(i, g.metrics.observe(&job.model, job.prompt.len(), received, events));
             }
             Err(e) => return ApiError::from(e).into_response(),
         }
@@ -246,7 +250,7 @@ fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
 }
 
 /// Waits for every choice and answers with one JSON object.
-async fn collect(frame: Frame, job: Job, mut streams: StreamMap<usize, EventStream>) -> Response {
+async fn collect(frame: Frame, job: Job, mut streams: StreamMap<usize, Observed>) -> Response {
     let n = job.requests.len();
     let mut texts = vec![String::new(); n];
     let mut logprobs: Vec<Vec<(u32, TokenLogprobs)>> = vec![Vec::new(); n];
@@ -291,7 +295,7 @@ async fn collect(frame: Frame, job: Job, mut streams: StreamMap<usize, EventStre
 /// Answers with Server-Sent Events: per choice a role chunk (chat), content chunks, a final
 /// chunk with its finish reason; then a usage chunk when asked; then `[DONE]`. The events are
 /// produced by a task that ends, cancelling the requests, when the client goes away.
-fn stream(frame: Frame, job: Job, mut streams: StreamMap<usize, EventStream>) -> Response {
+fn stream(frame: Frame, job: Job, mut streams: StreamMap<usize, Observed>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(async move {
         let send = |v: Value| {

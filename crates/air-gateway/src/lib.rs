@@ -1,10 +1,11 @@
 //! The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/completions`,
-//! `/v1/models`, health probes, over an [`air_engine::Engine`]. Errors come in OpenAI's JSON
+//! `/v1/models`, health probes and Prometheus metrics, over an [`air_engine::Engine`]. Errors come in OpenAI's JSON
 //! shape ([`ApiError`]); streaming answers are Server-Sent Events, and a client that goes away
 //! mid-stream cancels its request in the engine.
 
 mod completion;
 mod error;
+mod metrics;
 mod openai;
 
 use air_engine::Engine;
@@ -21,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 
 pub use error::ApiError;
+pub use metrics::Metrics;
 
 /// A model as the API serves it.
 pub struct ServedModel {
@@ -40,11 +42,12 @@ pub struct Gateway {
     pub api_keys: Vec<String>,
     /// When the server started (the models' `created`).
     pub started: u64,
+    pub metrics: Metrics,
 }
 
 impl Gateway {
     pub fn new(engine: Engine, models: Vec<ServedModel>, api_keys: Vec<String>) -> Self {
-        Self { engine, models, api_keys, started: unix_now() }
+        Self { engine, models, api_keys, started: unix_now(), metrics: Metrics::default() }
     }
 
     fn model(&self, name: &str) -> Result<&ServedModel, ApiError> {
@@ -61,7 +64,7 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The API's routes; `/health` and `/ready` stay open when API keys are set.
+/// The API's routes; `/health`, `/ready` and `/metrics` stay open when API keys are set.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let api = Router::new()
         .route("/v1/models", get(list_models))
@@ -72,6 +75,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/health", get(|| async { axum::Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics::scrape))
         .merge(api)
         .fallback(|| async {
             ApiError {
@@ -81,6 +85,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
                 code: None,
             }
         })
+        .layer(middleware::from_fn_with_state(gateway.clone(), metrics::count_requests))
         .with_state(gateway)
 }
 

@@ -44,6 +44,9 @@ pub struct Common {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// vLLM's and llama-server's extension: generate until `max_tokens` even past an end token.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl Common {

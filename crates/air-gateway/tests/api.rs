@@ -154,3 +154,73 @@ async fn errors_come_in_openai_shape_with_the_right_status() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string(), "{text}");
 }
+
+/// The value of the series `name` whose labels include `labels`, in a Prometheus text scrape.
+fn series(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
+        let matches = metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_tokens_and_a_dropped_stream_frees_its_blocks() {
+    use tokio_stream::StreamExt;
+    let app = app(Vec::new()).await;
+    let body = json!({ "model": "smol", "prompt": "The sky is", "max_tokens": 5, "temperature": 0, "n": 2 });
+    assert_eq!(post(&app, "/v1/completions", body).await.0, StatusCode::OK);
+    assert_eq!(
+        post(&app, "/v1/completions", json!({ "model": "smol", "prompt": "" })).await.0,
+        StatusCode::BAD_REQUEST
+    );
+
+    // A streaming client that reads one chunk and goes away.
+    let long = json!({ "model": "smol", "prompt": "Write a long story.", "max_tokens": 2000, "stream": true,
+                       "ignore_eos": true });
+    let request = Request::post("/v1/completions").header("content-type", "application/json");
+    let response = app.clone().oneshot(request.body(Body::from(long.to_string())).unwrap()).await.unwrap();
+    let mut body = response.into_body().into_data_stream();
+    assert!(body.next().await.is_some_and(|chunk| chunk.is_ok()));
+    drop(body);
+
+    let (ok, scrape) = call(&app, "GET", "/metrics", None, None).await;
+    assert_eq!(ok, StatusCode::OK);
+    let smol = [("model", "smol")];
+    assert_eq!(
+        series(&scrape, "air_http_requests_total", &[("endpoint", "/v1/completions"), ("status", "200")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        series(&scrape, "air_http_requests_total", &[("endpoint", "/v1/completions"), ("status", "400")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(&scrape, "air_requests_finished_total", &[("model", "smol"), ("finish_reason", "length")]),
+        Some(2.0)
+    );
+    assert!(series(&scrape, "air_generation_tokens_total", &smol).unwrap() >= 11.0, "{scrape}");
+    assert_eq!(series(&scrape, "air_prompt_tokens_total", &smol), Some(2.0 * 3.0 + 5.0), "{scrape}");
+    assert_eq!(series(&scrape, "air_time_to_first_token_seconds_count", &smol), Some(3.0));
+    assert_eq!(series(&scrape, "air_inter_token_latency_seconds_count", &smol).map(|n| n >= 8.0), Some(true));
+    assert_eq!(series(&scrape, "air_e2e_request_latency_seconds_count", &smol), Some(2.0));
+
+    // The dropped stream is cancelled in the engine and its blocks come back.
+    let mut scrape = scrape;
+    for _ in 0..200 {
+        if series(&scrape, "air_requests_running", &smol) == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        scrape = call(&app, "GET", "/metrics", None, None).await.1;
+    }
+    assert_eq!(series(&scrape, "air_requests_running", &smol), Some(0.0), "{scrape}");
+    assert_eq!(series(&scrape, "air_kv_blocks", &[("model", "smol"), ("state", "used")]), Some(0.0), "{scrape}");
+    assert_eq!(
+        series(&scrape, "air_requests_finished_total", &[("model", "smol"), ("finish_reason", "cancelled")]),
+        Some(1.0)
+    );
+    assert!(series(&scrape, "air_kv_blocks", &[("model", "smol"), ("state", "free")]).unwrap() > 0.0);
+    assert!(series(&scrape, "air_engine_steps_total", &smol).unwrap() > 0.0);
+}
