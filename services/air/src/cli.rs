@@ -26,7 +26,7 @@ pub enum Command {
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(PerplexityArgs),
     /// Serve models over an OpenAI-compatible HTTP API (chat and text completions, models,
-    /// health probes).
+    /// health probes, Prometheus metrics at /metrics).
     Serve(ServeArgs),
     /// Write a synthetic model (random weights, small vocabulary) of any shape, for scale tests.
     Synth(SynthArgs),
