@@ -24,5 +24,5 @@ fi
 export AIR_BIN PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 cd tests/e2e
 # Arguments name tests (e.g. test_openai_api.Overload); none: all of them.
-[ $# -gt 0 ] || set -- discover -p 'test_*.py'
+[ $# -gt 0 ] || exec python3 -m unittest discover -v -p 'test_*.py'
 exec python3 -m unittest -v "$@"
