@@ -200,7 +200,7 @@ mod tests {
 #[cfg(test)]
 mod model_shapes {
     use super::*;
-    use k_quants::{BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0};
+    use k_quants::{BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0};
     use std::time::Instant;
 
     fn check<T: BlockDot>(k: usize, n: usize, m: usize)
@@ -243,6 +243,7 @@ mod model_shapes {
 
     #[test]
     fn kernels_at_model_shapes() {
+        check::<BlockQ4_1>(576, 1536, 16);
         check::<BlockQ5_0>(896, 4864, 48);
         check::<BlockQ8_0>(896, 4864, 48);
         check::<BlockQ5_0>(4864, 896, 48);
