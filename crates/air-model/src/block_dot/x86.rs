@@ -362,7 +362,7 @@ unsafe fn tile_pairs<W: Weight, const RP: usize, const RN: usize>(
                 };
                 dw[p] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(pair[0].d), _mm512_set1_ps(pair[1].d));
             }
-            for j in 0..RN {
+            for (j, acc_j) in acc.iter_mut().enumerate() {
                 let at = (j0 + j) * kb + b;
                 let xq = _mm512_broadcast_i64x4(_mm256_loadu_si256(x.q.as_ptr().add(at) as *const __m256i));
                 let start = match W::ENCODING {
@@ -380,7 +380,7 @@ unsafe fn tile_pairs<W: Weight, const RP: usize, const RN: usize>(
                         _ => xq,
                     };
                     let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, values[p], s));
-                    acc[j][p] = _mm512_fmadd_ps(_mm512_mul_ps(dw[p], dx), sums, acc[j][p]);
+                    acc_j[p] = _mm512_fmadd_ps(_mm512_mul_ps(dw[p], dx), sums, acc_j[p]);
                 }
             }
         }
@@ -429,7 +429,7 @@ unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize, const PAIRS: bool>(
             let rn = TX.min(rows.end - j);
             // Q4_1 and Q5_1 ran 7-9% slower in pairs (`kernels_at_model_shapes`): their minimum
             // terms add ALU work per pair that the single-row tiles spread over 8 lanes.
-            if PAIRS && !matches!(W::ENCODING, Encoding::Min) && rm % 2 == 0 && rn > 1 {
+            if PAIRS && !matches!(W::ENCODING, Encoding::Min) && rm.is_multiple_of(2) && rn > 1 {
                 match (rm / 2, rn) {
                     (2, 8) => pairs!(i, j, 2, 8),
                     (2, 7) => pairs!(i, j, 2, 7),
