@@ -19,7 +19,7 @@ while getopts "d:t:s" opt; do
   esac
 done
 cargo build --release --quiet
-air=target/release/air
+air="${CARGO_TARGET_DIR:-target}/release/air"
 scripts/fetch-models.sh >/dev/null
 
 # Runs the serving test at concurrency 1 and 16 and prints both levels and their ratio.

@@ -17,7 +17,7 @@ while getopts "d:t:" opt; do
   esac
 done
 cargo build --release --quiet
-air=target/release/air
+air="${CARGO_TARGET_DIR:-target}/release/air"
 mkdir -p "$dir"
 big=$dir/synth-30g-q4_0.gguf
 small=$dir/synth-1.6g-q4_0.gguf

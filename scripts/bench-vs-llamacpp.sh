@@ -20,7 +20,7 @@ shift $((OPTIND - 1))
 [ $# -gt 0 ] || set -- models/SmolLM2-135M-Instruct.Q4_1.gguf
 bin=$(scripts/build-llamacpp.sh | tail -1)
 cargo build --release --quiet
-air=target/release/air
+air="${CARGO_TARGET_DIR:-target}/release/air"
 
 printf '%-40s %-7s %12s %12s %7s\n' model test "air t/s" "llama.cpp" ratio
 for model in "$@"; do
