@@ -16,6 +16,9 @@
 #   engine     requests through the engine on the GPU: `air generate` of SmolLM2 (when its parts
 #              have arrived) on the GPU and the CPU; `air bench --concurrency 1,16` on the
 #              8B-shape Q4_0 model resident and half streamed
+#   engine-c1  where a single request's token time goes on the 8B-shape Q4_0 model: the model
+#              driven directly against the engine at concurrency 1, after 1 and 128 prompt
+#              tokens (the engine reports its pass and sampling time per step)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/air-out}
@@ -143,6 +146,15 @@ MODELS
         --prompt-tokens 128 --gen-tokens 64
       record engine "llama8b-q4_0 half streamed concurrency" bench -m "$model" --device cuda --vram-budget 3GiB \
         --concurrency 1,16 --prompt-tokens 16 --gen-tokens 32
+      ;;
+    engine-c1)
+      model=$(llama8b q4_0)
+      for prompt in 1 128; do
+        record engine-c1 "direct, prompt $prompt" bench -m "$model" --device cuda --prompt-tokens "$prompt" \
+          --gen-tokens 64 --runs 2
+        record engine-c1 "engine, prompt $prompt" bench -m "$model" --device cuda --concurrency 1 \
+          --prompt-tokens "$prompt" --gen-tokens 64
+      done
       ;;
     *) log "unknown stage $stage"; exit 2 ;;
   esac

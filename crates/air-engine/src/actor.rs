@@ -2,7 +2,7 @@
 //! step's plan to the compute thread, and turns sampled tokens into each request's events.
 
 use crate::request::{EngineError, Event, FinishReason, Request, RequestTimings, Usage};
-use crate::runner::{Runner, RunnerMsg, Sampled, SeqSetup};
+use crate::runner::{Runner, RunnerMsg, Sampled, SeqSetup, StepResult};
 use crate::scheduler::{Scheduler, SchedulerStats, SeqId, StepPlan};
 use crate::stop::StopText;
 use air_tokenizer::{StreamDecoder, Tokenizer};
@@ -10,7 +10,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// Messages of the scheduler actor.
@@ -19,7 +19,7 @@ pub enum SchedulerMsg {
     /// The client is gone: end the request and free its blocks.
     Cancel(SeqId),
     /// The compute thread finished a step.
-    StepDone(StepPlan, Result<Vec<Sampled>, String>),
+    StepDone(StepPlan, StepResult),
     Stats(RpcReplyPort<SchedulerStats>),
 }
 
@@ -58,6 +58,9 @@ pub(crate) struct SchedulerState {
     in_flight: bool,
     /// Cancellations that arrived during a step, applied after it.
     cancelled: Vec<SeqId>,
+    /// The compute thread's time in the model's passes and in sampling, over all steps.
+    forward_time: Duration,
+    sampling_time: Duration,
 }
 
 pub(crate) struct SchedulerActor;
@@ -86,6 +89,8 @@ impl Actor for SchedulerActor {
             next_id: 0,
             in_flight: false,
             cancelled: Vec::new(),
+            forward_time: Duration::ZERO,
+            sampling_time: Duration::ZERO,
         })
     }
 
@@ -114,7 +119,12 @@ impl Actor for SchedulerActor {
                 }
             }
             SchedulerMsg::Stats(reply) => {
-                let _ = reply.send(state.scheduler.stats());
+                let stats = SchedulerStats {
+                    forward_time: state.forward_time,
+                    sampling_time: state.sampling_time,
+                    ..state.scheduler.stats()
+                };
+                let _ = reply.send(stats);
             }
         }
         state.kick()?;
@@ -195,10 +205,14 @@ impl SchedulerState {
         Ok(())
     }
 
-    fn step_done(&mut self, plan: StepPlan, result: Result<Vec<Sampled>, String>) {
+    fn step_done(&mut self, plan: StepPlan, result: StepResult) {
         self.scheduler.complete(&plan);
         let sampled = match result {
-            Ok(sampled) => sampled,
+            Ok((sampled, times)) => {
+                self.forward_time += times.forward;
+                self.sampling_time += times.sampling;
+                sampled
+            }
             Err(e) => {
                 tracing::error!(error = %e, "step failed");
                 for entry in &plan.entries {

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// A token sampled for a sequence in a step.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +21,16 @@ pub(crate) struct Sampled {
 }
 
 /// What the runner needs to know of a sequence before its first step.
+/// What a step took on the compute thread: the model's pass, then sampling.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct StepTimes {
+    pub forward: Duration,
+    pub sampling: Duration,
+}
+
+/// The outcome of a step: a token for each sequence that sampled, and the times.
+pub(crate) type StepResult = Result<(Vec<Sampled>, StepTimes), String>;
+
 pub(crate) struct SeqSetup {
     pub id: SeqId,
     /// The most positions the sequence may reach.
@@ -72,7 +83,7 @@ impl Runner {
     /// dropping the model, when the sender is dropped or `done` returns false.
     pub fn spawn(
         mut self,
-        done: impl Fn(StepPlan, Result<Vec<Sampled>, String>) -> bool + Send + 'static,
+        done: impl Fn(StepPlan, StepResult) -> bool + Send + 'static,
     ) -> std::io::Result<(mpsc::Sender<RunnerMsg>, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel::<RunnerMsg>();
         let thread = std::thread::Builder::new().name("air-compute".into()).spawn(move || {
@@ -100,10 +111,11 @@ impl Runner {
     }
 
     /// One batched pass over the plan's chunks, then a token for each sequence that samples.
-    fn step(&mut self, plan: &StepPlan) -> Result<Vec<Sampled>, String> {
+    fn step(&mut self, plan: &StepPlan) -> StepResult {
         for id in &plan.finished {
             self.seqs.remove(id);
         }
+        let started = Instant::now();
         let logits = match &mut self.kv {
             KvMemory::Paged(store) => {
                 let batch: Vec<PagedSequence<'_>> = plan
@@ -121,6 +133,7 @@ impl Runner {
             KvMemory::PerSequence => forward_per_sequence(&self.model, &mut self.seqs, plan),
         }
         .map_err(|e| e.to_string())?;
+        let forwarded = Instant::now();
         let vocab = self.model.vocab_size();
         let mut to_sample = Vec::new();
         for (e, row) in plan.entries.iter().zip(logits.chunks_exact(vocab)) {
@@ -145,7 +158,7 @@ impl Runner {
                 Sampled { id: to_sample[i].0, token, logprobs }
             })
             .collect();
-        Ok(sampled)
+        Ok((sampled, StepTimes { forward: forwarded - started, sampling: forwarded.elapsed() }))
     }
 }
 

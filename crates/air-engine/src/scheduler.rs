@@ -9,6 +9,7 @@ use crate::request::EngineError;
 use air_kv::{BlockId, BlockPool, BlockTable};
 use air_model::F32_QUERY_ROWS;
 use std::collections::VecDeque;
+use std::time::Duration;
 
 /// A request's number in its scheduler.
 pub type SeqId = u64;
@@ -100,6 +101,10 @@ pub struct SchedulerStats {
     pub computed_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Time the compute thread spent in the model's passes, and sampling, over all steps
+    /// (filled in by the scheduler's actor).
+    pub forward_time: Duration,
+    pub sampling_time: Duration,
 }
 
 /// Waiting and running sequences over one block pool.
@@ -320,6 +325,8 @@ impl Scheduler {
             computed_tokens: self.computed_tokens,
             preemptions: self.preemptions,
             steps: self.steps,
+            forward_time: Duration::ZERO,
+            sampling_time: Duration::ZERO,
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct Metrics {
     prefix_hits: IntCounterVec,
     steps: IntCounterVec,
     computed_tokens: IntCounterVec,
+    forward_seconds: prometheus::CounterVec,
+    sampling_seconds: prometheus::CounterVec,
     /// Serializes scrapes that move counters to the engine's totals.
     engine_sync: Mutex<()>,
 }
@@ -57,6 +59,12 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
     registry.register(Box::new(g.clone())).expect("unique metric name");
     g
+}
+
+fn seconds(registry: &Registry, name: &str, help: &str) -> prometheus::CounterVec {
+    let c = prometheus::CounterVec::new(Opts::new(name, help), &["model"]).expect("valid counter");
+    registry.register(Box::new(c.clone())).expect("unique metric name");
+    c
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
@@ -151,6 +159,12 @@ impl Default for Metrics {
                 "Tokens run through the model: prompt chunks, recomputation and decode tokens",
                 model,
             ),
+            forward_seconds: seconds(
+                &r,
+                "air_engine_forward_seconds_total",
+                "Compute-thread time in the model's batched passes (its rate is the busy fraction)",
+            ),
+            sampling_seconds: seconds(&r, "air_engine_sampling_seconds_total", "Compute-thread time sampling tokens"),
             registry: r,
             engine_sync: Mutex::new(()),
         }
@@ -197,6 +211,13 @@ impl Metrics {
         advance(self.prefix_hits.with_label_values(&[model]), s.prefix_hit_tokens);
         advance(self.steps.with_label_values(&[model]), s.steps);
         advance(self.computed_tokens.with_label_values(&[model]), s.computed_tokens);
+        for (counter, total) in [(&self.forward_seconds, s.forward_time), (&self.sampling_seconds, s.sampling_time)] {
+            let counter = counter.with_label_values(&[model]);
+            let more = total.as_secs_f64() - counter.get();
+            if more > 0.0 {
+                counter.inc_by(more);
+            }
+        }
     }
 
     /// Every metric in Prometheus' text format, the engine's read now.

@@ -7,7 +7,7 @@ use crate::bench::bench_tokens;
 use crate::cli::{BenchArgs, Format};
 use crate::loaded::Loaded;
 use crate::serving::with_engine;
-use air_engine::{Engine, Event, FinishReason, Request};
+use air_engine::{Engine, Event, FinishReason, Request, SchedulerStats};
 use air_sampling::SamplingParams;
 use anyhow::{Result, bail, ensure};
 use serde_json::{Value, json};
@@ -62,7 +62,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             let wall = started.elapsed().as_secs_f64();
             let after = engine.stats(None).await?;
-            let report = level_report(n, &traces, wall, after.preemptions - before.preemptions);
+            let report = level_report(n, &traces, wall, &before, &after);
             let report = json!({ "model": model_path, "device": device, "threads": threads,
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "level": report });
             print_level(&report, args.format);
@@ -98,9 +98,13 @@ async fn trace(engine: &Engine, request: Request) -> Result<Trace> {
     bail!("the engine stopped during the test")
 }
 
-/// The figures of one level as JSON.
-fn level_report(n: usize, traces: &[Trace], wall: f64, preemptions: u64) -> Value {
+/// The figures of one level as JSON, with the engine's counters from `before` to `after` it:
+/// steps, and the compute thread's mean time per step in the model's pass and in sampling (the
+/// rest of a token's latency is the engine's own work and the hand-offs).
+fn level_report(n: usize, traces: &[Trace], wall: f64, before: &SchedulerStats, after: &SchedulerStats) -> Value {
     let generated: usize = traces.iter().map(|t| t.tokens).sum();
+    let steps = after.steps - before.steps;
+    let per_step = |total: std::time::Duration| (steps > 0).then(|| total.as_secs_f64() * 1e3 / steps as f64);
     let mut ttft: Vec<f64> = traces.iter().map(|t| t.ttft * 1e3).collect();
     let mut gaps: Vec<f64> = traces.iter().flat_map(|t| t.gaps.iter().map(|g| g * 1e3)).collect();
     json!({
@@ -113,7 +117,10 @@ fn level_report(n: usize, traces: &[Trace], wall: f64, preemptions: u64) -> Valu
         "ttft_ms_p99": percentile(&mut ttft, 99.0),
         "itl_ms_p50": percentile(&mut gaps, 50.0),
         "itl_ms_p99": percentile(&mut gaps, 99.0),
-        "preemptions": preemptions,
+        "preemptions": after.preemptions - before.preemptions,
+        "steps": steps,
+        "forward_ms_per_step": per_step(after.forward_time - before.forward_time),
+        "sampling_ms_per_step": per_step(after.sampling_time - before.sampling_time),
     })
 }
 
@@ -137,14 +144,16 @@ fn print_level(report: &Value, format: Format) {
         Format::Text => {
             let f = |key: &str| level[key].as_f64().unwrap_or(f64::NAN);
             println!(
-                "concurrency {:>3}: {:>8.1} tokens/s aggregate | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions",
+                "concurrency {:>3}: {:>8.1} tokens/s aggregate | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions | per step: pass {:.2} ms, sampling {:.2} ms",
                 level["concurrency"],
                 f("aggregate_decode_tokens_per_s"),
                 f("ttft_ms_p50"),
                 f("ttft_ms_p99"),
                 f("itl_ms_p50"),
                 f("itl_ms_p99"),
-                level["preemptions"]
+                level["preemptions"],
+                f("forward_ms_per_step"),
+                f("sampling_ms_per_step")
             );
         }
     }
