@@ -17,7 +17,7 @@
 #              have arrived) on the GPU and the CPU; `air bench --concurrency 1,16` on the
 #              8B-shape Q4_0 model resident and half streamed
 #   engine-c1  where a single request's token time goes on the 8B-shape Q4_0 model: the model
-#              driven directly against the engine at concurrency 1, after 1 and 128 prompt
+#              driven directly against the engine at concurrency 1, after 1, 128 and 1024 prompt
 #              tokens (the engine reports its pass and sampling time per step)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -149,7 +149,7 @@ MODELS
       ;;
     engine-c1)
       model=$(llama8b q4_0)
-      for prompt in 1 128; do
+      for prompt in 1 128 1024; do
         record engine-c1 "direct, prompt $prompt" bench -m "$model" --device cuda --prompt-tokens "$prompt" \
           --gen-tokens 64 --runs 2
         record engine-c1 "engine, prompt $prompt" bench -m "$model" --device cuda --concurrency 1 \

@@ -15,7 +15,7 @@ use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::OnceLock;
 
 const SOURCE: &str = r#"
-#define WARPS 4
+#define WARPS 8
 #define MAX_PER_LANE 8
 
 __device__ __forceinline__ float h2f(unsigned short h) {
@@ -95,8 +95,12 @@ extern "C" __global__ void air_gated(const float* gate_up, float* out, int ffn, 
 
 // Attention of one query per sequence (q: (B, heads, dim), f32) over its cached keys and values
 // 0..=positions[b] (the last `window` of them when window > 0). One block per (head, sequence);
-// each warp runs an online softmax over every WARPS-th key, then the warps' partial results are
-// merged. out: (B, heads, dim).
+// each warp runs an online softmax over groups of KEYS_PER_GROUP keys, every WARPS-th group, then
+// the warps' partial results are merged. A group's keys and values are loaded together, so a
+// warp waits for memory once per group rather than once per key: with one key at a time the
+// loop was latency-bound and a decode step at position ~190 took 6.0 ms instead of 3.4 ms at
+// position ~30 on the 8B shape (docs/benchmarks.md). out: (B, heads, dim).
+#define KEYS_PER_GROUP 4
 extern "C" __global__ void air_decode_attention(const float* q,
         const unsigned long long* k_caches, const unsigned long long* v_caches,
         const unsigned int* positions, int cap, int heads, int kv_heads, int dim,
@@ -118,22 +122,46 @@ extern "C" __global__ void air_decode_attention(const float* q,
         acc[c] = 0.f;
     }
     float m = NEG_INF, l = 0.f;
-    for (int j = first + warp; j <= pos; j += WARPS) {
-        const unsigned short* kj = K + (unsigned long long)j * dim;
-        float s = 0.f;
-        for (int c = 0; c < per_lane; c++) {
-            int d = lane + 32 * c;
-            if (d < dim) s += qr[c] * h2f(kj[d]);
+    for (int j0 = first + warp * KEYS_PER_GROUP; j0 <= pos; j0 += WARPS * KEYS_PER_GROUP) {
+        float s[KEYS_PER_GROUP];
+        #pragma unroll
+        for (int g = 0; g < KEYS_PER_GROUP; g++) {
+            int j = j0 + g;
+            float t = 0.f;
+            if (j <= pos) {
+                const unsigned short* kj = K + (unsigned long long)j * dim;
+                #pragma unroll
+                for (int c = 0; c < MAX_PER_LANE; c++) {
+                    int d = lane + 32 * c;
+                    if (c < per_lane && d < dim) t += qr[c] * h2f(kj[d]);
+                }
+            }
+            s[g] = t;
         }
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        float m_new = fmaxf(m, s);
+        #pragma unroll
+        for (int g = 0; g < KEYS_PER_GROUP; g++)
+            for (int o = 16; o > 0; o >>= 1) s[g] += __shfl_xor_sync(0xffffffff, s[g], o);
+        float m_new = m;
+        #pragma unroll
+        for (int g = 0; g < KEYS_PER_GROUP; g++) if (j0 + g <= pos) m_new = fmaxf(m_new, s[g]);
         float corr = expf(m - m_new);
-        float p = expf(s - m_new);
-        l = l * corr + p;
-        const unsigned short* vj = V + (unsigned long long)j * dim;
-        for (int c = 0; c < per_lane; c++) {
+        float p[KEYS_PER_GROUP];
+        l *= corr;
+        #pragma unroll
+        for (int g = 0; g < KEYS_PER_GROUP; g++) {
+            p[g] = j0 + g <= pos ? expf(s[g] - m_new) : 0.f;
+            l += p[g];
+        }
+        #pragma unroll
+        for (int c = 0; c < MAX_PER_LANE; c++) {
             int d = lane + 32 * c;
-            if (d < dim) acc[c] = acc[c] * corr + p * h2f(vj[d]);
+            if (c < per_lane && d < dim) {
+                float a = acc[c] * corr;
+                #pragma unroll
+                for (int g = 0; g < KEYS_PER_GROUP; g++)
+                    if (j0 + g <= pos) a += p[g] * h2f(V[(unsigned long long)(j0 + g) * dim + d]);
+                acc[c] = a;
+            }
         }
         m = m_new;
     }
@@ -156,7 +184,8 @@ extern "C" __global__ void air_decode_attention(const float* q,
 
 /// Largest head dimension the attention kernel handles (32 lanes × MAX_PER_LANE).
 pub(crate) const MAX_HEAD_DIM: usize = 256;
-const WARPS: u32 = 4;
+/// Warps per attention block: the `WARPS` of the kernels' source.
+const WARPS: u32 = 8;
 const MODULE: &str = "air_attention";
 
 fn ptx() -> Result<&'static str, ModelError> {
