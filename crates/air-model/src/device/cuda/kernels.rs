@@ -94,23 +94,30 @@ extern "C" __global__ void air_gated(const float* gate_up, float* out, int ffn, 
 }
 
 // Attention of one query per sequence (q: (B, heads, dim), f32) over its cached keys and values
-// 0..=positions[b] (the last `window` of them when window > 0). One block per (head, sequence);
-// each warp runs an online softmax over groups of KEYS_PER_GROUP keys, every WARPS-th group, then
-// the warps' partial results are merged. A group's keys and values are loaded together, so a
-// warp waits for memory once per group rather than once per key: with one key at a time the
-// loop was latency-bound and a decode step at position ~190 took 6.0 ms instead of 3.4 ms at
-// position ~30 on the 8B shape (docs/benchmarks.md). out: (B, heads, dim).
+// 0..=positions[b] (the last `window` of them when window > 0). One block per (head, sequence,
+// split): the positions are cut into `splits` equal spans, one per block, so that long caches
+// keep the GPU's multiprocessors busy (flash-decoding). In a block each warp runs an online
+// softmax over groups of KEYS_PER_GROUP keys, every WARPS-th group, then the warps' partial
+// results are merged. A group's keys and values are loaded together, so a warp waits for memory
+// once per group rather than once per key: with one key at a time the loop was latency-bound
+// and a decode step at position ~190 took 6.0 ms instead of 3.4 ms at position ~30 on the 8B
+// shape (docs/benchmarks.md). With one split the block writes out (B, heads, dim); with more,
+// its maximum, sum and unnormalized output go to partial ((B, heads, splits, dim + 2)) for
+// air_attention_merge.
 #define KEYS_PER_GROUP 4
 extern "C" __global__ void air_decode_attention(const float* q,
         const unsigned long long* k_caches, const unsigned long long* v_caches,
         const unsigned int* positions, int cap, int heads, int kv_heads, int dim,
-        float scale, int window, float* out) {
+        float scale, int window, float* out, int splits, float* partial) {
     const float NEG_INF = __int_as_float(0xff800000);
-    int h = blockIdx.x, b = blockIdx.y;
+    int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int kvh = h / (heads / kv_heads);
-    int pos = positions[b];
-    int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    int last = positions[b];
+    int visible = window > 0 ? max(0, last + 1 - window) : 0;
+    int span = (last + 1 - visible + splits - 1) / splits;
+    int first = visible + split * span;
+    int pos = min(first + span, last + 1) - 1;
     const unsigned short* K = (const unsigned short*)k_caches[b] + (unsigned long long)kvh * cap * dim;
     const unsigned short* V = (const unsigned short*)v_caches[b] + (unsigned long long)kvh * cap * dim;
     const float* qh = q + ((unsigned long long)b * heads + h) * dim;
@@ -174,9 +181,35 @@ extern "C" __global__ void air_decode_attention(const float* q,
     for (int w = 0; w < WARPS; w++) top = fmaxf(top, sm[w]);
     float total = 0.f;
     for (int w = 0; w < WARPS; w++) if (sm[w] != NEG_INF) total += sl[w] * expf(sm[w] - top);
+    float* part = partial + (((unsigned long long)b * heads + h) * splits + split) * (dim + 2);
+    if (splits > 1 && threadIdx.x == 0) { part[0] = top; part[1] = total; }
     for (int d = threadIdx.x; d < dim; d += blockDim.x) {
         float o = 0.f;
         for (int w = 0; w < WARPS; w++) if (sm[w] != NEG_INF) o += sacc[w][d] * expf(sm[w] - top);
+        if (splits > 1) part[2 + d] = o;
+        else out[((unsigned long long)b * heads + h) * dim + d] = o / total;
+    }
+}
+
+// Merges the splits of air_decode_attention: partial (B, heads, splits, dim + 2) of maximum,
+// sum and unnormalized output per split into out (B, heads, dim). One block per (head, sequence).
+extern "C" __global__ void air_attention_merge(const float* partial, int heads, int dim, int splits, float* out) {
+    const float NEG_INF = __int_as_float(0xff800000);
+    int h = blockIdx.x, b = blockIdx.y;
+    const float* part = partial + ((unsigned long long)b * heads + h) * splits * (dim + 2);
+    float top = NEG_INF;
+    for (int s = 0; s < splits; s++) top = fmaxf(top, part[s * (dim + 2)]);
+    float total = 0.f;
+    for (int s = 0; s < splits; s++) {
+        float m = part[s * (dim + 2)];
+        if (m != NEG_INF) total += part[s * (dim + 2) + 1] * expf(m - top);
+    }
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float o = 0.f;
+        for (int s = 0; s < splits; s++) {
+            float m = part[s * (dim + 2)];
+            if (m != NEG_INF) o += part[s * (dim + 2) + 2 + d] * expf(m - top);
+        }
         out[((unsigned long long)b * heads + h) * dim + d] = o / total;
     }
 }
@@ -186,6 +219,10 @@ extern "C" __global__ void air_decode_attention(const float* q,
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 /// Warps per attention block: the `WARPS` of the kernels' source.
 const WARPS: u32 = 8;
+/// Cache positions per split of the decode attention, and the most splits: a cache of 256
+/// positions runs in one block per (head, sequence), one of 2,048 in eight.
+const POSITIONS_PER_SPLIT: usize = 256;
+const MAX_SPLITS: usize = 16;
 const MODULE: &str = "air_attention";
 
 fn ptx() -> Result<&'static str, ModelError> {
@@ -399,24 +436,43 @@ impl CustomOp1 for DecodeAttention {
         let device = storage.device().clone();
         let q = storage.as_cuda_slice::<f32>()?.slice(start..end);
         let elements = self.table.sequences * self.heads * self.dim;
-        // SAFETY: the kernel writes every element of the output.
+        // The split count depends only on the capacity, so a captured decode graph (one per
+        // capacity) always launches the grid it was captured with.
+        let spanned = self.window.map_or(self.table.capacity, |w| w.min(self.table.capacity));
+        let splits = spanned.div_ceil(POSITIONS_PER_SPLIT).clamp(1, MAX_SPLITS);
+        // SAFETY: the kernels write every element of the output, and of the partial results
+        // they read.
         let out = unsafe { device.alloc::<f32>(elements)? };
+        let partial = unsafe { device.alloc::<f32>(self.table.sequences * self.heads * splits * (self.dim + 2))? };
         let func = function(&device, "air_decode_attention").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let cfg = LaunchConfig {
-            grid_dim: (self.heads as u32, self.table.sequences as u32, 1),
-            block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let grid = (self.heads as u32, self.table.sequences as u32, splits as u32);
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 };
         let (cap, heads, kv_heads, dim) =
             (self.table.capacity as i32, self.heads as i32, self.kv_heads as i32, self.dim as i32);
         let window = self.window.map_or(0, |w| w as i32);
+        let splits = splits as i32;
         let stream = device.cuda_stream();
         let mut launch = stream.launch_builder(&func);
         launch.arg(&q).arg(&self.table.keys).arg(&self.table.values).arg(&self.table.positions);
         launch.arg(&cap).arg(&heads).arg(&kv_heads).arg(&dim).arg(&self.scale).arg(&window).arg(&out);
-        // SAFETY: q holds B × heads × dim floats, out as many; the cache table's addresses are
-        // live caches of kv_heads × capacity × dim halves with positions < capacity.
+        launch.arg(&splits).arg(&partial);
+        // SAFETY: q holds B × heads × dim floats, out as many, partial B × heads × splits ×
+        // (dim + 2); the cache table's addresses are live caches of kv_heads × capacity × dim
+        // halves with positions < capacity.
         unsafe { launch.launch(cfg) }.w()?;
+        if splits > 1 {
+            let merge =
+                function(&device, "air_attention_merge").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let cfg = LaunchConfig {
+                grid_dim: (self.heads as u32, self.table.sequences as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = stream.launch_builder(&merge);
+            launch.arg(&partial).arg(&heads).arg(&dim).arg(&splits).arg(&out);
+            // SAFETY: as above; the first kernel filled every split's partial result.
+            unsafe { launch.launch(cfg) }.w()?;
+        }
         let shape = Shape::from((self.table.sequences, self.heads * self.dim));
         Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
     }
