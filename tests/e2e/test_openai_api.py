@@ -38,7 +38,7 @@ class Server:
         self.log = []
         for line in self.proc.stderr:
             self.log.append(line)
-            found = re.search(r"on http://(\S+)", line)
+            found = re.search(r"on http://([0-9.]+:[0-9]+)", line)
             if found:
                 self.address = found.group(1)
                 break

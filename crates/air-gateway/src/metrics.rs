@@ -191,6 +191,7 @@ impl Metrics {
             itl: self.itl.with_label_values(&[model]),
             e2e: self.e2e.with_label_values(&[model]),
             received,
+            first_token: None,
             last_token: None,
             done: false,
         }
@@ -245,6 +246,7 @@ pub(crate) struct Observed {
     itl: Histogram,
     e2e: Histogram,
     received: Instant,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
     done: bool,
 }
@@ -256,19 +258,38 @@ impl Observed {
             Event::Token { .. } => {
                 self.generation_tokens.inc();
                 match self.last_token {
-                    None => self.ttft.observe((now - self.received).as_secs_f64()),
+                    None => {
+                        self.ttft.observe((now - self.received).as_secs_f64());
+                        self.first_token = Some(now);
+                    }
                     Some(last) => self.itl.observe((now - last).as_secs_f64()),
                 }
                 self.last_token = Some(now);
             }
-            Event::Finished { reason, .. } => {
+            Event::Finished { reason, usage, timings, .. } => {
                 self.done = true;
-                let reason = match reason.as_str() {
+                let name = match reason.as_str() {
                     "eos" => "stop",
                     other => other,
                 };
-                self.finished.with_label_values(&[&self.model, reason]).inc();
-                self.e2e.observe((now - self.received).as_secs_f64());
+                self.finished.with_label_values(&[&self.model, name]).inc();
+                let seconds = (now - self.received).as_secs_f64();
+                self.e2e.observe(seconds);
+                let ttft_ms = self.first_token.map(|t| (t - self.received).as_secs_f64() * 1e3);
+                if let air_engine::FinishReason::Error(error) = reason {
+                    tracing::error!(model = %self.model, error, "completion failed");
+                }
+                tracing::info!(
+                    model = %self.model,
+                    finish_reason = name,
+                    prompt_tokens = usage.prompt_tokens,
+                    completion_tokens = usage.completion_tokens,
+                    cached_tokens = usage.cached_tokens,
+                    preemptions = timings.preemptions,
+                    ttft_ms,
+                    total_ms = seconds * 1e3,
+                    "completion"
+                );
             }
         }
     }
@@ -290,15 +311,27 @@ impl Drop for Observed {
     fn drop(&mut self) {
         if !self.done {
             self.finished.with_label_values(&[&self.model, "cancelled"]).inc();
+            let ms = self.received.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(model = %self.model, finish_reason = "cancelled", total_ms = ms, "completion");
         }
     }
 }
 
-/// Counts every answered request by route and status.
+/// Counts every answered request by route and status, and logs it (at `info`; the health and
+/// metrics probes at `debug`) with the time to its response head.
 pub(crate) async fn count_requests(State(g): State<Arc<crate::Gateway>>, request: Request, next: Next) -> Response {
     let endpoint = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let started = Instant::now();
     let response = next.run(request).await;
-    g.metrics.http_requests.with_label_values(&[endpoint.as_str(), response.status().as_str()]).inc();
+    let status = response.status();
+    g.metrics.http_requests.with_label_values(&[endpoint.as_str(), status.as_str()]).inc();
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    if matches!(endpoint.as_str(), "/health" | "/ready" | "/metrics") {
+        tracing::debug!(%method, path, status = status.as_u16(), ms, "http");
+    } else {
+        tracing::info!(%method, path, status = status.as_u16(), ms, "http");
+    }
     response
 }
 

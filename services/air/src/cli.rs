@@ -332,4 +332,9 @@ pub struct ServeArgs {
     /// On SIGTERM or Ctrl-C, seconds to let requests in flight finish before stopping.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub shutdown_timeout: u64,
+    /// Log lines on stderr as text or as one JSON object per line (for log collectors). The
+    /// level comes from AIR_LOG (e.g. `info`, `warn,air_gateway=debug`; default `info`): at
+    /// `info`, one line per HTTP request and one per finished completion.
+    #[arg(long, env = "AIR_LOG_FORMAT", value_enum, default_value_t = Format::Text)]
+    pub log_format: Format,
 }

@@ -8,6 +8,7 @@ mod generate;
 mod generation;
 mod info;
 mod loaded;
+mod logging;
 mod perplexity;
 mod serve;
 mod serving;
@@ -18,6 +19,10 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    match &cli.command {
+        cli::Command::Serve(args) => logging::init("info", args.log_format),
+        _ => logging::init("warn", cli::Format::Text),
+    }
     let result = match cli.command {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Info(args) => info::run(args),

@@ -52,7 +52,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        eprintln!("air: serving {names} on http://{}", listener.local_addr()?);
+        tracing::info!("serving {names} on http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async {
             stopped.await.ok();
@@ -60,10 +60,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let server = tokio::spawn(std::future::IntoFuture::into_future(server));
         shutdown_signal().await;
         let deadline = args.shutdown_timeout;
-        eprintln!("air: stopping: no new connections; up to {deadline} s for requests in flight");
+        tracing::info!("stopping: no new connections; up to {deadline} s for requests in flight");
         let _ = stop.send(());
         if tokio::time::timeout(Duration::from_secs(deadline), server).await.is_err() {
-            eprintln!("air: requests still running after {deadline} s are stopped");
+            tracing::warn!("requests still running after {deadline} s are stopped");
         }
         engine.shutdown().await;
         Ok(())

@@ -467,4 +467,13 @@ fn serve_answers_http_and_stops_on_sigterm() {
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     let status = server.wait().unwrap();
     assert!(status.success(), "exit after SIGTERM: {status:?}");
+    // The log: a line per HTTP request and per finished completion.
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("http method=POST path=\"/v1/completions\" status=200"), "{log}");
+    assert!(log.contains("status=404"), "{log}");
+    assert!(
+        log.contains("completion model=smol finish_reason=\"length\" prompt_tokens=5 completion_tokens=8"),
+        "{log}"
+    );
 }

@@ -461,8 +461,7 @@ impl CustomOp1 for DecodeAttention {
         // halves with positions < capacity.
         unsafe { launch.launch(cfg) }.w()?;
         if splits > 1 {
-            let merge =
-                function(&device, "air_attention_merge").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let merge = function(&device, "air_attention_merge").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let cfg = LaunchConfig {
                 grid_dim: (self.heads as u32, self.table.sequences as u32, 1),
                 block_dim: (128, 1, 1),
