@@ -20,9 +20,7 @@ pub fn init(default_level: &str, format: Format) {
         Format::Text => builder.try_init(),
         Format::Json => builder.json().flatten_event(true).try_init(),
     };
-    if installed.is_ok() {
-        if let Some(warning) = bad {
-            tracing::warn!("{warning}");
-        }
+    if let (Ok(()), Some(warning)) = (installed, bad) {
+        tracing::warn!("{warning}");
     }
 }
