@@ -427,7 +427,7 @@ unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize, const PAIRS: bool>(
         let rm = TILE_W.min(rows_w - i);
         for j in rows.clone().step_by(TX) {
             let rn = TX.min(rows.end - j);
-            // Q4_1 and Q5_1 ran 7-9% slower in pairs (`kernels_at_model_shapes`): their minimum
+            // Q4_1 and Q5_1 ran 10-28% slower in pairs (`kernels_at_model_shapes`): their minimum
             // terms add ALU work per pair that the single-row tiles spread over 8 lanes.
             if PAIRS && !matches!(W::ENCODING, Encoding::Min) && rm.is_multiple_of(2) && rn > 1 {
                 match (rm / 2, rn) {
