@@ -2,7 +2,7 @@
 //! JSON answer, or a stream of Server-Sent Events.
 
 use crate::metrics::Observed;
-use crate::openai::{ChatRequest, Common, CompletionRequest, Prompt, top_logprobs};
+use crate::openai::{ChatRequest, Common, CompletionRequest, Message, Prompt, top_logprobs};
 use crate::{ApiError, Gateway, ServedModel, unix_now};
 use air_engine::{Event, FinishReason, Request, TokenLogprobs, Usage};
 use air_tokenizer::{ChatMessage, Tokenizer};
@@ -37,7 +37,7 @@ struct Job {
     tokenizer: Arc<Tokenizer>,
 }
 
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|r| ApiError { status: r.status(), message: r.body_text(), param: None, code: None })?;
     serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
@@ -55,15 +55,26 @@ pub async fn text(State(g): State<Arc<Gateway>>, body: Result<Bytes, BytesReject
 fn chat_job(g: &Gateway, request: Result<ChatRequest, ApiError>) -> Result<Job, ApiError> {
     let r = request?;
     let model = g.model(&r.common.model)?;
+    let prompt = chat_prompt(model, &r.messages)?;
+    let logprobs = match (r.logprobs, r.top_logprobs) {
+        (true, top) => Some(top_logprobs(top.unwrap_or(0))?),
+        (false, Some(_)) => return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs"))),
+        (false, None) => None,
+    };
+    job(Kind::Chat, model, prompt, &r.common, logprobs)
+}
+
+/// The prompt tokens of chat `messages` through the model's template (with the generation
+/// prompt); a model without a template is a 400.
+pub(crate) fn chat_prompt(model: &ServedModel, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
     let template = model
         .template
         .as_ref()
         .ok_or_else(|| ApiError::invalid("this model has no chat template; use /v1/completions", Some("model")))?;
-    if r.messages.is_empty() {
+    if messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty", Some("messages")));
     }
-    let messages = r
-        .messages
+    let messages = messages
         .iter()
         .map(|m| match m.role.as_str() {
             "system" | "user" | "assistant" | "developer" => {
@@ -72,15 +83,9 @@ fn chat_job(g: &Gateway, request: Result<ChatRequest, ApiError>) -> Result<Job, 
             other => Err(ApiError::invalid(format!("unsupported message role {other:?}"), Some("messages"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let prompt = template
+    template
         .encode(&model.tokenizer, &messages)
-        .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}"), Some("messages")))?;
-    let logprobs = match (r.logprobs, r.top_logprobs) {
-        (true, top) => Some(top_logprobs(top.unwrap_or(0))?),
-        (false, Some(_)) => return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs"))),
-        (false, None) => None,
-    };
-    job(Kind::Chat, model, prompt, &r.common, logprobs)
+        .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}"), Some("messages")))
 }
 
 fn text_job(g: &Gateway, request: Result<CompletionRequest, ApiError>) -> Result<Job, ApiError> {

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP gateway: `/v1/chat/completions`, `/v1/completions`,
-//! `/v1/models`, health probes and Prometheus metrics, over an [`air_engine::Engine`]. Errors come in OpenAI's JSON
+//! `/v1/models`, `/tokenize` and `/detokenize`, health probes and Prometheus metrics, over an
+//! [`air_engine::Engine`]. Errors come in OpenAI's JSON
 //! shape ([`ApiError`]); streaming answers are Server-Sent Events, and a client that goes away
 //! mid-stream cancels its request in the engine.
 
@@ -7,6 +8,7 @@ mod completion;
 mod error;
 mod metrics;
 mod openai;
+mod tokens;
 
 use air_engine::Engine;
 use air_tokenizer::{ChatTemplate, Tokenizer};
@@ -64,18 +66,22 @@ pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The API's routes; `/health`, `/ready` and `/metrics` stay open when API keys are set.
+/// The API's routes; `/health`, `/ready`, `/metrics` and `/version` stay open when API keys
+/// are set.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let api = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/chat/completions", post(completion::chat))
         .route("/v1/completions", post(completion::text))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .route_layer(middleware::from_fn_with_state(gateway.clone(), authenticate));
     Router::new()
         .route("/health", get(|| async { axum::Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics::scrape))
+        .route("/version", get(|| async { axum::Json(json!({ "version": env!("CARGO_PKG_VERSION") })) }))
         .merge(api)
         .fallback(|| async {
             ApiError {

@@ -224,3 +224,47 @@ async fn metrics_count_requests_tokens_and_a_dropped_stream_frees_its_blocks() {
     assert!(series(&scrape, "air_kv_blocks", &[("model", "smol"), ("state", "free")]).unwrap() > 0.0);
     assert!(series(&scrape, "air_engine_steps_total", &smol).unwrap() > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_and_detokenize_agree_with_the_completions() {
+    let app = app(Vec::new()).await;
+    let (status, t) = post(&app, "/tokenize", json!({ "model": "smol", "prompt": "Once upon a time" })).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    let (_, answer) = post(
+        &app,
+        "/v1/completions",
+        json!({ "model": "smol", "prompt": "Once upon a time", "max_tokens": 1, "temperature": 0 }),
+    )
+    .await;
+    assert_eq!(t["count"], answer["usage"]["prompt_tokens"]);
+    assert_eq!(t["tokens"].as_array().unwrap().len() as u64, t["count"].as_u64().unwrap());
+    assert!(t["max_model_len"].as_u64().unwrap() > 0);
+    let (status, text) = post(&app, "/detokenize", json!({ "tokens": t["tokens"] })).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text["prompt"], "Once upon a time");
+
+    let messages = json!([{ "role": "user", "content": "Hello!" }]);
+    let (_, chat_tokens) = post(&app, "/tokenize", json!({ "messages": messages })).await;
+    let (_, chat) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({ "model": "smol", "messages": messages, "max_tokens": 1, "temperature": 0 }),
+    )
+    .await;
+    assert_eq!(chat_tokens["count"], chat["usage"]["prompt_tokens"]);
+
+    for (uri, body, want) in [
+        ("/tokenize", json!({ "prompt": "a", "messages": messages }), StatusCode::BAD_REQUEST),
+        ("/tokenize", json!({}), StatusCode::BAD_REQUEST),
+        ("/tokenize", json!({ "model": "nope", "prompt": "a" }), StatusCode::NOT_FOUND),
+        ("/detokenize", json!({ "tokens": [1, 99999999] }), StatusCode::BAD_REQUEST),
+        ("/detokenize", json!({ "tokens": "abc" }), StatusCode::BAD_REQUEST),
+    ] {
+        let (status, error) = post(&app, uri, body.clone()).await;
+        assert_eq!(status, want, "{uri} {body}: {error}");
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+    let (status, version) = call(&app, "GET", "/version", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(version.contains("version"));
+}
