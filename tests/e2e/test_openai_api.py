@@ -243,6 +243,15 @@ class OpenAiApi(unittest.TestCase):
         self.assertIn("message", body["error"])
         self.assertEqual(self.server.raw("GET", "/v1/nothing")[0], 404)
 
+    def test_tokenize_and_detokenize(self):
+        status, _, t = self.server.raw("POST", "/tokenize", {"model": "smol", "prompt": "Hello world"})
+        self.assertEqual(status, 200, t)
+        usage = self.client.completions.create(model="smol", prompt="Hello world", max_tokens=1).usage
+        self.assertEqual(t["count"], usage.prompt_tokens)
+        status, _, text = self.server.raw("POST", "/detokenize", {"tokens": t["tokens"]})
+        self.assertEqual((status, text["prompt"]), (200, "Hello world"))
+        self.assertEqual(self.server.raw("POST", "/detokenize", {"tokens": [10 ** 9]})[0], 400)
+
     def test_64_concurrent_streams_complete_with_the_batch_free_outputs(self):
         prompts = ["List four colors:", "Count to ten:", "Name a planet:", "Write a greeting:"]
         expected = [self.client.completions.create(model="smol", prompt=p, max_tokens=20, temperature=0)
