@@ -1,5 +1,6 @@
 //! x86 (AVX2) kernels for the K-quant weight types Q4_K and Q6_K against Q8_K activations, by
-//! tiles of up to [`TILE_W`] weight rows × [`TILE_X`] activation rows. Integer lanes and float order are those of ggml's AVX2
+//! tiles of up to [`TILE_W`] weight rows × [`TILE_X`] activation rows; with AVX512-VNNI, each
+//! scale multiply-and-add is one `vpdpwssd`. Integer lanes and float order are those of ggml's AVX2
 //! `vec_dot_q4_K_q8_K` / `vec_dot_q6_K_q8_K`: per 256-element super-block, 8 i32 lanes of
 //! scaled 8-bit products, one FMA into 8 f32 lanes, and for Q4_K the minimums' 4 lanes.
 
@@ -7,6 +8,35 @@ use super::x86::{half_at, hsum};
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K};
 use std::arch::x86_64::*;
 use std::ops::Range;
+
+/// `acc` + the pairwise products of 16-bit lanes summed into 32-bit lanes (`madd`); exact
+/// integer arithmetic, so both forms give the same lanes.
+trait MaddAdd {
+    unsafe fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
+}
+
+/// AVX2: `madd`, then `add`.
+struct Avx2;
+impl MaddAdd for Avx2 {
+    #[inline(always)]
+    unsafe fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)) }
+    }
+}
+
+/// AVX512-VNNI: one `vpdpwssd` (one instruction for the two).
+struct Vnni;
+impl MaddAdd for Vnni {
+    #[inline(always)]
+    unsafe fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        unsafe { _mm256_dpwssd_epi32(acc, a, b) }
+    }
+}
+
+fn has_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"))
+}
 
 /// Weight rows per tile: each activation block loaded serves all of them.
 const TILE_W: usize = 2;
@@ -76,6 +106,27 @@ unsafe fn unpack_q4k(p: *const BlockQ4K) -> Q4k {
 
 /// Q4_K rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`.
 pub(super) fn dots_q4k(kb: usize, w: &[BlockQ4K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+    #[target_feature(enable = "avx512vnni,avx512vl")]
+    unsafe fn vnni(kb: usize, w: &[BlockQ4K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+        q4k_tiles::<Vnni>(kb, w, x, rows, out, stride)
+    }
+    if has_vnni() {
+        // SAFETY: the CPU has the features.
+        unsafe { vnni(kb, w, x, rows, out, stride) }
+    } else {
+        q4k_tiles::<Avx2>(kb, w, x, rows, out, stride)
+    }
+}
+
+#[inline(always)]
+fn q4k_tiles<M: MaddAdd>(
+    kb: usize,
+    w: &[BlockQ4K],
+    x: &[BlockQ8K],
+    rows: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
     assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
     let start = rows.start;
     for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
@@ -99,8 +150,7 @@ pub(super) fn dots_q4k(kb: usize, w: &[BlockQ4K], x: &[BlockQ8K], rows: Range<us
                     for c in 0..8 {
                         let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let p16 = _mm256_madd_epi16(wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
-                            sumi[i] = _mm256_add_epi32(sumi[i], p16);
+                            sumi[i] = M::madd_add(sumi[i], wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
                         }
                     }
                     for (i, wi) in ws.iter().enumerate().take(rm) {
@@ -168,8 +218,29 @@ unsafe fn unpack_q6k(p: *const BlockQ6K) -> Q6k {
 }
 
 /// Q6_K rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`.
-#[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
 pub(super) fn dots_q6k(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+    #[target_feature(enable = "avx512vnni,avx512vl")]
+    unsafe fn vnni(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+        q6k_tiles::<Vnni>(kb, w, x, rows, out, stride)
+    }
+    if has_vnni() {
+        // SAFETY: the CPU has the features.
+        unsafe { vnni(kb, w, x, rows, out, stride) }
+    } else {
+        q6k_tiles::<Avx2>(kb, w, x, rows, out, stride)
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
+fn q6k_tiles<M: MaddAdd>(
+    kb: usize,
+    w: &[BlockQ6K],
+    x: &[BlockQ8K],
+    rows: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
     assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
     let start = rows.start;
     for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
@@ -188,9 +259,8 @@ pub(super) fn dots_q6k(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Range<us
                         let q80 = _mm256_loadu_si256(qy.add(32 * c0) as *const __m256i);
                         let q81 = _mm256_loadu_si256(qy.add(32 * c1) as *const __m256i);
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let p0 = _mm256_madd_epi16(wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
-                            let p1 = _mm256_madd_epi16(wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
-                            sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(p0, p1));
+                            let p0 = M::madd_add(sumi[i], wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
+                            sumi[i] = M::madd_add(p0, wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
                         }
                     }
                     for (i, wi) in ws.iter().enumerate().take(rm) {
