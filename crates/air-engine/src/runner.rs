@@ -20,9 +20,8 @@ pub(crate) struct Sampled {
     pub logprobs: Option<TokenLogprobs>,
 }
 
-/// What the runner needs to know of a sequence before its first step.
 /// What a step took on the compute thread: the model's pass, then sampling.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct StepTimes {
     pub forward: Duration,
     pub sampling: Duration,
@@ -31,6 +30,7 @@ pub(crate) struct StepTimes {
 /// The outcome of a step: a token for each sequence that sampled, and the times.
 pub(crate) type StepResult = Result<(Vec<Sampled>, StepTimes), String>;
 
+/// What the runner needs to know of a sequence before its first step.
 pub(crate) struct SeqSetup {
     pub id: SeqId,
     /// The most positions the sequence may reach.

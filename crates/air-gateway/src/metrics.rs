@@ -11,8 +11,10 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use prometheus::core::{Atomic, Collector, GenericCounter};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -37,48 +39,44 @@ pub struct Metrics {
     running: IntGaugeVec,
     waiting: IntGaugeVec,
     kv_blocks: IntGaugeVec,
-    kv_usage: prometheus::GaugeVec,
+    kv_usage: GaugeVec,
     preemptions: IntCounterVec,
     prefix_queried: IntCounterVec,
     prefix_hits: IntCounterVec,
     steps: IntCounterVec,
     computed_tokens: IntCounterVec,
-    forward_seconds: prometheus::CounterVec,
-    sampling_seconds: prometheus::CounterVec,
+    forward_seconds: CounterVec,
+    sampling_seconds: CounterVec,
     /// Serializes scrapes that move counters to the engine's totals.
     engine_sync: Mutex<()>,
 }
 
+/// Registers `metric` (made by `new`, which cannot fail for the fixed names and labels here).
+fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<M>) -> M {
+    let metric = metric.expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("unique metric name");
+    metric
+}
+
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-    registry.register(Box::new(c.clone())).expect("unique metric name");
-    c
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
-    registry.register(Box::new(g.clone())).expect("unique metric name");
-    g
-}
-
-fn seconds(registry: &Registry, name: &str, help: &str) -> prometheus::CounterVec {
-    let c = prometheus::CounterVec::new(Opts::new(name, help), &["model"]).expect("valid counter");
-    registry.register(Box::new(c.clone())).expect("unique metric name");
-    c
+    register(registry, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model"])
-        .expect("valid histogram");
-    registry.register(Box::new(h.clone())).expect("unique metric name");
-    h
+    register(registry, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model"]))
 }
 
 /// Moves a counter that mirrors an engine total up to `total` (never down).
-fn advance(counter: IntCounter, total: u64) {
+fn advance<P: Atomic>(counter: GenericCounter<P>, total: P::T) {
     let now = counter.get();
     if total > now {
-        counter.inc_by(total - now);
+        let mut more = total;
+        more -= now;
+        counter.inc_by(more);
     }
 }
 
@@ -86,12 +84,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let r = Registry::new();
         let model = &["model"];
-        let kv_usage = prometheus::GaugeVec::new(
-            Opts::new("air_kv_cache_usage_ratio", "Fraction of KV-cache blocks held by sequences (0..1)"),
-            model,
-        )
-        .expect("valid gauge");
-        r.register(Box::new(kv_usage.clone())).expect("unique metric name");
+        let seconds = |name: &str, help: &str| register(&r, CounterVec::new(Opts::new(name, help), model));
         Self {
             http_requests: counter(
                 &r,
@@ -133,7 +126,13 @@ impl Default for Metrics {
                 "KV-cache blocks by state: used (held by sequences), cached (kept for prefix reuse), free",
                 &["model", "state"],
             ),
-            kv_usage,
+            kv_usage: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new("air_kv_cache_usage_ratio", "Fraction of KV-cache blocks held by sequences (0..1)"),
+                    model,
+                ),
+            ),
             preemptions: counter(
                 &r,
                 "air_preemptions_total",
@@ -160,11 +159,10 @@ impl Default for Metrics {
                 model,
             ),
             forward_seconds: seconds(
-                &r,
                 "air_engine_forward_seconds_total",
                 "Compute-thread time in the model's batched passes (its rate is the busy fraction)",
             ),
-            sampling_seconds: seconds(&r, "air_engine_sampling_seconds_total", "Compute-thread time sampling tokens"),
+            sampling_seconds: seconds("air_engine_sampling_seconds_total", "Compute-thread time sampling tokens"),
             registry: r,
             engine_sync: Mutex::new(()),
         }
@@ -212,13 +210,8 @@ impl Metrics {
         advance(self.prefix_hits.with_label_values(&[model]), s.prefix_hit_tokens);
         advance(self.steps.with_label_values(&[model]), s.steps);
         advance(self.computed_tokens.with_label_values(&[model]), s.computed_tokens);
-        for (counter, total) in [(&self.forward_seconds, s.forward_time), (&self.sampling_seconds, s.sampling_time)] {
-            let counter = counter.with_label_values(&[model]);
-            let more = total.as_secs_f64() - counter.get();
-            if more > 0.0 {
-                counter.inc_by(more);
-            }
-        }
+        advance(self.forward_seconds.with_label_values(&[model]), s.forward_time.as_secs_f64());
+        advance(self.sampling_seconds.with_label_values(&[model]), s.sampling_time.as_secs_f64());
     }
 
     /// Every metric in Prometheus' text format, the engine's read now.

@@ -99,20 +99,23 @@ fn head_attention(q: &[f32], kv: LayerView<'_>, start: usize, n: usize, h: usize
     let mut out = vec![0f32; n * d];
     let mut q_row = vec![0f32; d];
     let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+    let mut scratch = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    let fast = d.is_multiple_of(EXP_LANES) && std::is_x86_feature_detected!("avx512f");
     for i in 0..n {
         q16.convert_from_f32_slice(&q[i * d..(i + 1) * d]);
         q16.convert_to_f32_slice(&mut q_row);
         acc16.fill(f16::ZERO);
         let range = s.visible(start + i);
         #[cfg(target_arch = "x86_64")]
-        let sum = if d.is_multiple_of(EXP_LANES) && std::is_x86_feature_detected!("avx512f") {
+        let sum = if fast {
             // SAFETY: AVX-512F is present; `q_row` and `acc16` hold `d`, a multiple of 16.
             unsafe { avx512::accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16) }
         } else {
-            accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16)
+            accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16, &mut scratch)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let sum = accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16);
+        let sum = accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16, &mut scratch);
         let inverse = if sum == 0.0 { 0.0 } else { 1.0 / sum };
         for (o, a) in out[i * d..(i + 1) * d].iter_mut().zip(&acc16) {
             *o = a.to_f32() * inverse;
@@ -123,7 +126,7 @@ fn head_attention(q: &[f32], kv: LayerView<'_>, start: usize, n: usize, h: usize
 
 /// The online softmax of one query row over the cached positions `range` of KV head `kv_head`:
 /// the weighted sum of values into `acc16` (f16, rounded after every update), and the returned
-/// sum of weights.
+/// sum of weights. `scratch` is working space, kept by the caller across rows.
 fn accumulate(
     q: &[f32],
     kv: LayerView<'_>,
@@ -131,30 +134,33 @@ fn accumulate(
     range: std::ops::Range<usize>,
     scale: f32,
     acc16: &mut [half::f16],
+    scratch: &mut Vec<f32>,
 ) -> f32 {
     let d = q.len();
-    let (mut acc, mut v_row, mut k_row) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+    scratch.resize(3 * d, 0.0);
+    let (acc, rest) = scratch.split_at_mut(d);
+    let (v_row, k_row) = rest.split_at_mut(d);
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in range {
-        kv.key(kv_head, j).convert_to_f32_slice(&mut k_row);
-        let score = dot_f16(&k_row, q) * scale;
+        kv.key(kv_head, j).convert_to_f32_slice(k_row);
+        let score = dot_f16(k_row, q) * scale;
         // On a new maximum rescale the accumulator, then add the weighted value.
         let (rescale, weight) = if score > max {
             let r = (max - score).exp();
             max = score;
-            acc16.convert_to_f32_slice(&mut acc);
+            acc16.convert_to_f32_slice(acc);
             acc.iter_mut().for_each(|a| *a *= r);
-            acc16.convert_from_f32_slice(&acc);
+            acc16.convert_from_f32_slice(acc);
             (r, 1.0)
         } else {
             (1.0, (score - max).exp())
         };
-        kv.value(kv_head, j).convert_to_f32_slice(&mut v_row);
-        acc16.convert_to_f32_slice(&mut acc);
-        for (a, &v) in acc.iter_mut().zip(&v_row) {
+        kv.value(kv_head, j).convert_to_f32_slice(v_row);
+        acc16.convert_to_f32_slice(acc);
+        for (a, &v) in acc.iter_mut().zip(v_row.iter()) {
             *a = v.mul_add(weight, *a);
         }
-        acc16.convert_from_f32_slice(&acc);
+        acc16.convert_from_f32_slice(acc);
         sum = sum * rescale + weight;
     }
     sum
@@ -328,7 +334,7 @@ mod tests {
             for range in [0..1, 0..60, 13..47] {
                 let mut portable = vec![half::f16::ZERO; d];
                 let mut fast = vec![half::f16::ZERO; d];
-                let a = accumulate(&q, view, 1, range.clone(), 0.125, &mut portable);
+                let a = accumulate(&q, view, 1, range.clone(), 0.125, &mut portable, &mut Vec::new());
                 let b = unsafe { avx512::accumulate(&q, view, 1, range.clone(), 0.125, &mut fast) };
                 assert_eq!(a.to_bits(), b.to_bits(), "d {d} {range:?}");
                 assert_eq!(portable, fast, "d {d} {range:?}");

@@ -84,7 +84,7 @@ candle_rows!(
 /// K-quants with an AVX2 kernel over candle's Q8_K activation blocks.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 macro_rules! k_tiled {
-    ($($t:ident => $kernel:ident),*) => {$(
+    ($($t:ident),*) => {$(
         impl BlockDot for k_quants::$t {
             type Activations = Vec<k_quants::BlockQ8K>;
 
@@ -93,14 +93,14 @@ macro_rules! k_tiled {
             }
 
             fn dots(kb: usize, w: &[Self], x: &Self::Activations, rows: Range<usize>, out: &mut [f32], out_stride: usize) {
-                x86_kquants::$kernel(kb, w, x, rows, out, out_stride)
+                x86_kquants::dots(kb, w, x, rows, out, out_stride)
             }
         }
     )*};
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-k_tiled!(BlockQ4K => dots_q4k, BlockQ6K => dots_q6k);
+k_tiled!(BlockQ4K, BlockQ6K);
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 macro_rules! tiled {

@@ -11,7 +11,7 @@ use std::ops::Range;
 
 /// `acc` + the pairwise products of 16-bit lanes summed into 32-bit lanes (`madd`); exact
 /// integer arithmetic, so both forms give the same lanes.
-trait MaddAdd {
+pub(super) trait MaddAdd {
     unsafe fn madd_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
 }
 
@@ -36,6 +36,26 @@ impl MaddAdd for Vnni {
 fn has_vnni() -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *VNNI.get_or_init(|| is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"))
+}
+
+/// A K-quant weight type's tile loop, over either form of the multiply-add.
+pub(super) trait KTiles: Sized {
+    fn tiles<M: MaddAdd>(kb: usize, w: &[Self], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize);
+}
+
+/// K-quant rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`, with VNNI
+/// where the CPU has it.
+pub(super) fn dots<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+    #[target_feature(enable = "avx512vnni,avx512vl")]
+    unsafe fn vnni<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+        W::tiles::<Vnni>(kb, w, x, rows, out, stride)
+    }
+    if has_vnni() {
+        // SAFETY: the CPU has the features.
+        unsafe { vnni(kb, w, x, rows, out, stride) }
+    } else {
+        W::tiles::<Avx2>(kb, w, x, rows, out, stride)
+    }
 }
 
 /// Weight rows per tile: each activation block loaded serves all of them.
@@ -104,73 +124,62 @@ unsafe fn unpack_q4k(p: *const BlockQ4K) -> Q4k {
     }
 }
 
-/// Q4_K rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`.
-pub(super) fn dots_q4k(kb: usize, w: &[BlockQ4K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
-    #[target_feature(enable = "avx512vnni,avx512vl")]
-    unsafe fn vnni(kb: usize, w: &[BlockQ4K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
-        q4k_tiles::<Vnni>(kb, w, x, rows, out, stride)
-    }
-    if has_vnni() {
-        // SAFETY: the CPU has the features.
-        unsafe { vnni(kb, w, x, rows, out, stride) }
-    } else {
-        q4k_tiles::<Avx2>(kb, w, x, rows, out, stride)
-    }
-}
-
-#[inline(always)]
-fn q4k_tiles<M: MaddAdd>(
-    kb: usize,
-    w: &[BlockQ4K],
-    x: &[BlockQ8K],
-    rows: Range<usize>,
-    out: &mut [f32],
-    stride: usize,
-) {
-    assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
-    let start = rows.start;
-    for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
-        let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
-        let mut acc_m = [[unsafe { _mm_setzero_ps() }; TILE_X]; TILE_W];
-        for b in 0..kb {
-            // SAFETY: the assert above: whole blocks of the sizes the offsets assume; weight rows
-            // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
-            unsafe {
-                let ws: [Q4k; TILE_W] =
-                    std::array::from_fn(|i| unpack_q4k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
-                for r in 0..rn {
-                    let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                    let sums = _mm256_loadu_si256(bsums as *const __m256i);
-                    let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
-                    for (i, wi) in ws.iter().enumerate().take(rm) {
-                        let prod = _mm_madd_epi16(wi.mins, q8s);
-                        acc_m[i][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * wi.dmin), _mm_cvtepi32_ps(prod), acc_m[i][r]);
-                    }
-                    let mut sumi = [_mm256_setzero_si256(); TILE_W];
-                    for c in 0..8 {
-                        let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
+impl KTiles for BlockQ4K {
+    #[inline(always)]
+    fn tiles<M: MaddAdd>(
+        kb: usize,
+        w: &[BlockQ4K],
+        x: &[BlockQ8K],
+        rows: Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
+        let start = rows.start;
+        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
+            let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
+            let mut acc_m = [[unsafe { _mm_setzero_ps() }; TILE_X]; TILE_W];
+            for b in 0..kb {
+                // SAFETY: the assert above: whole blocks of the sizes the offsets assume; weight rows
+                // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
+                unsafe {
+                    let ws: [Q4k; TILE_W] =
+                        std::array::from_fn(|i| unpack_q4k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
+                    for r in 0..rn {
+                        let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
+                        let sums = _mm256_loadu_si256(bsums as *const __m256i);
+                        let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            sumi[i] = M::madd_add(sumi[i], wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
+                            let prod = _mm_madd_epi16(wi.mins, q8s);
+                            acc_m[i][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * wi.dmin), _mm_cvtepi32_ps(prod), acc_m[i][r]);
                         }
-                    }
-                    for (i, wi) in ws.iter().enumerate().take(rm) {
-                        acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi[i]), acc[i][r]);
+                        let mut sumi = [_mm256_setzero_si256(); TILE_W];
+                        for c in 0..8 {
+                            let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
+                            for (i, wi) in ws.iter().enumerate().take(rm) {
+                                sumi[i] = M::madd_add(sumi[i], wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
+                            }
+                        }
+                        for (i, wi) in ws.iter().enumerate().take(rm) {
+                            acc[i][r] =
+                                _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi[i]), acc[i][r]);
+                        }
                     }
                 }
             }
-        }
-        for i in 0..rm {
-            for r in 0..rn {
-                // SAFETY: register-only intrinsics of features enabled for the build.
-                let total = unsafe {
-                    let mut m = _mm_add_ps(acc_m[i][r], _mm_movehl_ps(acc_m[i][r], acc_m[i][r]));
-                    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                    hsum(acc[i][r]) + _mm_cvtss_f32(m)
-                };
-                out[(j - start + r) * stride + i0 + i] = total;
+            for i in 0..rm {
+                for r in 0..rn {
+                    // SAFETY: register-only intrinsics of features enabled for the build.
+                    let total = unsafe {
+                        let mut m = _mm_add_ps(acc_m[i][r], _mm_movehl_ps(acc_m[i][r], acc_m[i][r]));
+                        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                        hsum(acc[i][r]) + _mm_cvtss_f32(m)
+                    };
+                    out[(j - start + r) * stride + i0 + i] = total;
+                }
             }
-        }
-    });
+        });
+    }
 }
 
 /// A Q6_K super-block unpacked: 8 chunks of 32 6-bit values (stored plus 32), their scales as
@@ -217,66 +226,54 @@ unsafe fn unpack_q6k(p: *const BlockQ6K) -> Q6k {
     }
 }
 
-/// Q6_K rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`.
-pub(super) fn dots_q6k(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
-    #[target_feature(enable = "avx512vnni,avx512vl")]
-    unsafe fn vnni(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
-        q6k_tiles::<Vnni>(kb, w, x, rows, out, stride)
-    }
-    if has_vnni() {
-        // SAFETY: the CPU has the features.
-        unsafe { vnni(kb, w, x, rows, out, stride) }
-    } else {
-        q6k_tiles::<Avx2>(kb, w, x, rows, out, stride)
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
-fn q6k_tiles<M: MaddAdd>(
-    kb: usize,
-    w: &[BlockQ6K],
-    x: &[BlockQ8K],
-    rows: Range<usize>,
-    out: &mut [f32],
-    stride: usize,
-) {
-    assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
-    let start = rows.start;
-    for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
-        let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
-        for b in 0..kb {
-            // SAFETY: as in `dots_q4k`.
-            unsafe {
-                let ws: [Q6k; TILE_W] =
-                    std::array::from_fn(|i| unpack_q6k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
-                for r in 0..rn {
-                    let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                    let sums = _mm256_loadu_si256(bsums as *const __m256i);
-                    let mut sumi = [_mm256_setzero_si256(); TILE_W];
-                    for pair in 0..4 {
-                        let (c0, c1) = (2 * pair, 2 * pair + 1);
-                        let q80 = _mm256_loadu_si256(qy.add(32 * c0) as *const __m256i);
-                        let q81 = _mm256_loadu_si256(qy.add(32 * c1) as *const __m256i);
-                        for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let p0 = M::madd_add(sumi[i], wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
-                            sumi[i] = M::madd_add(p0, wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
+impl KTiles for BlockQ6K {
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
+    fn tiles<M: MaddAdd>(
+        kb: usize,
+        w: &[BlockQ6K],
+        x: &[BlockQ8K],
+        rows: Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
+        let start = rows.start;
+        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
+            let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
+            for b in 0..kb {
+                // SAFETY: as in `dots_q4k`.
+                unsafe {
+                    let ws: [Q6k; TILE_W] =
+                        std::array::from_fn(|i| unpack_q6k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
+                    for r in 0..rn {
+                        let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
+                        let sums = _mm256_loadu_si256(bsums as *const __m256i);
+                        let mut sumi = [_mm256_setzero_si256(); TILE_W];
+                        for pair in 0..4 {
+                            let (c0, c1) = (2 * pair, 2 * pair + 1);
+                            let q80 = _mm256_loadu_si256(qy.add(32 * c0) as *const __m256i);
+                            let q81 = _mm256_loadu_si256(qy.add(32 * c1) as *const __m256i);
+                            for (i, wi) in ws.iter().enumerate().take(rm) {
+                                let p0 = M::madd_add(sumi[i], wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
+                                sumi[i] = M::madd_add(p0, wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
+                            }
                         }
-                    }
-                    for (i, wi) in ws.iter().enumerate().take(rm) {
-                        // The values are stored plus 32: subtract 32 · Σ scale · (sums of 16).
-                        let offset = _mm256_slli_epi32(_mm256_madd_epi16(sums, wi.scales16), 5);
-                        let sumi = _mm256_sub_epi32(sumi[i], offset);
-                        acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
+                        for (i, wi) in ws.iter().enumerate().take(rm) {
+                            // The values are stored plus 32: subtract 32 · Σ scale · (sums of 16).
+                            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sums, wi.scales16), 5);
+                            let sumi = _mm256_sub_epi32(sumi[i], offset);
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
+                        }
                     }
                 }
             }
-        }
-        for i in 0..rm {
-            for r in 0..rn {
-                // SAFETY: register-only intrinsics of features enabled for the build.
-                out[(j - start + r) * stride + i0 + i] = unsafe { hsum(acc[i][r]) };
+            for i in 0..rm {
+                for r in 0..rn {
+                    // SAFETY: register-only intrinsics of features enabled for the build.
+                    out[(j - start + r) * stride + i0 + i] = unsafe { hsum(acc[i][r]) };
+                }
             }
-        }
-    });
+        });
+    }
 }
