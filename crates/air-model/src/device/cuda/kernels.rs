@@ -181,12 +181,12 @@ extern "C" __global__ void air_decode_attention(const float* q,
     for (int w = 0; w < WARPS; w++) top = fmaxf(top, sm[w]);
     float total = 0.f;
     for (int w = 0; w < WARPS; w++) if (sm[w] != NEG_INF) total += sl[w] * expf(sm[w] - top);
-    float* part = partial + (((unsigned long long)b * heads + h) * splits + split) * (dim + 2);
-    if (splits > 1 && threadIdx.x == 0) { part[0] = top; part[1] = total; }
+    float* part = splits > 1 ? partial + (((unsigned long long)b * heads + h) * splits + split) * (dim + 2) : 0;
+    if (part && threadIdx.x == 0) { part[0] = top; part[1] = total; }
     for (int d = threadIdx.x; d < dim; d += blockDim.x) {
         float o = 0.f;
         for (int w = 0; w < WARPS; w++) if (sm[w] != NEG_INF) o += sacc[w][d] * expf(sm[w] - top);
-        if (splits > 1) part[2 + d] = o;
+        if (part) part[2 + d] = o;
         else out[((unsigned long long)b * heads + h) * dim + d] = o / total;
     }
 }
@@ -443,7 +443,9 @@ impl CustomOp1 for DecodeAttention {
         // SAFETY: the kernels write every element of the output, and of the partial results
         // they read.
         let out = unsafe { device.alloc::<f32>(elements)? };
-        let partial = unsafe { device.alloc::<f32>(self.table.sequences * self.heads * splits * (self.dim + 2))? };
+        // One split needs no partial results (the kernel ignores the buffer then).
+        let partial_len = if splits > 1 { self.table.sequences * self.heads * splits * (self.dim + 2) } else { 1 };
+        let partial = unsafe { device.alloc::<f32>(partial_len)? };
         let func = function(&device, "air_decode_attention").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let grid = (self.heads as u32, self.table.sequences as u32, splits as u32);
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (32 * WARPS, 1, 1), shared_mem_bytes: 0 };
