@@ -110,6 +110,9 @@ impl Rope {
 
     /// Rotates `x` of shape (batch, heads, seq, head_dim), contiguous.
     pub fn apply(&self, x: &Tensor, t: &RopeTables) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() && t.cos.rank() == 2 {
+            return self.apply_on_host(x, t);
+        }
         let head_dim = x.dim(3)?;
         let rotate = |x: &Tensor| match self.style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &t.cos, &t.sin),
@@ -122,6 +125,35 @@ impl Rope {
             let rest = x.narrow(3, self.dim, head_dim - self.dim)?;
             Tensor::cat(&[&rotated, &rest], 3)
         }
+    }
+
+    /// The rotation on the CPU with ggml's rounding: its C is compiled with floating-point
+    /// contraction, so `x0·cos − x1·sin` is one fused multiply-add over the rounded `x1·sin`,
+    /// and `x0·sin + x1·cos` one over the rounded `x1·cos`. Dimensions past `rope_dim` pass
+    /// through.
+    fn apply_on_host(&self, x: &Tensor, t: &RopeTables) -> candle_core::Result<Tensor> {
+        let (batch, heads, seq, head_dim) = x.dims4()?;
+        let (cos, sin) = (t.cos.flatten_all()?.to_vec1::<f32>()?, t.sin.flatten_all()?.to_vec1::<f32>()?);
+        let half = self.dim / 2;
+        if cos.len() != seq * half {
+            candle_core::bail!("rope tables hold {} angles, {seq} positions of {half} pairs need", cos.len());
+        }
+        let mut out = x.flatten_all()?.to_vec1::<f32>()?;
+        let (offset, stride) = match self.style {
+            RopeStyle::Interleaved => (1, 2),
+            RopeStyle::Neox => (half, 1),
+        };
+        for (r, row) in out.chunks_exact_mut(head_dim).enumerate() {
+            let at = (r % seq) * half;
+            let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
+            for i in 0..half {
+                let j = i * stride;
+                let (x0, x1) = (row[j], row[j + offset]);
+                row[j] = x0.mul_add(cos[i], -(x1 * sin[i]));
+                row[j + offset] = x0.mul_add(sin[i], x1 * cos[i]);
+            }
+        }
+        Tensor::from_vec(out, (batch, heads, seq, head_dim), x.device())
     }
 }
 

@@ -161,7 +161,7 @@ fn accumulate(
             *a = v.mul_add(weight, *a);
         }
         acc16.convert_from_f32_slice(acc);
-        sum = sum * rescale + weight;
+        sum = sum.mul_add(rescale, weight);
     }
     sum
 }
@@ -249,7 +249,7 @@ mod avx512 {
                 let updated = unsafe { _mm512_fmadd_ps(load(&value[o..]), w, load(&acc16[o..])) };
                 unsafe { store(&mut acc16[o..], updated) };
             }
-            sum = sum * rescale + weight;
+            sum = sum.mul_add(rescale, weight);
         }
         sum
     }
