@@ -8,6 +8,7 @@
 //! depend on how a prompt was split into chunks or batched with others. Keys and values are read
 //! through the sequence's block table ([`LayerView`]).
 
+mod f16_lanes;
 mod tiled;
 
 use crate::exp::{EXP_LANES, sum16};
@@ -91,7 +92,7 @@ pub fn causal_attention(q: &[f32], rows: usize, seqs: &[QueryRows<'_>], s: Atten
 
 /// Query head `h` over its KV head, generation path: `q` and the result are (n, head_dim). As
 /// ggml's kernel: the query rounded to f16, scores by [`dot_f16`], the value accumulator kept
-/// in f16 (widened, updated with one FMA, rounded back), the result times 1/sum.
+/// in f16 ([`accumulate`]), the result times 1/sum.
 fn head_attention(q: &[f32], kv: LayerView<'_>, start: usize, n: usize, h: usize, s: AttentionShape) -> Vec<f32> {
     use half::f16;
     let d = s.head_dim;
@@ -125,8 +126,9 @@ fn head_attention(q: &[f32], kv: LayerView<'_>, start: usize, n: usize, h: usize
 }
 
 /// The online softmax of one query row over the cached positions `range` of KV head `kv_head`:
-/// the weighted sum of values into `acc16` (f16, rounded after every update), and the returned
-/// sum of weights. `scratch` is working space, kept by the caller across rows.
+/// the weighted sum of values into `acc16` (f16, rounded after every update; its leading
+/// [`f16_lanes`] in f16 arithmetic, the rest in f32), and the returned sum of weights.
+/// `scratch` is working space, kept by the caller across rows.
 fn accumulate(
     q: &[f32],
     kv: LayerView<'_>,
@@ -137,9 +139,11 @@ fn accumulate(
     scratch: &mut Vec<f32>,
 ) -> f32 {
     let d = q.len();
+    let native = f16_lanes::count(d);
     scratch.resize(3 * d, 0.0);
     let (acc, rest) = scratch.split_at_mut(d);
     let (v_row, k_row) = rest.split_at_mut(d);
+    let (acc, v_row) = (&mut acc[native..], &mut v_row[native..]);
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in range {
         kv.key(kv_head, j).convert_to_f32_slice(k_row);
@@ -148,19 +152,22 @@ fn accumulate(
         let (rescale, weight) = if score > max {
             let r = (max - score).exp();
             max = score;
-            acc16.convert_to_f32_slice(acc);
+            f16_lanes::scale(&mut acc16[..native], r);
+            acc16[native..].convert_to_f32_slice(acc);
             acc.iter_mut().for_each(|a| *a *= r);
-            acc16.convert_from_f32_slice(acc);
+            acc16[native..].convert_from_f32_slice(acc);
             (r, 1.0)
         } else {
             (1.0, (score - max).exp())
         };
-        kv.value(kv_head, j).convert_to_f32_slice(v_row);
-        acc16.convert_to_f32_slice(acc);
+        let value = kv.value(kv_head, j);
+        f16_lanes::mad(&mut acc16[..native], value, weight);
+        value[native..].convert_to_f32_slice(v_row);
+        acc16[native..].convert_to_f32_slice(acc);
         for (a, &v) in acc.iter_mut().zip(v_row.iter()) {
             *a = v.mul_add(weight, *a);
         }
-        acc16.convert_from_f32_slice(acc);
+        acc16[native..].convert_from_f32_slice(acc);
         sum = sum.mul_add(rescale, weight);
     }
     sum
@@ -173,7 +180,7 @@ fn accumulate(
 /// a third of the CPU (docs/benchmarks.md).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{EXP_LANES, LayerView, sum16};
+    use super::{EXP_LANES, LayerView, f16_lanes, sum16};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -228,14 +235,16 @@ mod avx512 {
     ) -> f32 {
         let d = q.len();
         assert!(d.is_multiple_of(EXP_LANES) && acc16.len() == d);
+        let native = f16_lanes::count(d);
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
         for j in range {
             let score = unsafe { dot(kv.key(kv_head, j), q) } * scale;
             let (rescale, weight) = if score > max {
                 let r = (max - score).exp();
                 max = score;
+                f16_lanes::scale(&mut acc16[..native], r);
                 let r_lanes = _mm512_set1_ps(r);
-                for o in (0..d).step_by(EXP_LANES) {
+                for o in (native..d).step_by(EXP_LANES) {
                     let scaled = unsafe { _mm512_mul_ps(load(&acc16[o..]), r_lanes) };
                     unsafe { store(&mut acc16[o..], scaled) };
                 }
@@ -244,8 +253,9 @@ mod avx512 {
                 (1.0, (score - max).exp())
             };
             let value = kv.value(kv_head, j);
+            f16_lanes::mad(&mut acc16[..native], value, weight);
             let w = _mm512_set1_ps(weight);
-            for o in (0..d).step_by(EXP_LANES) {
+            for o in (native..d).step_by(EXP_LANES) {
                 let updated = unsafe { _mm512_fmadd_ps(load(&value[o..]), w, load(&acc16[o..])) };
                 unsafe { store(&mut acc16[o..], updated) };
             }

@@ -5,8 +5,8 @@
 //! candle's CPU matmuls quantize activations by their own rules, which change with the number of
 //! rows (repacked AVX-512 paths), so logits move by up to ~1.7 between the passes and ~0.7
 //! between one pass and token-by-token (~1.05 on Gemma 3): the tolerances below sit above those measured levels.
-//! The sharp check is top-1 agreement at every position; a wrong mask, position or cache slot
-//! moves logits by whole units and changes tokens.
+//! The sharp check is top-1 agreement at every position but near-ties (one allowed); a wrong
+//! mask, position or cache slot moves logits by whole units and changes tokens.
 
 use super::{DeviceModel, DeviceOptions};
 use crate::{Logits, Model, Sequence};
@@ -68,12 +68,16 @@ fn check(name: &str, tolerance: f32) {
     let mut agree = 0;
     let mut worst = 0f32;
     for (w, g) in want.chunks(vocab).zip(got.chunks(vocab)) {
-        agree += usize::from(argmax(w) == argmax(g));
+        if argmax(w) == argmax(g) {
+            agree += 1;
+        } else {
+            assert!(margin(w) < NEAR_TIE, "{name}: top-1 differs where the host's top two are {} apart", margin(w));
+        }
         worst = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
     }
     let positions = want.len() / vocab;
     eprintln!("{name}: agree {agree}/{positions} worst {worst}");
-    assert!(agree == positions, "{name}: top-1 agrees at {agree} of {positions} positions");
+    assert!(agree + 1 >= positions, "{name}: top-1 agrees at {agree} of {positions} positions");
     assert!(worst < tolerance, "{name}: logits differ by up to {worst}");
 
     // Token by token through the device KV cache: the same logits as one pass.
@@ -104,13 +108,20 @@ fn assert_close(name: &str, what: &str, got: &[f32], want: &[f32], vocab: usize)
     for (g, w) in got.chunks(vocab).zip(want.chunks(vocab)) {
         let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < DRIFT, "{name}: {what}: logits differ by {diff}");
-        let best = argmax(w);
-        let second = w.iter().enumerate().filter(|&(i, _)| i != best).map(|(_, &x)| x).fold(f32::MIN, f32::max);
-        if w[best] - second > DRIFT {
-            assert_eq!(argmax(g), best, "{name}: {what}: top-1 differs");
+        if margin(w) > DRIFT {
+            assert_eq!(argmax(g), argmax(w), "{name}: {what}: top-1 differs");
         }
     }
 }
+
+/// How far the best logit is above the second.
+fn margin(logits: &[f32]) -> f32 {
+    let best = argmax(logits);
+    logits[best] - logits.iter().enumerate().filter(|&(i, _)| i != best).map(|(_, &x)| x).fold(f32::MIN, f32::max)
+}
+
+/// A top-two margin under which the two passes' arithmetic may pick either token.
+const NEAR_TIE: f32 = 0.5;
 
 /// Largest logit difference between two ways of running the same pass on candle's CPU.
 const DRIFT: f32 = 1.5;
