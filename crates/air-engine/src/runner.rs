@@ -125,7 +125,7 @@ impl Runner {
                         tokens: &e.tokens,
                         start: e.start,
                         blocks: &e.blocks,
-                        prompt_rows: e.prompt_rows,
+                        prompt_len: e.prompt_len,
                     })
                     .collect();
                 self.model.forward_paged(store, &batch, Logits::Last)

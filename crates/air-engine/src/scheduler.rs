@@ -7,7 +7,7 @@
 
 use crate::request::EngineError;
 use air_kv::{BlockId, BlockPool, BlockTable};
-use air_model::F32_QUERY_ROWS;
+use air_model::{BATCHED_MATMUL_ROWS, F32_QUERY_ROWS};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -43,8 +43,8 @@ pub struct StepEntry {
     pub tokens: Vec<u32>,
     /// The sequence's block table, covering `start + tokens.len()` positions.
     pub blocks: Vec<BlockId>,
-    /// Leading tokens computed by attention's prompt path (see `air_model::PagedSequence`).
-    pub prompt_rows: usize,
+    /// The sequence's prompt length (see `air_model::PagedSequence`).
+    pub prompt_len: usize,
     /// This chunk reaches the sequence's last token: sample the next one from its logits.
     pub sample: bool,
 }
@@ -75,12 +75,6 @@ struct Seq {
 impl Seq {
     fn pending(&self) -> usize {
         self.tokens.len() - self.computed
-    }
-
-    /// Prompt positions computed by attention's prompt path: all of a prompt of 64 tokens or
-    /// more (as llama.cpp does in one batch), none of a shorter one.
-    fn prompt_path_end(&self) -> usize {
-        if self.prompt_len >= F32_QUERY_ROWS { self.prompt_len } else { 0 }
     }
 }
 
@@ -151,7 +145,8 @@ impl Scheduler {
             return Err(EngineError::KvTooSmall { needed: max_len, capacity: self.kv_capacity_tokens() });
         }
         let prompt_len = prompt.len();
-        let seed = (prompt_len >= F32_QUERY_ROWS) as u64;
+        // Cached blocks are shared only between prompts computed with the same arithmetic.
+        let seed = (prompt_len >= F32_QUERY_ROWS) as u64 + (prompt_len >= BATCHED_MATMUL_ROWS) as u64;
         self.waiting.push_back(Seq {
             id,
             tokens: prompt,
@@ -259,7 +254,7 @@ impl Scheduler {
             start,
             tokens: s.tokens[start..start + n].to_vec(),
             blocks: s.table.blocks().to_vec(),
-            prompt_rows: n.min(s.prompt_path_end().saturating_sub(start)),
+            prompt_len: s.prompt_len,
             sample: start + n == s.tokens.len(),
         }
     }
@@ -363,8 +358,7 @@ mod tests {
         let p = step(&mut s);
         let shape: Vec<_> = p.entries.iter().map(|e| (e.id, e.start, e.tokens.len(), e.sample)).collect();
         assert_eq!(shape, [(1, 4, 1, true), (2, 7, 7, false)]);
-        // The first prompt is short: generation path; the second is short too (20 < 64).
-        assert!(p.entries.iter().all(|e| e.prompt_rows == 0));
+        assert_eq!(p.entries.iter().map(|e| e.prompt_len).collect::<Vec<_>>(), [3, 20]);
         let p = step(&mut s);
         assert_eq!(p.entries[1].tokens.len(), 6);
         assert!(p.entries[1].sample);
@@ -419,7 +413,7 @@ mod tests {
         let p = step(&mut s);
         // 6 full blocks (96 tokens) reused; the second prompt's last 7 tokens computed.
         assert_eq!((p.entries[0].start, p.entries[0].tokens.len()), (96, 7));
-        assert_eq!(p.entries[0].prompt_rows, 7);
+        assert_eq!(p.entries[0].prompt_len, 103);
         assert_eq!(s.finish(2), Some((96, 0)));
         assert_eq!(s.pool.used(), 0);
     }

@@ -21,10 +21,15 @@ const ROWS_PER_TASK: usize = 48;
 /// stays a small cost (a generation step runs hundreds of matmuls).
 const TASKS_PER_THREAD: usize = 8;
 
+/// llama.cpp multiplies matrices of K-quant weights by a batched kernel, which rounds
+/// differently from its one-row dot products, when they have this many activation rows or more.
+pub const BATCHED_MATMUL_ROWS: usize = 8;
+
 /// The math a weight matrix of one block type supports.
 trait Blocks: Send + Sync {
-    /// out (m, n) = x (m, k) · Wᵀ, W being (n, k) in blocks.
-    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]);
+    /// out (m, n) = x (m, k) · Wᵀ, W being (n, k) in blocks; rows flagged in `batched` (empty:
+    /// none) by the batched arithmetic ([`BlockDot::dots`]).
+    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [f32]);
     /// Dequantizes row `row` (k values) into `out`.
     fn row(&self, row: usize, k: usize, out: &mut [f32]);
 }
@@ -48,7 +53,7 @@ impl<T> Blocks for MappedBlocks<T>
 where
     T: BlockDot + 'static,
 {
-    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [f32]) {
         let w = self.blocks();
         let kb = k / T::BLCK_SIZE;
         let xq = T::quantize(&x[..m * k], k);
@@ -63,7 +68,7 @@ where
             let rows = (task / column_tasks) * ROWS_PER_TASK..((task / column_tasks + 1) * ROWS_PER_TASK).min(m);
             let width = cols.len();
             let mut tile = vec![0f32; width * rows.len()];
-            T::dots(kb, &w[cols.start * kb..cols.end * kb], &xq, rows.clone(), &mut tile, width);
+            T::dots(kb, &w[cols.start * kb..cols.end * kb], &xq, rows.clone(), batched, &mut tile, width);
             for (r, values) in rows.zip(tile.chunks_exact(width)) {
                 // SAFETY: r < m and cols within n, so the range is inside out (m * n); tasks
                 // cover disjoint (rows, cols) tiles.
@@ -122,15 +127,17 @@ impl Linear {
         Ok(Self { blocks, n, k })
     }
 
-    /// y (m, n) = x (m, k) · Wᵀ.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    /// y (m, n) = x (m, k) · Wᵀ. The rows flagged in `batched` (one flag per row, or empty for
+    /// none) round as llama.cpp's batched matmul does (see [`BATCHED_MATMUL_ROWS`]); flags
+    /// chosen per row, not per call, keep a row's result independent of the rows beside it.
+    pub fn forward(&self, x: &Tensor, batched: &[bool]) -> Result<Tensor, ModelError> {
         let (m, k) = x.dims2()?;
         if k != self.k {
             return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", self.k)));
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; m * self.n];
-        self.blocks.matmul(&xs, m, self.n, self.k, &mut out);
+        self.blocks.matmul(&xs, m, self.n, self.k, batched, &mut out);
         Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?)
     }
 

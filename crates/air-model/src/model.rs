@@ -2,6 +2,7 @@ use crate::Linear;
 use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, causal_attention};
 use crate::device::{ComputeDevice, DeviceModel, DeviceOptions, UploadStats};
 use crate::kv_cache::WHOLE;
+use crate::linear::BATCHED_MATMUL_ROWS;
 use crate::rope::{Rope, RopeTables};
 use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
@@ -45,11 +46,12 @@ pub struct PagedSequence<'a> {
     pub start: usize,
     /// The sequence's blocks in position order, covering at least `start + tokens.len()`.
     pub blocks: &'a [BlockId],
-    /// How many leading tokens of this call attention computes by its prompt path (f32 tiles);
-    /// the rest by its generation path. Rows computed by the same path give the same bits
-    /// however the sequence is chunked or batched; llama.cpp takes the prompt path for prompts
-    /// of 64 tokens or more.
-    pub prompt_rows: usize,
+    /// The sequence's prompt length: positions before it are prompt tokens. A prompt's tokens
+    /// are computed as llama.cpp computes a prompt in one batch (attention's prompt path from
+    /// [`F32_QUERY_ROWS`] tokens on, batched matmul rounding from [`BATCHED_MATMUL_ROWS`] on),
+    /// the others as it computes generated tokens, one by one; so a row gets the same bits
+    /// however the sequence is chunked, batched with others or recomputed after preemption.
+    pub prompt_len: usize,
 }
 
 /// A sequence's share of a host pass: its store and block table, its rows in the stacked
@@ -61,14 +63,19 @@ struct Part<'a> {
     start: usize,
     row: usize,
     n: usize,
+    /// Leading rows computed by attention's prompt path.
     prompt_rows: usize,
+    /// Leading rows whose matmuls round as llama.cpp's batched kernel.
+    batched_rows: usize,
 }
 
-/// RoPE tables of every row of a host pass (the sequences' positions, stacked), for the global
-/// layers and for the sliding-window layers when they have their own base.
-struct PassTables {
+/// What a host pass knows of its rows (the sequences' rows, stacked): their RoPE tables, for
+/// the global layers and for the sliding-window layers when they have their own base, and which
+/// rows' matmuls round as llama.cpp's batched kernel.
+struct PassRows {
     global: RopeTables,
     local: Option<RopeTables>,
+    batched: Vec<bool>,
 }
 
 /// How a model's weights are kept in memory.
@@ -226,8 +233,10 @@ impl Model {
         let mut tokens = Vec::new();
         for (i, seq) in batch.iter().enumerate() {
             let (start, n) = seq.span()?;
+            // Like llama.cpp, by the call's rows.
             let prompt_rows = if n >= F32_QUERY_ROWS { n } else { 0 };
-            parts.push(Part { store: i, table: &WHOLE, start, row: tokens.len(), n, prompt_rows });
+            let batched_rows = if n >= BATCHED_MATMUL_ROWS { n } else { 0 };
+            parts.push(Part { store: i, table: &WHOLE, start, row: tokens.len(), n, prompt_rows, batched_rows });
             tokens.extend_from_slice(seq.tokens);
         }
         let mut stores = batch.iter_mut().map(|s| s.cache.host()).collect::<Result<Vec<_>, _>>()?;
@@ -271,8 +280,19 @@ impl Model {
             if seq.blocks.iter().any(|&b| b as usize >= store.blocks()) {
                 return Err(ModelError::Config("a block table names a block outside the KV store".into()));
             }
-            let prompt_rows = seq.prompt_rows.min(n);
-            parts.push(Part { store: 0, table: seq.blocks, start: seq.start, row: tokens.len(), n, prompt_rows });
+            let prompt_part = |threshold: usize| {
+                if seq.prompt_len >= threshold { seq.prompt_len.saturating_sub(seq.start).min(n) } else { 0 }
+            };
+            let (prompt_rows, batched_rows) = (prompt_part(F32_QUERY_ROWS), prompt_part(BATCHED_MATMUL_ROWS));
+            parts.push(Part {
+                store: 0,
+                table: seq.blocks,
+                start: seq.start,
+                row: tokens.len(),
+                n,
+                prompt_rows,
+                batched_rows,
+            });
             tokens.extend_from_slice(seq.tokens);
         }
         self.forward_on_pool(&mut [store], &mut parts, &tokens, logits)
@@ -292,9 +312,14 @@ impl Model {
             return Ok(Vec::new());
         }
         let positions = || parts.iter().flat_map(|p| p.start..p.start + p.n);
-        let tables = PassTables {
+        let mut batched = vec![false; tokens.len()];
+        for part in parts.iter() {
+            batched[part.row..part.row + part.batched_rows].fill(true);
+        }
+        let pass = PassRows {
             global: self.rope.tables_for(positions(), &self.device)?,
             local: self.local_rope.as_ref().map(|r| r.tables_for(positions(), &self.device)).transpose()?,
+            batched,
         };
         rayon::scope(|_| {
             let mut x = self.weights.token_embd.rows(tokens)?;
@@ -303,15 +328,19 @@ impl Model {
             }
             for (i, layer) in self.weights.layers.iter().enumerate() {
                 let _resident = self.streamer.acquire(i)?;
-                x = self.block(i, layer, &x, stores, parts, &tables)?;
+                x = self.block(i, layer, &x, stores, parts, &pass)?;
             }
-            let mut rows = Vec::new();
+            // The output head as llama.cpp runs it per sequence: batched rounding where the
+            // sequence asks for the logits of several rows.
+            let (mut rows, mut head_batched) = (Vec::new(), Vec::new());
             for part in parts.iter() {
                 let from = match logits {
                     Logits::Last => part.n.saturating_sub(1),
                     Logits::From(i) => i,
                 };
-                rows.extend(part.row + from.min(part.n)..part.row + part.n);
+                let part_rows = part.row + from.min(part.n)..part.row + part.n;
+                head_batched.extend(std::iter::repeat_n(part_rows.len() >= BATCHED_MATMUL_ROWS, part_rows.len()));
+                rows.extend(part_rows);
             }
             if rows.is_empty() {
                 return Ok(Vec::new());
@@ -319,7 +348,7 @@ impl Model {
             let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
             let x = x.index_select(&index, 0)?;
             let x = crate::ops::rms_norm(&x, &self.weights.output_norm, self.config.rms_norm_eps)?;
-            let out = self.weights.output.forward(&x)?;
+            let out = self.weights.output.forward(&x, &head_batched)?;
             Ok(out.flatten_all()?.to_vec1::<f32>()?)
         })
     }
@@ -333,14 +362,15 @@ impl Model {
         x: &Tensor,
         stores: &mut [&mut KvStore],
         parts: &[Part<'_>],
-        tables: &PassTables,
+        pass: &PassRows,
     ) -> Result<Tensor, ModelError> {
+        let batched = &pass.batched[..];
         let c = &self.config;
         let rows = x.dim(0)?;
         let (window, _) = c.layer_attention(index);
         let h = crate::ops::rms_norm(x, &w.attn_norm, c.rms_norm_eps)?;
         let project = |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
-            let mut y = m.forward(&h)?;
+            let mut y = m.forward(&h, batched)?;
             if let Some(b) = bias {
                 y = y.broadcast_add(b)?;
             }
@@ -355,9 +385,9 @@ impl Model {
         let v_all = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
         // Every sequence's rows together: RoPE at each row's position, then keys and values
         // into each sequence's store, then attention of every (sequence, head) at once.
-        let (rope, tables) = match (&self.local_rope, &tables.local, window) {
+        let (rope, tables) = match (&self.local_rope, &pass.local, window) {
             (Some(r), Some(t), Some(_)) => (r, t),
-            _ => (&self.rope, &tables.global),
+            _ => (&self.rope, &pass.global),
         };
         // (rows, heads * head_dim) -> (1, heads, rows, head_dim)
         let heads_first = |y: &Tensor, heads: usize| -> Result<Tensor, ModelError> {
@@ -392,15 +422,15 @@ impl Model {
             .collect();
         let attn = causal_attention(&q, rows, &seqs, shape);
         let attn = Tensor::from_vec(attn, (rows, c.n_head * c.head_dim), &self.device)?;
-        let x = (x + self.post_norm(w.wo.forward(&attn)?, &w.post_attn_norm)?)?;
+        let x = (x + self.post_norm(w.wo.forward(&attn, batched)?, &w.post_attn_norm)?)?;
 
         let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
-        let (gate, up) = (w.w_gate.forward(&h)?, w.w_up.forward(&h)?);
+        let (gate, up) = (w.w_gate.forward(&h, batched)?, w.w_up.forward(&h, batched)?);
         let gated = match c.activation {
             Activation::Silu => crate::ops::swiglu(&gate, &up)?,
             Activation::GeluTanh => crate::ops::geglu(&gate, &up)?,
         };
-        let ffn = w.w_down.forward(&gated)?;
+        let ffn = w.w_down.forward(&gated, batched)?;
         Ok((x + self.post_norm(ffn, &w.post_ffn_norm)?)?)
     }
 

@@ -52,18 +52,10 @@ fn greedy_generation_matches_llamacpp_text() {
     .unwrap();
     let case = &reference["prompts"][0];
     assert_eq!(out["prompt_tokens"], case["prompt_ids"]);
-    // Tokens up to llama.cpp's first step with a top-2 margin under 0.35, the tolerance of
-    // crates/air-model/tests/llamacpp_greedy.rs.
-    let agreed = case["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .take_while(|s| s["top5"][0]["logit"].as_f64().unwrap() - s["top5"][1]["logit"].as_f64().unwrap() >= 0.35)
-        .count()
-        .min(8);
-    assert!(agreed >= 2, "the reference has a near-tie at step {agreed}");
-    let expected: Vec<Value> = case["output_ids"].as_array().unwrap()[..agreed].to_vec();
-    assert_eq!(&out["tokens"].as_array().unwrap()[..agreed], &expected);
+    // Through the engine, the same ids as llama.cpp (crates/air-model/tests/llamacpp_greedy.rs
+    // checks every prompt and step of the model pass itself).
+    let expected: Vec<Value> = case["output_ids"].as_array().unwrap()[..8].to_vec();
+    assert_eq!(&out["tokens"].as_array().unwrap()[..8], &expected);
     assert!(out["text"].as_str().unwrap().starts_with(" Paris."), "{}", out["text"]);
     for key in ["prompt_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms"] {
         assert!(out["timings"][key].as_f64().unwrap() > 0.0, "{key}");

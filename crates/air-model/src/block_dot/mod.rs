@@ -30,7 +30,17 @@ pub trait BlockDot: GgmlType {
 
     /// For weight rows `w` (each `kb` blocks) and activation rows `rows` of `x`, writes the dot
     /// product of activation row `rows.start + j` and weight row `i` to `out[j * out_stride + i]`.
-    fn dots(kb: usize, w: &[Self], x: &Self::Activations, rows: Range<usize>, out: &mut [f32], out_stride: usize);
+    /// Rows flagged in `batched` (by row; empty: none) sum as ggml's batched matmul kernel where
+    /// the type has one that rounds differently from its one-row dot product (the K-quants).
+    fn dots(
+        kb: usize,
+        w: &[Self],
+        x: &Self::Activations,
+        rows: Range<usize>,
+        batched: &[bool],
+        out: &mut [f32],
+        out_stride: usize,
+    );
 }
 
 /// candle's row kernels over candle's activation blocks.
@@ -43,7 +53,15 @@ macro_rules! candle_rows {
                 candle_activations::<Self>(x, k)
             }
 
-            fn dots(kb: usize, w: &[Self], x: &Self::Activations, rows: Range<usize>, out: &mut [f32], out_stride: usize) {
+            fn dots(
+                kb: usize,
+                w: &[Self],
+                x: &Self::Activations,
+                rows: Range<usize>,
+                _batched: &[bool],
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
                 let k = kb * Self::BLCK_SIZE;
                 let x = &x[rows.start * kb..rows.end * kb];
                 for (j, xr) in x.chunks_exact(kb).enumerate() {
@@ -92,8 +110,16 @@ macro_rules! k_tiled {
                 candle_activations::<Self>(x, k)
             }
 
-            fn dots(kb: usize, w: &[Self], x: &Self::Activations, rows: Range<usize>, out: &mut [f32], out_stride: usize) {
-                x86_kquants::dots(kb, w, x, rows, out, out_stride)
+            fn dots(
+                kb: usize,
+                w: &[Self],
+                x: &Self::Activations,
+                range: Range<usize>,
+                batched: &[bool],
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
+                x86_kquants::dots(kb, w, x, x86_kquants::Rows { range, batched }, out, out_stride)
             }
         }
     )*};
@@ -112,7 +138,15 @@ macro_rules! tiled {
                 x86::Activations::new::<Self>(x, k)
             }
 
-            fn dots(kb: usize, w: &[Self], x: &Self::Activations, rows: Range<usize>, out: &mut [f32], out_stride: usize) {
+            fn dots(
+                kb: usize,
+                w: &[Self],
+                x: &Self::Activations,
+                rows: Range<usize>,
+                _batched: &[bool],
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
                 x86::dots(kb, w, x, rows, out, out_stride)
             }
         }
@@ -170,12 +204,22 @@ mod tests {
         let activations = T::quantize(&x, k);
         let stride = rows_w + 3;
         let mut out = vec![f32::NAN; rows.len() * stride];
-        T::dots(kb, &w, &activations, rows.clone(), &mut out, stride);
+        T::dots(kb, &w, &activations, rows.clone(), &[], &mut out, stride);
+        // Every third row by the batched arithmetic: close to candle too, and the other rows'
+        // bits do not depend on their neighbours' flags.
+        let batched: Vec<bool> = (0..rows_x).map(|r| r % 3 == 1).collect();
+        let mut mixed = vec![f32::NAN; rows.len() * stride];
+        T::dots(kb, &w, &activations, rows.clone(), &batched, &mut mixed, stride);
         for (j, row) in rows.enumerate() {
             for i in 0..rows_w {
                 let want = T::vec_dot(k, &w[i * kb..(i + 1) * kb], &xq[row * kb..(row + 1) * kb]);
-                let got = out[j * stride + i];
-                assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{:?} ({j}, {i}): {got} vs {want}", T::DTYPE);
+                for (got, how) in [(out[j * stride + i], "alone"), (mixed[j * stride + i], "mixed")] {
+                    let close = (got - want).abs() <= 1e-4 * want.abs().max(1.0);
+                    assert!(close, "{:?} {how} ({j}, {i}): {got} vs {want}", T::DTYPE);
+                }
+                if !batched[row] {
+                    assert_eq!(out[j * stride + i].to_bits(), mixed[j * stride + i].to_bits());
+                }
             }
         }
     }
@@ -220,7 +264,7 @@ mod model_shapes {
         let mut best = f64::MAX;
         for _ in 0..3 {
             let t = Instant::now();
-            T::dots(kb, &w, &activations, 0..m, &mut out, n);
+            T::dots(kb, &w, &activations, 0..m, &[], &mut out, n);
             best = best.min(t.elapsed().as_secs_f64());
         }
         let mut xq = vec![T::VecDotType::zeros(); m * kb];

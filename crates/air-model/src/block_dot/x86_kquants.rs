@@ -3,6 +3,11 @@
 //! scale multiply-and-add is one `vpdpwssd`. Integer lanes and float order are those of ggml's AVX2
 //! `vec_dot_q4_K_q8_K` / `vec_dot_q6_K_q8_K`: per 256-element super-block, 8 i32 lanes of
 //! scaled 8-bit products, one FMA into 8 f32 lanes, and for Q4_K the minimums' 4 lanes.
+//!
+//! Activation rows flagged `batched` sum instead as ggml's tiled K-quant matmul (which llama.cpp
+//! runs for matmuls of 8 rows or more): per super-block the exact integer total, converted to
+//! f32 and times the weight's scale (for Q4_K minus the scaled minimums' total, fused), then
+//! fused into one f32 sum with the activation's scale.
 
 use super::x86::{half_at, hsum};
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K};
@@ -40,14 +45,38 @@ fn has_vnni() -> bool {
 
 /// A K-quant weight type's tile loop, over either form of the multiply-add.
 pub(super) trait KTiles: Sized {
-    fn tiles<M: MaddAdd>(kb: usize, w: &[Self], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize);
+    fn tiles<M: MaddAdd>(kb: usize, w: &[Self], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize);
+}
+
+/// Activation rows of a tile call, and which of them sum as ggml's batched kernel (indexed by
+/// row; empty: none).
+#[derive(Clone)]
+pub(super) struct Rows<'a> {
+    pub range: Range<usize>,
+    pub batched: &'a [bool],
+}
+
+impl Rows<'_> {
+    fn batched(&self, row: usize) -> bool {
+        self.batched.get(row).copied().unwrap_or(false)
+    }
+}
+
+/// The sum of 8 i32 lanes (exact).
+#[inline(always)]
+unsafe fn hsum_i32(x: __m256i) -> i32 {
+    unsafe {
+        let r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
+        let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+        _mm_cvtsi128_si32(_mm_add_epi32(r, _mm_shuffle_epi32(r, 1)))
+    }
 }
 
 /// K-quant rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`, with VNNI
 /// where the CPU has it.
-pub(super) fn dots<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+pub(super) fn dots<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
     #[target_feature(enable = "avx512vnni,avx512vl")]
-    unsafe fn vnni<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Range<usize>, out: &mut [f32], stride: usize) {
+    unsafe fn vnni<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
         W::tiles::<Vnni>(kb, w, x, rows, out, stride)
     }
     if has_vnni() {
@@ -126,19 +155,14 @@ unsafe fn unpack_q4k(p: *const BlockQ4K) -> Q4k {
 
 impl KTiles for BlockQ4K {
     #[inline(always)]
-    fn tiles<M: MaddAdd>(
-        kb: usize,
-        w: &[BlockQ4K],
-        x: &[BlockQ8K],
-        rows: Range<usize>,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
-        let start = rows.start;
-        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
+    fn tiles<M: MaddAdd>(kb: usize, w: &[BlockQ4K], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
+        assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.range.end * kb <= x.len());
+        let start = rows.range.start;
+        for_each_tile(w.len() / kb, rows.range.clone(), |i0, rm, j, rn| {
+            let batched: [bool; TILE_X] = std::array::from_fn(|r| r < rn && rows.batched(j + r));
             let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
             let mut acc_m = [[unsafe { _mm_setzero_ps() }; TILE_X]; TILE_W];
+            let mut sums = [[0f32; TILE_X]; TILE_W];
             for b in 0..kb {
                 // SAFETY: the assert above: whole blocks of the sizes the offsets assume; weight rows
                 // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
@@ -147,12 +171,8 @@ impl KTiles for BlockQ4K {
                         std::array::from_fn(|i| unpack_q4k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
                     for r in 0..rn {
                         let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                        let sums = _mm256_loadu_si256(bsums as *const __m256i);
-                        let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
-                        for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let prod = _mm_madd_epi16(wi.mins, q8s);
-                            acc_m[i][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * wi.dmin), _mm_cvtepi32_ps(prod), acc_m[i][r]);
-                        }
+                        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
+                        let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
                         let mut sumi = [_mm256_setzero_si256(); TILE_W];
                         for c in 0..8 {
                             let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
@@ -161,8 +181,18 @@ impl KTiles for BlockQ4K {
                             }
                         }
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            acc[i][r] =
-                                _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi[i]), acc[i][r]);
+                            let prod = _mm_madd_epi16(wi.mins, q8s);
+                            if batched[r] {
+                                let m = _mm256_zextsi128_si256(prod);
+                                let scaled = (hsum_i32(sumi[i]) as f32) * wi.d;
+                                let block = (-wi.dmin).mul_add(hsum_i32(m) as f32, scaled);
+                                sums[i][r] = block.mul_add(dy, sums[i][r]);
+                            } else {
+                                acc_m[i][r] =
+                                    _mm_fmadd_ps(_mm_set1_ps(-dy * wi.dmin), _mm_cvtepi32_ps(prod), acc_m[i][r]);
+                                acc[i][r] =
+                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi[i]), acc[i][r]);
+                            }
                         }
                     }
                 }
@@ -170,10 +200,14 @@ impl KTiles for BlockQ4K {
             for i in 0..rm {
                 for r in 0..rn {
                     // SAFETY: register-only intrinsics of features enabled for the build.
-                    let total = unsafe {
-                        let mut m = _mm_add_ps(acc_m[i][r], _mm_movehl_ps(acc_m[i][r], acc_m[i][r]));
-                        m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                        hsum(acc[i][r]) + _mm_cvtss_f32(m)
+                    let total = if batched[r] {
+                        sums[i][r]
+                    } else {
+                        unsafe {
+                            let mut m = _mm_add_ps(acc_m[i][r], _mm_movehl_ps(acc_m[i][r], acc_m[i][r]));
+                            m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                            hsum(acc[i][r]) + _mm_cvtss_f32(m)
+                        }
                     };
                     out[(j - start + r) * stride + i0 + i] = total;
                 }
@@ -229,26 +263,21 @@ unsafe fn unpack_q6k(p: *const BlockQ6K) -> Q6k {
 impl KTiles for BlockQ6K {
     #[inline(always)]
     #[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
-    fn tiles<M: MaddAdd>(
-        kb: usize,
-        w: &[BlockQ6K],
-        x: &[BlockQ8K],
-        rows: Range<usize>,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
-        let start = rows.start;
-        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
+    fn tiles<M: MaddAdd>(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
+        assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.range.end * kb <= x.len());
+        let start = rows.range.start;
+        for_each_tile(w.len() / kb, rows.range.clone(), |i0, rm, j, rn| {
+            let batched: [bool; TILE_X] = std::array::from_fn(|r| r < rn && rows.batched(j + r));
             let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
+            let mut sums = [[0f32; TILE_X]; TILE_W];
             for b in 0..kb {
-                // SAFETY: as in `dots_q4k`.
+                // SAFETY: as in the Q4_K tiles.
                 unsafe {
                     let ws: [Q6k; TILE_W] =
                         std::array::from_fn(|i| unpack_q6k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
                     for r in 0..rn {
                         let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                        let sums = _mm256_loadu_si256(bsums as *const __m256i);
+                        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
                         let mut sumi = [_mm256_setzero_si256(); TILE_W];
                         for pair in 0..4 {
                             let (c0, c1) = (2 * pair, 2 * pair + 1);
@@ -261,9 +290,14 @@ impl KTiles for BlockQ6K {
                         }
                         for (i, wi) in ws.iter().enumerate().take(rm) {
                             // The values are stored plus 32: subtract 32 · Σ scale · (sums of 16).
-                            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sums, wi.scales16), 5);
+                            let offset = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, wi.scales16), 5);
                             let sumi = _mm256_sub_epi32(sumi[i], offset);
-                            acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
+                            if batched[r] {
+                                sums[i][r] = ((hsum_i32(sumi) as f32) * wi.d).mul_add(dy, sums[i][r]);
+                            } else {
+                                acc[i][r] =
+                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
+                            }
                         }
                     }
                 }
@@ -271,7 +305,8 @@ impl KTiles for BlockQ6K {
             for i in 0..rm {
                 for r in 0..rn {
                     // SAFETY: register-only intrinsics of features enabled for the build.
-                    out[(j - start + r) * stride + i0 + i] = unsafe { hsum(acc[i][r]) };
+                    out[(j - start + r) * stride + i0 + i] =
+                        if batched[r] { sums[i][r] } else { unsafe { hsum(acc[i][r]) } };
                 }
             }
         });
