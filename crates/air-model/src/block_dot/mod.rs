@@ -119,7 +119,7 @@ macro_rules! k_tiled {
                 out: &mut [f32],
                 out_stride: usize,
             ) {
-                x86_kquants::dots(kb, w, x, x86_kquants::Rows { range, batched }, out, out_stride)
+                x86_kquants::dots(kb, w, x, range, batched, out, out_stride)
             }
         }
     )*};
@@ -261,11 +261,14 @@ mod model_shapes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
         let activations = T::quantize(&x, k);
         let mut out = vec![0f32; m * n];
-        let mut best = f64::MAX;
+        let batched = vec![true; m];
+        let mut best = [f64::MAX; 2];
         for _ in 0..3 {
-            let t = Instant::now();
-            T::dots(kb, &w, &activations, 0..m, &[], &mut out, n);
-            best = best.min(t.elapsed().as_secs_f64());
+            for (flags, best) in [&[][..], &batched[..]].into_iter().zip(&mut best) {
+                let t = Instant::now();
+                T::dots(kb, &w, &activations, 0..m, flags, &mut out, n);
+                *best = best.min(t.elapsed().as_secs_f64());
+            }
         }
         let mut xq = vec![T::VecDotType::zeros(); m * kb];
         for (src, dst) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
@@ -278,10 +281,11 @@ mod model_shapes {
         }
         let bytes = (w.len() * std::mem::size_of::<T>()) as f64;
         println!(
-            "{:?} k={k} n={n} m={m}: {:.1} GMAC/s, weights at {:.1} GB/s",
+            "{:?} k={k} n={n} m={m}: {:.1} GMAC/s (batched arithmetic {:.1}), weights at {:.1} GB/s",
             T::DTYPE,
-            (m * n * k) as f64 / best / 1e9,
-            bytes / best / 1e9
+            (m * n * k) as f64 / best[0] / 1e9,
+            (m * n * k) as f64 / best[1] / 1e9,
+            bytes / best[0] / 1e9
         );
     }
 

@@ -43,48 +43,140 @@ fn has_vnni() -> bool {
     *VNNI.get_or_init(|| is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"))
 }
 
-/// A K-quant weight type's tile loop, over either form of the multiply-add.
+/// A K-quant weight type's tile loop, over either form of the multiply-add, in ggml's one-row
+/// arithmetic or (`BATCHED`) in its batched kernel's.
 pub(super) trait KTiles: Sized {
-    fn tiles<M: MaddAdd>(kb: usize, w: &[Self], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize);
-}
-
-/// Activation rows of a tile call, and which of them sum as ggml's batched kernel (indexed by
-/// row; empty: none).
-#[derive(Clone)]
-pub(super) struct Rows<'a> {
-    pub range: Range<usize>,
-    pub batched: &'a [bool],
-}
-
-impl Rows<'_> {
-    fn batched(&self, row: usize) -> bool {
-        self.batched.get(row).copied().unwrap_or(false)
-    }
-}
-
-/// The sum of 8 i32 lanes (exact).
-#[inline(always)]
-unsafe fn hsum_i32(x: __m256i) -> i32 {
-    unsafe {
-        let r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
-        let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
-        _mm_cvtsi128_si32(_mm_add_epi32(r, _mm_shuffle_epi32(r, 1)))
-    }
+    fn tiles<M: MaddAdd, const BATCHED: bool>(
+        kb: usize,
+        w: &[Self],
+        x: &[BlockQ8K],
+        rows: Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    );
 }
 
 /// K-quant rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`, with VNNI
-/// where the CPU has it.
-pub(super) fn dots<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
+/// where the CPU has it; rows flagged in `batched` (by row, empty for none) in the batched
+/// arithmetic. Runs of rows with the same flag go through one tile loop each.
+pub(super) fn dots<W: KTiles>(
+    kb: usize,
+    w: &[W],
+    x: &[BlockQ8K],
+    rows: Range<usize>,
+    batched: &[bool],
+    out: &mut [f32],
+    stride: usize,
+) {
     #[target_feature(enable = "avx512vnni,avx512vl")]
-    unsafe fn vnni<W: KTiles>(kb: usize, w: &[W], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
-        W::tiles::<Vnni>(kb, w, x, rows, out, stride)
+    unsafe fn vnni<W: KTiles, const BATCHED: bool>(
+        kb: usize,
+        w: &[W],
+        x: &[BlockQ8K],
+        rows: Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        W::tiles::<Vnni, BATCHED>(kb, w, x, rows, out, stride)
     }
-    if has_vnni() {
-        // SAFETY: the CPU has the features.
-        unsafe { vnni(kb, w, x, rows, out, stride) }
-    } else {
-        W::tiles::<Avx2>(kb, w, x, rows, out, stride)
+    fn run<W: KTiles, const BATCHED: bool>(
+        kb: usize,
+        w: &[W],
+        x: &[BlockQ8K],
+        rows: Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        if has_vnni() {
+            // SAFETY: the CPU has the features.
+            unsafe { vnni::<W, BATCHED>(kb, w, x, rows, out, stride) }
+        } else {
+            W::tiles::<Avx2, BATCHED>(kb, w, x, rows, out, stride)
+        }
     }
+    let flag = |r: usize| batched.get(r).copied().unwrap_or(false);
+    let mut from = rows.start;
+    while from < rows.end {
+        let to = (from..rows.end).find(|&r| flag(r) != flag(from)).unwrap_or(rows.end);
+        let out = &mut out[(from - rows.start) * stride..];
+        if flag(from) {
+            run::<W, true>(kb, w, x, from..to, out, stride);
+        } else {
+            run::<W, false>(kb, w, x, from..to, out, stride);
+        }
+        from = to;
+    }
+}
+
+/// Per-row totals of a tile's rows, folded in pairs as the rows come: `pairs[k]` holds rows 2k
+/// and 2k + 1 half-reduced (`hadd`), so a tile keeps 4 vectors per weight row, not 8.
+struct RowTotals {
+    pairs: [__m256i; TILE_X / 2],
+    min_pairs: [__m128i; TILE_X / 2],
+    pending: (__m256i, __m128i),
+}
+
+impl RowTotals {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        unsafe {
+            Self {
+                pairs: [_mm256_setzero_si256(); TILE_X / 2],
+                min_pairs: [_mm_setzero_si128(); TILE_X / 2],
+                pending: (_mm256_setzero_si256(), _mm_setzero_si128()),
+            }
+        }
+    }
+
+    /// Row `r`'s 8 lanes.
+    #[inline(always)]
+    unsafe fn add(&mut self, r: usize, lanes: __m256i) {
+        unsafe {
+            if r.is_multiple_of(2) {
+                self.pending.0 = lanes;
+                self.pairs[r / 2] = _mm256_hadd_epi32(lanes, _mm256_setzero_si256());
+            } else {
+                self.pairs[r / 2] = _mm256_hadd_epi32(self.pending.0, lanes);
+            }
+        }
+    }
+
+    /// Row `r`'s 4 lanes of minimums' products (Q4_K).
+    #[inline(always)]
+    unsafe fn add_mins(&mut self, r: usize, lanes: __m128i) {
+        unsafe {
+            if r.is_multiple_of(2) {
+                self.pending.1 = lanes;
+                self.min_pairs[r / 2] = _mm_hadd_epi32(lanes, _mm_setzero_si128());
+            } else {
+                self.min_pairs[r / 2] = _mm_hadd_epi32(self.pending.1, lanes);
+            }
+        }
+    }
+
+    /// Lane r: row r's total (exact), and its minimums' total.
+    #[inline(always)]
+    unsafe fn totals(&self) -> (__m256i, __m256i) {
+        unsafe {
+            let p = &self.pairs;
+            let (h0123, h4567) = (_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            // Each 128-bit half holds the rows' partial totals: add the halves.
+            let lanes = _mm256_add_epi32(
+                _mm256_permute2x128_si256(h0123, h4567, 0x20),
+                _mm256_permute2x128_si256(h0123, h4567, 0x31),
+            );
+            let m = &self.min_pairs;
+            let mins = _mm256_set_m128i(_mm_hadd_epi32(m[2], m[3]), _mm_hadd_epi32(m[0], m[1]));
+            (lanes, mins)
+        }
+    }
+}
+
+/// The batched arithmetic's per-row sums, stored: lane r of `sums[i]` is row r's.
+#[inline(always)]
+fn lanes(sums: &[__m256; TILE_W]) -> [[f32; TILE_X]; TILE_W] {
+    // SAFETY: 8 floats into arrays of 8.
+    std::array::from_fn(|i| unsafe { std::mem::transmute::<__m256, [f32; TILE_X]>(sums[i]) })
 }
 
 /// Weight rows per tile: each activation block loaded serves all of them.
@@ -153,56 +245,94 @@ unsafe fn unpack_q4k(p: *const BlockQ4K) -> Q4k {
     }
 }
 
+/// Σ scale · (quant · activation) of one Q8_K block against the tile's Q4_K weight rows, as 8
+/// i32 lanes each, and the minimums' products as 4 lanes.
+/// SAFETY (caller): `qy` and `bsums` point into a whole Q8_K block; AVX2 is enabled.
+#[inline(always)]
+unsafe fn q4k_block<M: MaddAdd>(
+    ws: &[Q4k; TILE_W],
+    rm: usize,
+    qy: *const u8,
+    bsums: *const u8,
+) -> [(__m256i, __m128i); TILE_W] {
+    unsafe {
+        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
+        let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
+        let mut sumi = [_mm256_setzero_si256(); TILE_W];
+        for c in 0..8 {
+            let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
+            for (i, wi) in ws.iter().enumerate().take(rm) {
+                sumi[i] = M::madd_add(sumi[i], wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
+            }
+        }
+        std::array::from_fn(|i| (sumi[i], _mm_madd_epi16(ws[i].mins, q8s)))
+    }
+}
+
 impl KTiles for BlockQ4K {
     #[inline(always)]
-    fn tiles<M: MaddAdd>(kb: usize, w: &[BlockQ4K], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
-        assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.range.end * kb <= x.len());
-        let start = rows.range.start;
-        for_each_tile(w.len() / kb, rows.range.clone(), |i0, rm, j, rn| {
-            let batched: [bool; TILE_X] = std::array::from_fn(|r| r < rn && rows.batched(j + r));
+    #[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
+    fn tiles<M: MaddAdd, const BATCHED: bool>(
+        kb: usize,
+        w: &[BlockQ4K],
+        x: &[BlockQ8K],
+        rows: Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
+        let start = rows.start;
+        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
             let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
             let mut acc_m = [[unsafe { _mm_setzero_ps() }; TILE_X]; TILE_W];
-            let mut sums = [[0f32; TILE_X]; TILE_W];
+            // The batched arithmetic: one f32 sum per row, the tile's rows in the lanes.
+            let mut sums = [unsafe { _mm256_setzero_ps() }; TILE_W];
             for b in 0..kb {
                 // SAFETY: the assert above: whole blocks of the sizes the offsets assume; weight rows
                 // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
                 unsafe {
                     let ws: [Q4k; TILE_W] =
                         std::array::from_fn(|i| unpack_q4k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
-                    for r in 0..rn {
-                        let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
-                        let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
-                        let mut sumi = [_mm256_setzero_si256(); TILE_W];
-                        for c in 0..8 {
-                            let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
-                            for (i, wi) in ws.iter().enumerate().take(rm) {
-                                sumi[i] = M::madd_add(sumi[i], wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
+                    if BATCHED {
+                        let mut totals = [RowTotals::new(), RowTotals::new()];
+                        let mut dys = [0f32; TILE_X];
+                        for r in 0..rn {
+                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
+                            dys[r] = dy;
+                            for (i, (sumi, mins)) in q4k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
+                                totals[i].add(r, sumi);
+                                totals[i].add_mins(r, mins);
                             }
                         }
+                        let dy = _mm256_loadu_ps(dys.as_ptr());
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let prod = _mm_madd_epi16(wi.mins, q8s);
-                            if batched[r] {
-                                let m = _mm256_zextsi128_si256(prod);
-                                let scaled = (hsum_i32(sumi[i]) as f32) * wi.d;
-                                let block = (-wi.dmin).mul_add(hsum_i32(m) as f32, scaled);
-                                sums[i][r] = block.mul_add(dy, sums[i][r]);
-                            } else {
+                            let (lanes, mins) = totals[i].totals();
+                            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(wi.d));
+                            let block = _mm256_fnmadd_ps(_mm256_set1_ps(wi.dmin), _mm256_cvtepi32_ps(mins), scaled);
+                            sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
+                        }
+                    } else {
+                        for r in 0..rn {
+                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
+                            for (i, (sumi, mins)) in q4k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate().take(rm)
+                            {
+                                let wi = &ws[i];
                                 acc_m[i][r] =
-                                    _mm_fmadd_ps(_mm_set1_ps(-dy * wi.dmin), _mm_cvtepi32_ps(prod), acc_m[i][r]);
+                                    _mm_fmadd_ps(_mm_set1_ps(-dy * wi.dmin), _mm_cvtepi32_ps(mins), acc_m[i][r]);
                                 acc[i][r] =
-                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi[i]), acc[i][r]);
+                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
                             }
                         }
                     }
                 }
             }
+            let batched = lanes(&sums);
             for i in 0..rm {
                 for r in 0..rn {
-                    // SAFETY: register-only intrinsics of features enabled for the build.
-                    let total = if batched[r] {
-                        sums[i][r]
+                    let total = if BATCHED {
+                        batched[i][r]
                     } else {
+                        // SAFETY: register-only intrinsics of features enabled for the build.
                         unsafe {
                             let mut m = _mm_add_ps(acc_m[i][r], _mm_movehl_ps(acc_m[i][r], acc_m[i][r]));
                             m = _mm_add_ss(m, _mm_movehdup_ps(m));
@@ -260,53 +390,84 @@ unsafe fn unpack_q6k(p: *const BlockQ6K) -> Q6k {
     }
 }
 
+/// Σ scale · (quant − 32) · activation of one Q8_K block against the tile's Q6_K weight rows,
+/// as 8 i32 lanes each.
+/// SAFETY (caller): `qy` and `bsums` point into a whole Q8_K block; AVX2 is enabled.
+#[inline(always)]
+unsafe fn q6k_block<M: MaddAdd>(ws: &[Q6k; TILE_W], rm: usize, qy: *const u8, bsums: *const u8) -> [__m256i; TILE_W] {
+    unsafe {
+        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
+        let mut sumi = [_mm256_setzero_si256(); TILE_W];
+        for pair in 0..4 {
+            let (c0, c1) = (2 * pair, 2 * pair + 1);
+            let q80 = _mm256_loadu_si256(qy.add(32 * c0) as *const __m256i);
+            let q81 = _mm256_loadu_si256(qy.add(32 * c1) as *const __m256i);
+            for (i, wi) in ws.iter().enumerate().take(rm) {
+                let p0 = M::madd_add(sumi[i], wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
+                sumi[i] = M::madd_add(p0, wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
+            }
+        }
+        // The values are stored plus 32: subtract 32 · Σ scale · (sums of 16).
+        std::array::from_fn(|i| {
+            _mm256_sub_epi32(sumi[i], _mm256_slli_epi32(_mm256_madd_epi16(q8sums, ws[i].scales16), 5))
+        })
+    }
+}
+
 impl KTiles for BlockQ6K {
     #[inline(always)]
     #[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
-    fn tiles<M: MaddAdd>(kb: usize, w: &[BlockQ6K], x: &[BlockQ8K], rows: Rows<'_>, out: &mut [f32], stride: usize) {
-        assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.range.end * kb <= x.len());
-        let start = rows.range.start;
-        for_each_tile(w.len() / kb, rows.range.clone(), |i0, rm, j, rn| {
-            let batched: [bool; TILE_X] = std::array::from_fn(|r| r < rn && rows.batched(j + r));
+    fn tiles<M: MaddAdd, const BATCHED: bool>(
+        kb: usize,
+        w: &[BlockQ6K],
+        x: &[BlockQ8K],
+        rows: Range<usize>,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
+        let start = rows.start;
+        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
             let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
-            let mut sums = [[0f32; TILE_X]; TILE_W];
+            // The batched arithmetic: one f32 sum per row, the tile's rows in the lanes.
+            let mut sums = [unsafe { _mm256_setzero_ps() }; TILE_W];
             for b in 0..kb {
                 // SAFETY: as in the Q4_K tiles.
                 unsafe {
                     let ws: [Q6k; TILE_W] =
                         std::array::from_fn(|i| unpack_q6k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
-                    for r in 0..rn {
-                        let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
-                        let mut sumi = [_mm256_setzero_si256(); TILE_W];
-                        for pair in 0..4 {
-                            let (c0, c1) = (2 * pair, 2 * pair + 1);
-                            let q80 = _mm256_loadu_si256(qy.add(32 * c0) as *const __m256i);
-                            let q81 = _mm256_loadu_si256(qy.add(32 * c1) as *const __m256i);
-                            for (i, wi) in ws.iter().enumerate().take(rm) {
-                                let p0 = M::madd_add(sumi[i], wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
-                                sumi[i] = M::madd_add(p0, wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
+                    if BATCHED {
+                        let mut totals = [RowTotals::new(), RowTotals::new()];
+                        let mut dys = [0f32; TILE_X];
+                        for r in 0..rn {
+                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
+                            dys[r] = dy;
+                            for (i, sumi) in q6k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
+                                totals[i].add(r, sumi);
                             }
                         }
+                        let dy = _mm256_loadu_ps(dys.as_ptr());
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            // The values are stored plus 32: subtract 32 · Σ scale · (sums of 16).
-                            let offset = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, wi.scales16), 5);
-                            let sumi = _mm256_sub_epi32(sumi[i], offset);
-                            if batched[r] {
-                                sums[i][r] = ((hsum_i32(sumi) as f32) * wi.d).mul_add(dy, sums[i][r]);
-                            } else {
+                            let block = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals().0), _mm256_set1_ps(wi.d));
+                            sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
+                        }
+                    } else {
+                        for r in 0..rn {
+                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
+                            for (i, sumi) in q6k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate().take(rm) {
                                 acc[i][r] =
-                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
+                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * ws[i].d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
                             }
                         }
                     }
                 }
             }
+            let batched = lanes(&sums);
             for i in 0..rm {
                 for r in 0..rn {
                     // SAFETY: register-only intrinsics of features enabled for the build.
                     out[(j - start + r) * stride + i0 + i] =
-                        if batched[r] { sums[i][r] } else { unsafe { hsum(acc[i][r]) } };
+                        if BATCHED { batched[i][r] } else { unsafe { hsum(acc[i][r]) } };
                 }
             }
         });
