@@ -3,7 +3,7 @@
 use crate::ModelError;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 
 /// The seven matrices of a transformer block, by GGUF name suffix, in the order
@@ -34,9 +34,9 @@ impl Projection {
     /// Each part's output for `x` (rows, k): (rows, width) each.
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
         match self {
-            Projection::Separate(ms) => ms.iter().map(|m| Ok(m.forward(x)?)).collect(),
+            Projection::Separate(ms) => ms.iter().map(|m| matmul(m, x)).collect(),
             Projection::Stacked(m, widths) => {
-                let y = m.forward(x)?;
+                let y = matmul(m, x)?;
                 let mut at = 0;
                 widths
                     .iter()
@@ -110,7 +110,7 @@ impl LayerMatrices {
     #[cfg(feature = "cuda")]
     pub(crate) fn stacked_qkv(&self, x: &Tensor) -> Result<Option<Tensor>, ModelError> {
         match &self.attention {
-            Projection::Stacked(m, _) => Ok(Some(m.forward(x)?)),
+            Projection::Stacked(m, _) => Ok(Some(matmul(m, x)?)),
             Projection::Separate(_) => Ok(None),
         }
     }
@@ -119,7 +119,7 @@ impl LayerMatrices {
     #[cfg(feature = "cuda")]
     pub(crate) fn stacked_gate_up(&self, x: &Tensor) -> Result<Option<Tensor>, ModelError> {
         match &self.ffn {
-            Projection::Stacked(m, _) => Ok(Some(m.forward(x)?)),
+            Projection::Stacked(m, _) => Ok(Some(matmul(m, x)?)),
             Projection::Separate(_) => Ok(None),
         }
     }
@@ -173,4 +173,9 @@ pub(crate) fn upload(file: &GgufFile, name: &str, device: &Device) -> Result<QMa
     let info = file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
     let storage = QStorage::from_data(Cow::Borrowed(file.tensor_data(info)), device, ggml_dtype(info)?)?;
     Ok(QMatMul::from_qtensor(QTensor::new(storage, matrix_shape(info)?)?)?)
+}
+
+/// `x · Wᵀ` for a weight matrix on the device (see `cuda::matmul` for how CUDA rounds).
+pub(crate) fn matmul(m: &QMatMul, x: &Tensor) -> Result<Tensor, ModelError> {
+    super::cuda::quantized_forward(m, x)
 }

@@ -16,7 +16,7 @@ use crate::rope::RopeTables;
 use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 pub use matrices::LayerMatrices;
 use std::fmt;
 use std::str::FromStr;
@@ -330,7 +330,7 @@ impl DeviceModel {
         }
         let index = Tensor::new(rows.as_slice(), &self.device)?;
         let x = candle_nn::ops::rms_norm(&x.index_select(&index, 0)?, &self.output_norm, c.rms_norm_eps)?;
-        Ok(self.output.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(matrices::matmul(&self.output, &x)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// A block whose matrices stream into VRAM: waits for its upload, computes, frees the slot.
@@ -363,9 +363,9 @@ impl DeviceModel {
         let eps = c.rms_norm_eps;
         let h = candle_nn::ops::rms_norm(x, &v.attn_norm, eps)?;
         let attn = self.layer_attention(model, index, m, v, &h, parts, state)?;
-        let x = (x + post_norm(m.wo().forward(&attn)?, &v.post_attn_norm, eps)?)?;
+        let x = (x + post_norm(matrices::matmul(m.wo(), &attn)?, &v.post_attn_norm, eps)?)?;
         let h = candle_nn::ops::rms_norm(&x, &v.ffn_norm, eps)?;
-        let ffn = m.w_down().forward(&self.gated(c, m, &h)?)?;
+        let ffn = matrices::matmul(m.w_down(), &self.gated(c, m, &h)?)?;
         Ok((x + post_norm(ffn, &v.post_ffn_norm, eps)?)?)
     }
 

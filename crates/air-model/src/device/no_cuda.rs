@@ -7,6 +7,11 @@ use crate::{ModelConfig, ModelError};
 use air_gguf::GgufFile;
 use candle_core::{Device, Tensor};
 
+/// A quantized matmul on the device: candle's, the only kind in this build.
+pub(super) fn quantized_forward(m: &candle_core::quantized::QMatMul, x: &Tensor) -> Result<Tensor, ModelError> {
+    Ok(candle_core::Module::forward(m, x)?)
+}
+
 /// CUDA devices present: none in this build.
 pub(super) fn device_count() -> usize {
     0

@@ -8,7 +8,6 @@
 
 use super::{DecodeStep, DeviceModel, PassState};
 use crate::ModelError;
-use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{CudaGraph, sys};
 use std::collections::HashMap;
@@ -96,6 +95,6 @@ fn decode_body(
         x = pass.block(model, i, m, &x, &mut [], state)?;
     }
     let x = candle_nn::ops::rms_norm(&x, &pass.output_norm, c.rms_norm_eps)?;
-    logits.slice_set(&pass.output.forward(&x)?, 0, 0)?;
+    logits.slice_set(&super::super::matrices::matmul(&pass.output, &x)?, 0, 0)?;
     Ok(())
 }

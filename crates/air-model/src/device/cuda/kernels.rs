@@ -4,7 +4,8 @@
 //! step at once: one appends the new keys and values to each sequence's f16 cache, one computes
 //! each (sequence, head)'s attention over its cache in a single pass (online softmax). Where the
 //! projections come stacked, one kernel applies RoPE and appends to the caches, and one applies
-//! the gated activation.
+//! the gated activation. Two quantize activations with the CPU's rounding for candle's
+//! quantized matmul kernels ([`super::matmul`]).
 //! Compiled at first use with NVRTC.
 
 use crate::ModelError;
@@ -32,6 +33,66 @@ __device__ __forceinline__ unsigned short f2h(float f) {
 
 // Each sequence b writes its new key and value (f32, (B, kv_heads, dim)) at positions[b] of its
 // f16 caches (kv_heads, cap, dim), whose addresses are k_caches[b] and v_caches[b].
+// Activations quantized as ggml's x86 CPU code quantizes them for Q8_0/Q8_1 weights' dot
+// products, so the GPU's integer dot products equal the CPU's: per 32 values d = amax / 127,
+// q = x * (127 / amax) rounded half to even, and the sum d * sum(q); d and the sum rounded to f16.
+// candle's kernels divide by d, round halves away from zero and sum the unquantized values.
+struct Q8Lanes { float d; int q; int sum; };
+
+__device__ __forceinline__ float q8_scale_inverse(float amax) {
+    return amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+}
+
+// One value per thread, block_q8_1 rows (f16 d and sum, 32 int8), kx_padded values per row:
+// the layout of candle's MMVQ kernels. Grid (kx_padded / 256, rows), 256 threads.
+extern "C" __global__ void air_quantize_q8_1(const float* x, unsigned char* y, int kx, int kx_padded) {
+    const int ix = blockDim.x * blockIdx.x + threadIdx.x;
+    const long long row = blockIdx.y;
+    const float xi = ix < kx ? x[row * kx + ix] : 0.0f;
+    float amax = fabsf(xi);
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+    const int q = __float2int_rn(__fmul_rn(xi, q8_scale_inverse(amax)));
+    int sum = q;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    const long long i = row * kx_padded + ix;
+    unsigned char* block = y + (i / 32) * 36;
+    ((signed char*)(block + 4))[i % 32] = (signed char)q;
+    if (i % 32 == 0) {
+        const float d = __fdiv_rn(amax, 127.0f);
+        ((unsigned short*)block)[0] = f2h(d);
+        ((unsigned short*)block)[1] = f2h(__fmul_rn(d, (float)sum));
+    }
+}
+
+// Four values per thread, block_q8_1_mmq (16 bytes of scales, 128 int8; the blocks of one
+// 128-value chunk of every row consecutive): the layout of candle's MMQ kernels. Scales as
+// f16 (d, sum) pairs when `with_sums`, else d as f32 (rounded to f16 first, as the CPU keeps
+// it). Grid (rows, kx_padded / 512), 128 threads.
+extern "C" __global__ void air_quantize_q8_1_mmq(const float* x, unsigned char* y, int kx, int kx_padded, int rows, int with_sums) {
+    const long long i0 = ((long long)blockDim.x * blockIdx.y + threadIdx.x) * 4;
+    const long long row = blockIdx.x;
+    float v[4];
+    for (int j = 0; j < 4; j++) v[j] = i0 + j < kx ? x[row * kx + i0 + j] : 0.0f;
+    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+    const float inverse = q8_scale_inverse(amax);
+    int q[4];
+    for (int j = 0; j < 4; j++) q[j] = __float2int_rn(__fmul_rn(v[j], inverse));
+    int sum = q[0] + q[1] + q[2] + q[3];
+    for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    unsigned char* block = y + ((i0 / 128) * rows + row) * 144;
+    const int iqs = (int)(i0 % 128);
+    for (int j = 0; j < 4; j++) ((signed char*)(block + 16))[iqs + j] = (signed char)q[j];
+    if (iqs % 32 != 0) return;
+    const float d = __fdiv_rn(amax, 127.0f);
+    if (with_sums) {
+        ((unsigned short*)block)[2 * (iqs / 32)] = f2h(d);
+        ((unsigned short*)block)[2 * (iqs / 32) + 1] = f2h(__fmul_rn(d, (float)sum));
+    } else {
+        ((float*)block)[iqs / 32] = h2f(f2h(d));
+    }
+}
+
 extern "C" __global__ void air_kv_append(const float* k, const float* v,
         const unsigned long long* k_caches, const unsigned long long* v_caches,
         const unsigned int* positions, int cap, int kv_heads, int dim) {
@@ -232,7 +293,7 @@ fn ptx() -> Result<&'static str, ModelError> {
         .map_err(|e| ModelError::Device(format!("compiling Air's attention kernels: {e}")))
 }
 
-fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction, ModelError> {
+pub(crate) fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction, ModelError> {
     Ok(device.get_or_load_custom_func(name, MODULE, ptx()?)?.into_cuda_function())
 }
 
