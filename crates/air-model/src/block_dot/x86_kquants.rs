@@ -108,66 +108,84 @@ pub(super) fn dots<W: KTiles>(
     }
 }
 
-/// Per-row totals of a tile's rows, folded in pairs as the rows come: `pairs[k]` holds rows 2k
-/// and 2k + 1 half-reduced (`hadd`), so a tile keeps 4 vectors per weight row, not 8.
-struct RowTotals {
-    pairs: [__m256i; TILE_X / 2],
-    min_pairs: [__m128i; TILE_X / 2],
-    pending: (__m256i, __m128i),
+/// i32 lane vectors that [`RowTotals`] folds: `hadd` (pairwise sums of adjacent lanes).
+trait Lanes: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn hadd(a: Self, b: Self) -> Self;
 }
 
-impl RowTotals {
+impl Lanes for __m256i {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        unsafe { _mm256_setzero_si256() }
+    }
+    #[inline(always)]
+    unsafe fn hadd(a: Self, b: Self) -> Self {
+        unsafe { _mm256_hadd_epi32(a, b) }
+    }
+}
+
+impl Lanes for __m128i {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        unsafe { _mm_setzero_si128() }
+    }
+    #[inline(always)]
+    unsafe fn hadd(a: Self, b: Self) -> Self {
+        unsafe { _mm_hadd_epi32(a, b) }
+    }
+}
+
+/// Per-row totals of a tile's rows, folded in pairs as the rows come: `pairs[k]` holds rows 2k
+/// and 2k + 1 half-reduced (`hadd`), so a tile keeps 4 vectors per weight row, not 8.
+struct RowTotals<V> {
+    pairs: [V; TILE_X / 2],
+    pending: V,
+}
+
+impl<V: Lanes> RowTotals<V> {
     #[inline(always)]
     unsafe fn new() -> Self {
-        unsafe {
-            Self {
-                pairs: [_mm256_setzero_si256(); TILE_X / 2],
-                min_pairs: [_mm_setzero_si128(); TILE_X / 2],
-                pending: (_mm256_setzero_si256(), _mm_setzero_si128()),
-            }
-        }
+        unsafe { Self { pairs: [V::zero(); TILE_X / 2], pending: V::zero() } }
     }
 
-    /// Row `r`'s 8 lanes.
+    /// Row `r`'s lanes.
     #[inline(always)]
-    unsafe fn add(&mut self, r: usize, lanes: __m256i) {
+    unsafe fn add(&mut self, r: usize, lanes: V) {
         unsafe {
             if r.is_multiple_of(2) {
-                self.pending.0 = lanes;
-                self.pairs[r / 2] = _mm256_hadd_epi32(lanes, _mm256_setzero_si256());
+                self.pending = lanes;
+                self.pairs[r / 2] = V::hadd(lanes, V::zero());
             } else {
-                self.pairs[r / 2] = _mm256_hadd_epi32(self.pending.0, lanes);
+                self.pairs[r / 2] = V::hadd(self.pending, lanes);
             }
         }
     }
+}
 
-    /// Row `r`'s 4 lanes of minimums' products (Q4_K).
+impl RowTotals<__m256i> {
+    /// Lane r: row r's total of 8 lanes (exact).
     #[inline(always)]
-    unsafe fn add_mins(&mut self, r: usize, lanes: __m128i) {
-        unsafe {
-            if r.is_multiple_of(2) {
-                self.pending.1 = lanes;
-                self.min_pairs[r / 2] = _mm_hadd_epi32(lanes, _mm_setzero_si128());
-            } else {
-                self.min_pairs[r / 2] = _mm_hadd_epi32(self.pending.1, lanes);
-            }
-        }
-    }
-
-    /// Lane r: row r's total (exact), and its minimums' total.
-    #[inline(always)]
-    unsafe fn totals(&self) -> (__m256i, __m256i) {
+    unsafe fn totals(&self) -> __m256i {
         unsafe {
             let p = &self.pairs;
             let (h0123, h4567) = (_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
             // Each 128-bit half holds the rows' partial totals: add the halves.
-            let lanes = _mm256_add_epi32(
+            _mm256_add_epi32(
                 _mm256_permute2x128_si256(h0123, h4567, 0x20),
                 _mm256_permute2x128_si256(h0123, h4567, 0x31),
-            );
-            let m = &self.min_pairs;
-            let mins = _mm256_set_m128i(_mm_hadd_epi32(m[2], m[3]), _mm_hadd_epi32(m[0], m[1]));
-            (lanes, mins)
+            )
+        }
+    }
+}
+
+impl RowTotals<__m128i> {
+    /// Lane r: row r's total of 4 lanes (exact).
+    #[inline(always)]
+    unsafe fn totals(&self) -> __m256i {
+        unsafe {
+            let p = &self.pairs;
+            _mm256_set_m128i(_mm_hadd_epi32(p[2], p[3]), _mm_hadd_epi32(p[0], p[1]))
         }
     }
 }
@@ -294,21 +312,22 @@ impl KTiles for BlockQ4K {
                     let ws: [Q4k; TILE_W] =
                         std::array::from_fn(|i| unpack_q4k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
                     if BATCHED {
-                        let mut totals = [RowTotals::new(), RowTotals::new()];
+                        let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
+                        let mut min_totals = [RowTotals::<__m128i>::new(), RowTotals::new()];
                         let mut dys = [0f32; TILE_X];
                         for r in 0..rn {
                             let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
                             dys[r] = dy;
                             for (i, (sumi, mins)) in q4k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
                                 totals[i].add(r, sumi);
-                                totals[i].add_mins(r, mins);
+                                min_totals[i].add(r, mins);
                             }
                         }
                         let dy = _mm256_loadu_ps(dys.as_ptr());
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let (lanes, mins) = totals[i].totals();
-                            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(wi.d));
-                            let block = _mm256_fnmadd_ps(_mm256_set1_ps(wi.dmin), _mm256_cvtepi32_ps(mins), scaled);
+                            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
+                            let mins = _mm256_cvtepi32_ps(min_totals[i].totals());
+                            let block = _mm256_fnmadd_ps(_mm256_set1_ps(wi.dmin), mins, scaled);
                             sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
                         }
                     } else {
@@ -437,7 +456,7 @@ impl KTiles for BlockQ6K {
                     let ws: [Q6k; TILE_W] =
                         std::array::from_fn(|i| unpack_q6k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
                     if BATCHED {
-                        let mut totals = [RowTotals::new(), RowTotals::new()];
+                        let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
                         let mut dys = [0f32; TILE_X];
                         for r in 0..rn {
                             let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
@@ -448,7 +467,7 @@ impl KTiles for BlockQ6K {
                         }
                         let dy = _mm256_loadu_ps(dys.as_ptr());
                         for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let block = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals().0), _mm256_set1_ps(wi.d));
+                            let block = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
                             sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
                         }
                     } else {

@@ -56,7 +56,11 @@ impl CustomOp1 for CpuRounded<'_> {
         "air-cpu-rounded-matmul"
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         candle_core::bail!("air-cpu-rounded-matmul runs on CUDA only")
     }
 
@@ -191,7 +195,8 @@ fn mmq(
     Ok(())
 }
 
-type MmvqLauncher = unsafe extern "C" fn(*const c_void, *const c_void, *mut c_void, i32, i32, i32, i32, i32, *mut c_void);
+type MmvqLauncher =
+    unsafe extern "C" fn(*const c_void, *const c_void, *mut c_void, i32, i32, i32, i32, i32, *mut c_void);
 
 fn mmvq_launcher(dtype: GgmlDType) -> MmvqLauncher {
     use candle_kernels::ffi::*;
