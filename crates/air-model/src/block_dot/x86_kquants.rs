@@ -224,13 +224,23 @@ fn q4k_scales_and_mins(bytes: &[u8; 12]) -> [u8; 16] {
 }
 
 /// Runs `tile(i, rm, j, rn)` over the (weight rows × activation rows) tiles of a matmul, with
-/// `rm` ≤ [`TILE_W`] and `rn` ≤ [`TILE_X`].
-fn for_each_tile(rows_w: usize, rows: Range<usize>, mut tile: impl FnMut(usize, usize, usize, usize)) {
+/// `rm` ≤ [`TILE_W`] and `rn` ≤ `height`.
+fn for_each_tile(rows_w: usize, rows: Range<usize>, height: usize, mut tile: impl FnMut(usize, usize, usize, usize)) {
     for i in (0..rows_w).step_by(TILE_W) {
-        for j in rows.clone().step_by(TILE_X) {
-            tile(i, TILE_W.min(rows_w - i), j, TILE_X.min(rows.end - j));
+        for j in rows.clone().step_by(height) {
+            tile(i, TILE_W.min(rows_w - i), j, height.min(rows.end - j));
         }
     }
+}
+
+/// Activation rows per tile in the batched arithmetic: a row's state there is one f32 sum, so
+/// a tile can hold many rows, and each weight super-block unpacked serves all of them (in
+/// sub-tiles of [`TILE_X`]).
+const BATCHED_TILE_X: usize = 6 * TILE_X;
+
+/// The tile height of an arithmetic.
+const fn tile_height(batched: bool) -> usize {
+    if batched { BATCHED_TILE_X } else { TILE_X }
 }
 
 /// A Q4_K super-block unpacked: scales, then 8 chunks of 32 4-bit values with their scales as
@@ -300,11 +310,11 @@ impl KTiles for BlockQ4K {
     ) {
         assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
         let start = rows.start;
-        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
+        for_each_tile(w.len() / kb, rows, tile_height(BATCHED), |i0, rm, j, rn| {
             let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
             let mut acc_m = [[unsafe { _mm_setzero_ps() }; TILE_X]; TILE_W];
-            // The batched arithmetic: one f32 sum per row, the tile's rows in the lanes.
-            let mut sums = [unsafe { _mm256_setzero_ps() }; TILE_W];
+            // The batched arithmetic: one f32 sum per row, each sub-tile's rows in the lanes.
+            let mut sums = [[unsafe { _mm256_setzero_ps() }; TILE_W]; BATCHED_TILE_X / TILE_X];
             for b in 0..kb {
                 // SAFETY: the assert above: whole blocks of the sizes the offsets assume; weight rows
                 // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
@@ -312,23 +322,26 @@ impl KTiles for BlockQ4K {
                     let ws: [Q4k; TILE_W] =
                         std::array::from_fn(|i| unpack_q4k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
                     if BATCHED {
-                        let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
-                        let mut min_totals = [RowTotals::<__m128i>::new(), RowTotals::new()];
-                        let mut dys = [0f32; TILE_X];
-                        for r in 0..rn {
-                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                            dys[r] = dy;
-                            for (i, (sumi, mins)) in q4k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
-                                totals[i].add(r, sumi);
-                                min_totals[i].add(r, mins);
+                        for (sub, sums) in (0..rn).step_by(TILE_X).zip(sums.iter_mut()) {
+                            let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
+                            let mut min_totals = [RowTotals::<__m128i>::new(), RowTotals::new()];
+                            let mut dys = [0f32; TILE_X];
+                            for r in 0..TILE_X.min(rn - sub) {
+                                let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + sub + r) * kb + b));
+                                dys[r] = dy;
+                                for (i, (sumi, mins)) in q4k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
+                                    totals[i].add(r, sumi);
+                                    min_totals[i].add(r, mins);
+                                }
                             }
-                        }
-                        let dy = _mm256_loadu_ps(dys.as_ptr());
-                        for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
-                            let mins = _mm256_cvtepi32_ps(min_totals[i].totals());
-                            let block = _mm256_fnmadd_ps(_mm256_set1_ps(wi.dmin), mins, scaled);
-                            sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
+                            let dy = _mm256_loadu_ps(dys.as_ptr());
+                            for (i, wi) in ws.iter().enumerate().take(rm) {
+                                let scaled =
+                                    _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
+                                let mins = _mm256_cvtepi32_ps(min_totals[i].totals());
+                                let block = _mm256_fnmadd_ps(_mm256_set1_ps(wi.dmin), mins, scaled);
+                                sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
+                            }
                         }
                     } else {
                         for r in 0..rn {
@@ -345,11 +358,11 @@ impl KTiles for BlockQ4K {
                     }
                 }
             }
-            let batched = lanes(&sums);
+            let batched: [_; BATCHED_TILE_X / TILE_X] = std::array::from_fn(|sub| lanes(&sums[sub]));
             for i in 0..rm {
                 for r in 0..rn {
                     let total = if BATCHED {
-                        batched[i][r]
+                        batched[r / TILE_X][i][r % TILE_X]
                     } else {
                         // SAFETY: register-only intrinsics of features enabled for the build.
                         unsafe {
@@ -446,29 +459,31 @@ impl KTiles for BlockQ6K {
     ) {
         assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
         let start = rows.start;
-        for_each_tile(w.len() / kb, rows, |i0, rm, j, rn| {
+        for_each_tile(w.len() / kb, rows, tile_height(BATCHED), |i0, rm, j, rn| {
             let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
-            // The batched arithmetic: one f32 sum per row, the tile's rows in the lanes.
-            let mut sums = [unsafe { _mm256_setzero_ps() }; TILE_W];
+            // The batched arithmetic: one f32 sum per row, each sub-tile's rows in the lanes.
+            let mut sums = [[unsafe { _mm256_setzero_ps() }; TILE_W]; BATCHED_TILE_X / TILE_X];
             for b in 0..kb {
                 // SAFETY: as in the Q4_K tiles.
                 unsafe {
                     let ws: [Q6k; TILE_W] =
                         std::array::from_fn(|i| unpack_q6k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
                     if BATCHED {
-                        let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
-                        let mut dys = [0f32; TILE_X];
-                        for r in 0..rn {
-                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                            dys[r] = dy;
-                            for (i, sumi) in q6k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
-                                totals[i].add(r, sumi);
+                        for (sub, sums) in (0..rn).step_by(TILE_X).zip(sums.iter_mut()) {
+                            let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
+                            let mut dys = [0f32; TILE_X];
+                            for r in 0..TILE_X.min(rn - sub) {
+                                let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + sub + r) * kb + b));
+                                dys[r] = dy;
+                                for (i, sumi) in q6k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
+                                    totals[i].add(r, sumi);
+                                }
                             }
-                        }
-                        let dy = _mm256_loadu_ps(dys.as_ptr());
-                        for (i, wi) in ws.iter().enumerate().take(rm) {
-                            let block = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
-                            sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
+                            let dy = _mm256_loadu_ps(dys.as_ptr());
+                            for (i, wi) in ws.iter().enumerate().take(rm) {
+                                let block = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
+                                sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
+                            }
                         }
                     } else {
                         for r in 0..rn {
@@ -481,12 +496,12 @@ impl KTiles for BlockQ6K {
                     }
                 }
             }
-            let batched = lanes(&sums);
+            let batched: [_; BATCHED_TILE_X / TILE_X] = std::array::from_fn(|sub| lanes(&sums[sub]));
             for i in 0..rm {
                 for r in 0..rn {
                     // SAFETY: register-only intrinsics of features enabled for the build.
                     out[(j - start + r) * stride + i0 + i] =
-                        if BATCHED { batched[i][r] } else { unsafe { hsum(acc[i][r]) } };
+                        if BATCHED { batched[r / TILE_X][i][r % TILE_X] } else { unsafe { hsum(acc[i][r]) } };
                 }
             }
         });
