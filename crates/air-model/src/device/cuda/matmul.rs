@@ -14,7 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// candle pads quantized activation rows to this many values.
 const ROW_PADDING: usize = 512;
@@ -99,7 +99,7 @@ fn mmvq(
     // A buffer kept across calls (no allocation per matmul, and the address a captured decode
     // graph holds stays valid), one of its own for unusually wide rows.
     let bytes = rows * k_padded / 32 * Q8_1_BYTES;
-    static SCRATCH: OnceLock<Mutex<Option<CudaSlice<u8>>>> = OnceLock::new();
+    static SCRATCH: OnceLock<CudaSlice<u8>> = OnceLock::new();
     let mut wide = None;
     let q = if bytes <= MMVQ_SCRATCH_BYTES {
         persistent(&SCRATCH, device, MMVQ_SCRATCH_BYTES)?
@@ -167,8 +167,9 @@ fn mmq(
     launch.arg(x).arg(&q).arg(&k_i).arg(&kp_i).arg(&rows_i).arg(&with_sums);
     // SAFETY: x holds rows × k floats; q covers (rows + 128) × k_padded / 128 blocks.
     unsafe { launch.launch(cfg) }.w()?;
-    let info = DeviceInfo::of(device);
-    static FIXUP: OnceLock<Mutex<Option<CudaSlice<u8>>>> = OnceLock::new();
+    static INFO: OnceLock<DeviceInfo> = OnceLock::new();
+    let info = *INFO.get_or_init(|| DeviceInfo::of(device));
+    static FIXUP: OnceLock<CudaSlice<u8>> = OnceLock::new();
     let fixup = persistent(&FIXUP, device, FIXUP_BYTES)?;
     let launcher = mmq_launcher(w.dtype());
     let (q_addr, out_addr) = (q.device_ptr(&stream).0, out.device_ptr(&stream).0);
@@ -264,17 +265,15 @@ impl DeviceInfo {
 }
 
 /// The address of a device buffer of `bytes` allocated on first use and kept (one process
-/// drives one device); calls use it one after the other on the device's stream.
-fn persistent(
-    slot: &'static OnceLock<Mutex<Option<CudaSlice<u8>>>>,
-    device: &CudaDevice,
-    bytes: usize,
-) -> Result<u64, ModelError> {
-    let mut slot = slot.get_or_init(|| Mutex::new(None)).lock().unwrap_or_else(|e| e.into_inner());
-    if slot.is_none() {
+/// drives one device); calls use it one after the other on the device's stream. No lock: after
+/// the first call it is a read of a set cell.
+fn persistent(slot: &'static OnceLock<CudaSlice<u8>>, device: &CudaDevice, bytes: usize) -> Result<u64, ModelError> {
+    if slot.get().is_none() {
         // SAFETY: the kernels write what they read of their scratch buffers.
-        *slot = Some(unsafe { device.alloc::<u8>(bytes) }?);
+        let buffer = unsafe { device.alloc::<u8>(bytes) }?;
+        // A concurrent first call may have set it; either buffer serves.
+        let _ = slot.set(buffer);
     }
-    let buffer = slot.as_ref().expect("allocated above");
+    let buffer = slot.get().expect("set above");
     Ok(buffer.device_ptr(buffer.stream()).0)
 }
