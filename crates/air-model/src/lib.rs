@@ -16,6 +16,7 @@ mod kv_cache;
 mod linear;
 mod mapped;
 mod model;
+mod host;
 mod ops;
 mod rope;
 mod synth;

@@ -5,12 +5,14 @@
 
 use crate::ModelError;
 use crate::block_dot::BlockDot;
+use crate::host::with_f32;
 use crate::mapped::MappedBlocks;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
 use candle_core::quantized::k_quants;
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Fewest weight rows (output columns) per parallel work item.
 const MIN_COLUMNS_PER_TASK: usize = 32;
@@ -29,7 +31,8 @@ pub const BATCHED_MATMUL_ROWS: usize = 8;
 trait Blocks: Send + Sync {
     /// out (m, n) = x (m, k) · Wᵀ, W being (n, k) in blocks; rows flagged in `batched` (empty:
     /// none) by the batched arithmetic ([`BlockDot::dots`]).
-    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [f32]);
+    /// Writes every element of `out`.
+    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [MaybeUninit<f32>]);
     /// Dequantizes row `row` (k values) into `out`.
     fn row(&self, row: usize, k: usize, out: &mut [f32]);
 }
@@ -53,12 +56,12 @@ impl<T> Blocks for MappedBlocks<T>
 where
     T: BlockDot + 'static,
 {
-    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [f32]) {
+    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [MaybeUninit<f32>]) {
         let w = self.blocks();
         let kb = k / T::BLCK_SIZE;
         let xq = T::quantize(&x[..m * k], k);
         assert!(out.len() >= m * n && w.len() >= n * kb);
-        let dst = Output(out.as_mut_ptr());
+        let dst = Output(out.as_mut_ptr().cast());
         let row_tasks = m.div_ceil(ROWS_PER_TASK);
         let wanted = (rayon::current_num_threads() * TASKS_PER_THREAD).div_ceil(row_tasks);
         let per_task = n.div_ceil(wanted).next_multiple_of(4).max(MIN_COLUMNS_PER_TASK);
@@ -135,9 +138,10 @@ impl Linear {
         if k != self.k {
             return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", self.k)));
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; m * self.n];
-        self.blocks.matmul(&xs, m, self.n, self.k, batched, &mut out);
+        let mut out = Vec::with_capacity(m * self.n);
+        with_f32(x, |xs| self.blocks.matmul(xs, m, self.n, self.k, batched, &mut out.spare_capacity_mut()[..m * self.n]))?;
+        // SAFETY: `matmul` wrote all m × n outputs.
+        unsafe { out.set_len(m * self.n) };
         Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?)
     }
 

@@ -1,5 +1,6 @@
 //! Small CPU ops whose rounding must follow ggml's for logits to agree with llama.cpp.
 
+use crate::host::{for_row_chunks, with_f32};
 use candle_core::{Device, Tensor};
 
 /// RMSNorm of each row of `x` (m, d) times `weight` (d), as ggml computes it: the mean of
@@ -7,14 +8,17 @@ use candle_core::{Device, Tensor};
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let (m, d) = x.dims2()?;
     let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let w = weight.to_vec1::<f32>()?;
-    for row in xs.chunks_exact_mut(d) {
-        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-        let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
-        for (v, &wi) in row.iter_mut().zip(&w) {
-            *v = (*v * scale) * wi;
-        }
-    }
+    with_f32(weight, |w| {
+        for_row_chunks(&mut xs, d, d, |_, rows| {
+            for row in rows.chunks_exact_mut(d) {
+                let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+                let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
+                for (v, &wi) in row.iter_mut().zip(w) {
+                    *v = (*v * scale) * wi;
+                }
+            }
+        })
+    })?;
     Tensor::from_vec(xs, (m, d), &Device::Cpu)
 }
 
@@ -23,23 +27,33 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
 pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     use half::f16;
     let table = gelu_f16_table();
-    let shape = gate.shape().clone();
-    let g = gate.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.flatten_all()?.to_vec1::<f32>()?;
-    let out: Vec<f32> = g
-        .iter()
-        .zip(&u)
-        .map(|(&x, &u)| {
-            if x <= -10.0 {
+    gated(gate, up, |x, u| {
+        for (x, &u) in x.iter_mut().zip(u) {
+            *x = if *x <= -10.0 {
                 0.0
-            } else if x >= 10.0 {
-                x * u
+            } else if *x >= 10.0 {
+                *x * u
             } else {
-                table[f16::from_f32(x).to_bits() as usize].to_f32() * u
+                table[f16::from_f32(*x).to_bits() as usize].to_f32() * u
+            };
+        }
+    })
+}
+
+/// `gate` (m, d) combined in place with `up` of the same shape by `f(gate row, up row)` for
+/// each row, rows spread over the compute pool.
+fn gated(gate: &Tensor, up: &Tensor, f: impl Fn(&mut [f32], &[f32]) + Sync) -> candle_core::Result<Tensor> {
+    let shape = gate.shape().clone();
+    let d = shape.dims().last().copied().unwrap_or(1);
+    let mut g = gate.flatten_all()?.to_vec1::<f32>()?;
+    with_f32(up, |u| {
+        for_row_chunks(&mut g, d, d, |first, rows| {
+            for (g, u) in rows.chunks_exact_mut(d).zip(u[first * d..].chunks_exact(d)) {
+                f(g, u);
             }
         })
-        .collect();
-    Tensor::from_vec(out, shape, &Device::Cpu)
+    })?;
+    Tensor::from_vec(g, shape, &Device::Cpu)
 }
 
 /// GELU (tanh form) of every f16 value, rounded to f16, indexed by the value's bits (ggml's
@@ -65,20 +79,18 @@ fn gelu_f16_table() -> &'static [half::f16] {
 /// a remainder.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     use crate::exp::{EXP_LANES, exp16};
-    let shape = gate.shape().clone();
-    let mut g = gate.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.flatten_all()?.to_vec1::<f32>()?;
-    let mut chunks = g.chunks_exact_mut(EXP_LANES);
-    let mut ups = u.chunks_exact(EXP_LANES);
-    for (x, up) in (&mut chunks).zip(&mut ups) {
-        let negated: [f32; EXP_LANES] = std::array::from_fn(|i| -x[i]);
-        let e = exp16(&negated);
-        for i in 0..EXP_LANES {
-            x[i] = x[i] / (1.0 + e[i]) * up[i];
+    gated(gate, up, |g, u| {
+        let mut chunks = g.chunks_exact_mut(EXP_LANES);
+        let mut ups = u.chunks_exact(EXP_LANES);
+        for (x, up) in (&mut chunks).zip(&mut ups) {
+            let negated: [f32; EXP_LANES] = std::array::from_fn(|i| -x[i]);
+            let e = exp16(&negated);
+            for i in 0..EXP_LANES {
+                x[i] = x[i] / (1.0 + e[i]) * up[i];
+            }
         }
-    }
-    for (x, up) in chunks.into_remainder().iter_mut().zip(ups.remainder()) {
-        *x = *x / (1.0 + (-*x).exp()) * up;
-    }
-    Tensor::from_vec(g, shape, &Device::Cpu)
+        for (x, up) in chunks.into_remainder().iter_mut().zip(ups.remainder()) {
+            *x = *x / (1.0 + (-*x).exp()) * up;
+        }
+    })
 }

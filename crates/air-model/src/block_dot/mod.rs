@@ -81,9 +81,9 @@ where
 {
     let per_row = k / T::VecDotType::BLCK_SIZE;
     let mut q = vec![T::VecDotType::zeros(); x.len() / k * per_row];
-    for (src, dst) in x.chunks_exact(k).zip(q.chunks_exact_mut(per_row)) {
-        ActivationQuant::quantize(src, dst);
-    }
+    crate::host::for_row_chunks(&mut q, per_row, k, |first, rows| {
+        ActivationQuant::quantize(&x[first * k..first * k + rows.len() / per_row * k], rows);
+    });
     q
 }
 

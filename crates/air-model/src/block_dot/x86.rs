@@ -157,44 +157,59 @@ pub struct Activations {
     kb: usize,
     /// Rows plus [`LANES`]: the row stride of the transposed arrays.
     padded: usize,
-    /// The 8-bit values, 32 per block, (row, block).
-    q: Vec<[i8; 32]>,
+    /// The blocks, (row, block).
+    blocks: Vec<QuantizedBlock>,
     /// Each block's scale (ggml's f16, widened), (block, padded row).
     d: Vec<f32>,
     /// [`Encoding::Min`]: each block's s (d · Σq as ggml's f16, widened), (block, padded row).
     s: Vec<f32>,
-    /// [`Encoding::Offset`]: −offset × the sum of each lane's 4 values, (row, block).
-    offset_sums: Vec<[i32; LANES]>,
+}
+
+/// One block of 32 activations.
+#[derive(Clone, Copy, Default)]
+struct QuantizedBlock {
+    /// The 8-bit values.
+    q: [i8; 32],
+    /// [`Encoding::Offset`]: −offset × the sum of each lane's 4 values.
+    offset_sums: [i32; LANES],
+    /// The scale and, for [`Encoding::Min`], s, before they are transposed.
+    d: f32,
+    s: f32,
 }
 
 impl Activations {
-    /// Quantizes `x`, rows of `k` values, for weights of type `W`.
+    /// Quantizes `x`, rows of `k` values, for weights of type `W`, rows spread over the pool.
     pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
         let (rows, kb) = (x.len() / k, k / 32);
         let padded = rows + LANES;
-        let mut a = Self {
-            kb,
-            padded,
-            q: Vec::with_capacity(rows * kb),
-            d: vec![0.0; kb * padded],
-            s: vec![0.0; if W::ENCODING == Encoding::Min { kb * padded } else { 0 }],
-            offset_sums: Vec::new(),
-        };
-        for (r, row) in x.chunks_exact(k).enumerate() {
-            for (b, block) in row.chunks_exact(32).enumerate() {
-                let (d, q, sum) = quantize_q8_block(block);
-                a.d[b * padded + r] = f16::from_f32(d).to_f32();
+        let mut blocks = vec![QuantizedBlock::default(); rows * kb];
+        crate::host::for_row_chunks(&mut blocks, kb, k, |first, chunk| {
+            for (block, values) in chunk.iter_mut().zip(x[first * k..].chunks_exact(32)) {
+                let (d, q, sum) = quantize_q8_block(values);
+                block.q = q;
+                block.d = f16::from_f32(d).to_f32();
                 match W::ENCODING {
-                    Encoding::Min => a.s[b * padded + r] = q8_1_sum(d, sum).to_f32(),
-                    Encoding::Offset(offset) => a.offset_sums.push(std::array::from_fn(|lane| {
-                        -offset * q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum::<i32>()
-                    })),
+                    Encoding::Min => block.s = q8_1_sum(d, sum).to_f32(),
+                    Encoding::Offset(offset) => {
+                        block.offset_sums = std::array::from_fn(|lane| {
+                            -offset * q[lane * 4..lane * 4 + 4].iter().map(|&v| v as i32).sum::<i32>()
+                        })
+                    }
                     Encoding::Signed => {}
                 }
-                a.q.push(q);
+            }
+        });
+        let mut d = vec![0.0; kb * padded];
+        let mut s = vec![0.0; if W::ENCODING == Encoding::Min { kb * padded } else { 0 }];
+        for (r, row) in blocks.chunks_exact(kb).enumerate() {
+            for (b, block) in row.iter().enumerate() {
+                d[b * padded + r] = block.d;
+                if let Some(s) = s.get_mut(b * padded + r) {
+                    *s = block.s;
+                }
             }
         }
-        a
+        Self { kb, padded, blocks, d, s }
     }
 }
 
@@ -290,9 +305,9 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
             });
             for j in 0..RN {
                 let at = (j0 + j) * kb + b;
-                let xq = _mm256_loadu_si256(x.q.as_ptr().add(at) as *const __m256i);
+                let xq = _mm256_loadu_si256(x.blocks.get_unchecked(at).q.as_ptr() as *const __m256i);
                 let start = match W::ENCODING {
-                    Encoding::Offset(_) => _mm256_loadu_si256(x.offset_sums.as_ptr().add(at) as *const __m256i),
+                    Encoding::Offset(_) => _mm256_loadu_si256(x.blocks.get_unchecked(at).offset_sums.as_ptr() as *const __m256i),
                     _ => _mm256_setzero_si256(),
                 };
                 for i in 0..RM {
@@ -364,10 +379,10 @@ unsafe fn tile_pairs<W: Weight, const RP: usize, const RN: usize>(
             }
             for (j, acc_j) in acc.iter_mut().enumerate() {
                 let at = (j0 + j) * kb + b;
-                let xq = _mm512_broadcast_i64x4(_mm256_loadu_si256(x.q.as_ptr().add(at) as *const __m256i));
+                let xq = _mm512_broadcast_i64x4(_mm256_loadu_si256(x.blocks.get_unchecked(at).q.as_ptr() as *const __m256i));
                 let start = match W::ENCODING {
                     Encoding::Offset(_) => {
-                        _mm512_broadcast_i64x4(_mm256_loadu_si256(x.offset_sums.as_ptr().add(at) as *const __m256i))
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(x.blocks.get_unchecked(at).offset_sums.as_ptr() as *const __m256i))
                     }
                     _ => _mm512_setzero_si512(),
                 };
@@ -404,7 +419,7 @@ unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize, const PAIRS: bool>(
 ) {
     let kb = x.kb;
     let rows_w = w.len() / kb;
-    assert!(rows.end * kb <= x.q.len() && (rows.is_empty() || out.len() >= (rows.len() - 1) * stride + rows_w));
+    assert!(rows.end * kb <= x.blocks.len() && (rows.is_empty() || out.len() >= (rows.len() - 1) * stride + rows_w));
     macro_rules! run {
         ($i:expr, $j:expr, $rm:literal, $rn:literal) => {{
             // SAFETY: weight rows i..i + rm and activation rows j..j + rn exist (loop bounds).

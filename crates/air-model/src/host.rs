@@ -1,0 +1,76 @@
+//! Host buffers of the CPU forward pass: a tensor's values read in place (no copy), and work
+//! over rows spread across the compute pool when there are enough rows to pay for it.
+//!
+//! A prompt pass spends its time in matmuls that use every thread; what runs between them
+//! (activation quantization, norms, gated activations) ran on one thread while the others
+//! waited, about a fifth of a Gemma 3 prompt pass with two threads (docs/benchmarks.md).
+
+use candle_core::{Storage, Tensor};
+use rayon::prelude::*;
+
+/// Values per parallel work item: below this a hand-off to another thread costs more than it
+/// saves, so one generation step (one row) stays on the calling thread.
+const VALUES_PER_TASK: usize = 8192;
+
+/// Runs `f` on the values of `t` in row-major order, borrowing a contiguous f32 CPU tensor's
+/// storage; other tensors are copied first.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+            && let Ok(values) = cpu.as_slice::<f32>()
+        {
+            return Ok(f(&values[start..end]));
+        }
+    }
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&values))
+}
+
+/// Calls `f(first_row, rows)` over `data`, rows of `row_len` items, in chunks of whole rows:
+/// across the compute pool when `data` holds enough values (`values_per_row` each), on the
+/// calling thread otherwise. Chunks never split a row, so results do not depend on the split.
+pub(crate) fn for_row_chunks<T: Send>(
+    data: &mut [T],
+    row_len: usize,
+    values_per_row: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let rows = data.len() / row_len.max(1);
+    let rows_per_task = VALUES_PER_TASK.div_ceil(values_per_row.max(1)).max(1);
+    if rows <= rows_per_task {
+        f(0, data);
+        return;
+    }
+    data.par_chunks_mut(rows_per_task * row_len)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * rows_per_task, chunk));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn reads_contiguous_tensors_in_place_and_others_by_copy() {
+        let t = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let sum = |t: &Tensor| with_f32(t, |v| v.to_vec()).unwrap();
+        assert_eq!(sum(&t.narrow(0, 1, 2).unwrap()), (4..12).map(|v| v as f32).collect::<Vec<_>>());
+        assert_eq!(sum(&t.t().unwrap()), vec![0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.]);
+    }
+
+    #[test]
+    fn row_chunks_cover_every_row_once() {
+        for rows in [1, 2, 7, 300] {
+            let mut data = vec![0usize; rows * 5];
+            for_row_chunks(&mut data, 5, 1000, |first, chunk| {
+                for (r, row) in chunk.chunks_exact_mut(5).enumerate() {
+                    row.iter_mut().for_each(|v| *v += first + r + 1);
+                }
+            });
+            let want: Vec<usize> = (0..rows).flat_map(|r| [r + 1; 5]).collect();
+            assert_eq!(data, want);
+        }
+    }
+}
