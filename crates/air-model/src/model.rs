@@ -372,7 +372,7 @@ impl Model {
         let project = |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
             let mut y = m.forward(&h, batched)?;
             if let Some(b) = bias {
-                y = y.broadcast_add(b)?;
+                y = crate::ops::add(&y, b)?;
             }
             if let Some(norm) = norm {
                 let per_head = y.reshape((rows * heads, c.head_dim))?;
@@ -422,7 +422,7 @@ impl Model {
             .collect();
         let attn = causal_attention(&q, rows, &seqs, shape);
         let attn = Tensor::from_vec(attn, (rows, c.n_head * c.head_dim), &self.device)?;
-        let x = (x + self.post_norm(w.wo.forward(&attn, batched)?, &w.post_attn_norm)?)?;
+        let x = crate::ops::add(x, &self.post_norm(w.wo.forward(&attn, batched)?, &w.post_attn_norm)?)?;
 
         let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
         let (gate, up) = (w.w_gate.forward(&h, batched)?, w.w_up.forward(&h, batched)?);
@@ -431,7 +431,7 @@ impl Model {
             Activation::GeluTanh => crate::ops::geglu(&gate, &up)?,
         };
         let ffn = w.w_down.forward(&gated, batched)?;
-        Ok((x + self.post_norm(ffn, &w.post_ffn_norm)?)?)
+        Ok(crate::ops::add(&x, &self.post_norm(ffn, &w.post_ffn_norm)?)?)
     }
 
     /// RMSNorm of a sub-layer's output before its residual add, where the family has one.

@@ -22,6 +22,28 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
     Tensor::from_vec(xs, (m, d), &Device::Cpu)
 }
 
+/// `a + b` for `a` (…, d) and `b` of `a`'s shape or one row (d): the residual and bias
+/// additions of the pass, rows spread over the compute pool (candle's own pool would spin a
+/// thread beside it).
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let shape = a.shape().clone();
+    let d = shape.dims().last().copied().unwrap_or(1);
+    let mut out = a.flatten_all()?.to_vec1::<f32>()?;
+    with_f32(b, |b| {
+        if b.len() != d && b.len() != out.len() {
+            candle_core::bail!("cannot add {} values to a tensor of shape {shape:?}", b.len());
+        }
+        for_row_chunks(&mut out, d, d, |first, rows| {
+            for (r, row) in rows.chunks_exact_mut(d).enumerate() {
+                let b = if b.len() == d { b } else { &b[(first + r) * d..(first + r + 1) * d] };
+                row.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            }
+        });
+        Ok(())
+    })??;
+    Tensor::from_vec(out, shape, &Device::Cpu)
+}
+
 /// GELU-gated product `gelu(gate) * up` as ggml computes it on the CPU: the gate rounded to f16
 /// and looked up in a table of GELU (tanh form) results rounded to f16, exact beyond ±10.
 pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
