@@ -564,7 +564,7 @@ mod tests {
         out: &mut [f32],
         stride: usize,
     ) {
-        unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_32, true>(w, x, rows, out, stride) }
+        unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_32, false>(w, x, rows, out, stride) }
     }
 
     fn same_bits<W: Weight>() {
