@@ -13,6 +13,8 @@ mod device;
 mod error;
 mod exp;
 mod kv_cache;
+#[cfg(target_arch = "x86_64")]
+mod libm_exp;
 mod linear;
 mod mapped;
 mod model;

@@ -181,6 +181,7 @@ fn accumulate(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{EXP_LANES, LayerView, f16_lanes, sum16};
+    use crate::libm_exp;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -237,29 +238,45 @@ mod avx512 {
         assert!(d.is_multiple_of(EXP_LANES) && acc16.len() == d);
         let native = f16_lanes::count(d);
         let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for j in range {
-            let score = unsafe { dot(kv.key(kv_head, j), q) } * scale;
-            let (rescale, weight) = if score > max {
-                let r = (max - score).exp();
-                max = score;
-                f16_lanes::scale(&mut acc16[..native], r);
-                let r_lanes = _mm512_set1_ps(r);
-                for o in (native..d).step_by(EXP_LANES) {
-                    let scaled = unsafe { _mm512_mul_ps(load(&acc16[o..]), r_lanes) };
-                    unsafe { store(&mut acc16[o..], scaled) };
+        // A group of positions at a time: their scores and the running maximum first, which
+        // fix every exponential's argument, then the exponentials together (glibc's `expf`,
+        // lane for lane), then the updates in order.
+        let mut first = range.start;
+        while first < range.end {
+            let n = (range.end - first).min(libm_exp::LANES);
+            let mut args = [0f32; libm_exp::LANES];
+            let mut new_max = [false; libm_exp::LANES];
+            for g in 0..n {
+                let score = unsafe { dot(kv.key(kv_head, first + g), q) } * scale;
+                if score > max {
+                    (args[g], new_max[g], max) = (max - score, true, score);
+                } else {
+                    args[g] = score - max;
                 }
-                (r, 1.0)
-            } else {
-                (1.0, (score - max).exp())
-            };
-            let value = kv.value(kv_head, j);
-            f16_lanes::mad(&mut acc16[..native], value, weight);
-            let w = _mm512_set1_ps(weight);
-            for o in (native..d).step_by(EXP_LANES) {
-                let updated = unsafe { _mm512_fmadd_ps(load(&value[o..]), w, load(&acc16[o..])) };
-                unsafe { store(&mut acc16[o..], updated) };
             }
-            sum = sum.mul_add(rescale, weight);
+            let e = unsafe { libm_exp::expf16(&args) };
+            for g in 0..n {
+                let (rescale, weight) = if new_max[g] {
+                    f16_lanes::scale(&mut acc16[..native], e[g]);
+                    let r_lanes = _mm512_set1_ps(e[g]);
+                    for o in (native..d).step_by(EXP_LANES) {
+                        let scaled = unsafe { _mm512_mul_ps(load(&acc16[o..]), r_lanes) };
+                        unsafe { store(&mut acc16[o..], scaled) };
+                    }
+                    (e[g], 1.0)
+                } else {
+                    (1.0, e[g])
+                };
+                let value = kv.value(kv_head, first + g);
+                f16_lanes::mad(&mut acc16[..native], value, weight);
+                let w = _mm512_set1_ps(weight);
+                for o in (native..d).step_by(EXP_LANES) {
+                    let updated = unsafe { _mm512_fmadd_ps(load(&value[o..]), w, load(&acc16[o..])) };
+                    unsafe { store(&mut acc16[o..], updated) };
+                }
+                sum = sum.mul_add(rescale, weight);
+            }
+            first += n;
         }
         sum
     }
