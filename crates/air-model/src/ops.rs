@@ -9,6 +9,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
     let (m, d) = x.dims2()?;
     let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
     with_f32(weight, |w| {
+        if w.len() != d {
+            candle_core::bail!("RMSNorm weight of {} values for rows of {d}", w.len());
+        }
         for_row_chunks(&mut xs, d, d, |_, rows| {
             for row in rows.chunks_exact_mut(d) {
                 let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
@@ -17,31 +20,17 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
                     *v = (*v * scale) * wi;
                 }
             }
-        })
-    })?;
+        });
+        Ok(())
+    })??;
     Tensor::from_vec(xs, (m, d), &Device::Cpu)
 }
 
 /// `a + b` for `a` (…, d) and `b` of `a`'s shape or one row (d): the residual and bias
-/// additions of the pass, rows spread over the compute pool (candle's own pool would spin a
+/// additions of the pass, on the compute pool (candle's own elementwise pool would spin a
 /// thread beside it).
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let shape = a.shape().clone();
-    let d = shape.dims().last().copied().unwrap_or(1);
-    let mut out = a.flatten_all()?.to_vec1::<f32>()?;
-    with_f32(b, |b| {
-        if b.len() != d && b.len() != out.len() {
-            candle_core::bail!("cannot add {} values to a tensor of shape {shape:?}", b.len());
-        }
-        for_row_chunks(&mut out, d, d, |first, rows| {
-            for (r, row) in rows.chunks_exact_mut(d).enumerate() {
-                let b = if b.len() == d { b } else { &b[(first + r) * d..(first + r + 1) * d] };
-                row.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-            }
-        });
-        Ok(())
-    })??;
-    Tensor::from_vec(out, shape, &Device::Cpu)
+    combine_rows(a, b, |x, y| x.iter_mut().zip(y).for_each(|(x, y)| *x += y))
 }
 
 /// GELU-gated product `gelu(gate) * up` as ggml computes it on the CPU: the gate rounded to f16
@@ -49,7 +38,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     use half::f16;
     let table = gelu_f16_table();
-    gated(gate, up, |x, u| {
+    combine_rows(gate, up, |x, u| {
         for (x, &u) in x.iter_mut().zip(u) {
             *x = if *x <= -10.0 {
                 0.0
@@ -62,20 +51,24 @@ pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     })
 }
 
-/// `gate` (m, d) combined in place with `up` of the same shape by `f(gate row, up row)` for
-/// each row, rows spread over the compute pool.
-fn gated(gate: &Tensor, up: &Tensor, f: impl Fn(&mut [f32], &[f32]) + Sync) -> candle_core::Result<Tensor> {
-    let shape = gate.shape().clone();
+/// A copy of `a` (…, d) combined in place with `b`, of `a`'s shape or one row (d), by
+/// `f(row of a, row of b)` for each row; rows spread over the compute pool.
+fn combine_rows(a: &Tensor, b: &Tensor, f: impl Fn(&mut [f32], &[f32]) + Sync) -> candle_core::Result<Tensor> {
+    let shape = a.shape().clone();
     let d = shape.dims().last().copied().unwrap_or(1);
-    let mut g = gate.flatten_all()?.to_vec1::<f32>()?;
-    with_f32(up, |u| {
-        for_row_chunks(&mut g, d, d, |first, rows| {
-            for (g, u) in rows.chunks_exact_mut(d).zip(u[first * d..].chunks_exact(d)) {
-                f(g, u);
+    let mut out = a.flatten_all()?.to_vec1::<f32>()?;
+    with_f32(b, |b| {
+        if b.len() != d && b.len() != out.len() {
+            candle_core::bail!("cannot combine {} values with a tensor of shape {shape:?}", b.len());
+        }
+        for_row_chunks(&mut out, d, d, |first, rows| {
+            for (r, row) in rows.chunks_exact_mut(d).enumerate() {
+                f(row, if b.len() == d { b } else { &b[(first + r) * d..(first + r + 1) * d] });
             }
-        })
-    })?;
-    Tensor::from_vec(g, shape, &Device::Cpu)
+        });
+        Ok(())
+    })??;
+    Tensor::from_vec(out, shape, &Device::Cpu)
 }
 
 /// GELU (tanh form) of every f16 value, rounded to f16, indexed by the value's bits (ggml's
@@ -101,7 +94,7 @@ fn gelu_f16_table() -> &'static [half::f16] {
 /// a remainder.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     use crate::exp::{EXP_LANES, exp16};
-    gated(gate, up, |g, u| {
+    combine_rows(gate, up, |g, u| {
         let mut chunks = g.chunks_exact_mut(EXP_LANES);
         let mut ups = u.chunks_exact(EXP_LANES);
         for (x, up) in (&mut chunks).zip(&mut ups) {
@@ -115,4 +108,21 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
             *x = *x / (1.0 + (-*x).exp()) * up;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_takes_a_whole_tensor_or_one_row_and_rejects_other_shapes() {
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let row = Tensor::new(&[10f32, 20.0, 30.0], &Device::Cpu).unwrap();
+        let sum = |b: &Tensor| add(&a, b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(sum(&row), [10., 21., 32., 13., 24., 35.]);
+        assert_eq!(sum(&a), [0., 2., 4., 6., 8., 10.]);
+        let wrong = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        assert!(add(&a, &wrong).is_err());
+        assert!(rms_norm(&a, &wrong, 1e-6).is_err());
+    }
 }
