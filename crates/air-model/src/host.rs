@@ -42,9 +42,7 @@ pub(crate) fn for_row_chunks<T: Send>(
         f(0, data);
         return;
     }
-    data.par_chunks_mut(rows_per_task * row_len)
-        .enumerate()
-        .for_each(|(i, chunk)| f(i * rows_per_task, chunk));
+    data.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(i, chunk)| f(i * rows_per_task, chunk));
 }
 
 #[cfg(test)]

@@ -12,13 +12,13 @@ mod config;
 mod device;
 mod error;
 mod exp;
+mod host;
 mod kv_cache;
 #[cfg(target_arch = "x86_64")]
 mod libm_exp;
 mod linear;
 mod mapped;
 mod model;
-mod host;
 mod ops;
 mod rope;
 mod synth;

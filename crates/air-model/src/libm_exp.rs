@@ -13,6 +13,7 @@ use std::arch::x86_64::*;
 pub(crate) const LANES: usize = 16;
 
 /// 2^(i/32) as f64 bits, less i << 47 (glibc's `__exp2f_data.tab`).
+#[rustfmt::skip]
 const TABLE: [u64; 32] = [
     0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
     0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
@@ -96,11 +97,8 @@ mod tests {
         }
         // Every 997th float from the underflow bound up to the overflow bound (about 320,000),
         // then the edges.
-        let mut xs: Vec<f32> = (0..=u32::MAX)
-            .step_by(997)
-            .map(f32::from_bits)
-            .filter(|x| (-105.0..89.0).contains(x))
-            .collect();
+        let mut xs: Vec<f32> =
+            (0..=u32::MAX).step_by(997).map(f32::from_bits).filter(|x| (-105.0..89.0).contains(x)).collect();
         xs.extend([0.0, -0.0, 1.0, -1.0, UNDERFLOW, OVERFLOW, -87.5, -103.9, 88.7]);
         xs.extend([f32::NEG_INFINITY, f32::INFINITY, f32::NAN, -200.0, 200.0, f32::MIN_POSITIVE]);
         for chunk in xs.chunks(LANES) {

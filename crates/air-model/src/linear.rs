@@ -139,7 +139,9 @@ impl Linear {
             return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", self.k)));
         }
         let mut out = Vec::with_capacity(m * self.n);
-        with_f32(x, |xs| self.blocks.matmul(xs, m, self.n, self.k, batched, &mut out.spare_capacity_mut()[..m * self.n]))?;
+        with_f32(x, |xs| {
+            self.blocks.matmul(xs, m, self.n, self.k, batched, &mut out.spare_capacity_mut()[..m * self.n])
+        })?;
         // SAFETY: `matmul` wrote all m × n outputs.
         unsafe { out.set_len(m * self.n) };
         Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?)

@@ -307,7 +307,9 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
                 let at = (j0 + j) * kb + b;
                 let xq = _mm256_loadu_si256(x.blocks.get_unchecked(at).q.as_ptr() as *const __m256i);
                 let start = match W::ENCODING {
-                    Encoding::Offset(_) => _mm256_loadu_si256(x.blocks.get_unchecked(at).offset_sums.as_ptr() as *const __m256i),
+                    Encoding::Offset(_) => {
+                        _mm256_loadu_si256(x.blocks.get_unchecked(at).offset_sums.as_ptr() as *const __m256i)
+                    }
                     _ => _mm256_setzero_si256(),
                 };
                 for i in 0..RM {
@@ -379,11 +381,12 @@ unsafe fn tile_pairs<W: Weight, const RP: usize, const RN: usize>(
             }
             for (j, acc_j) in acc.iter_mut().enumerate() {
                 let at = (j0 + j) * kb + b;
-                let xq = _mm512_broadcast_i64x4(_mm256_loadu_si256(x.blocks.get_unchecked(at).q.as_ptr() as *const __m256i));
+                let xq =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x.blocks.get_unchecked(at).q.as_ptr() as *const __m256i));
                 let start = match W::ENCODING {
-                    Encoding::Offset(_) => {
-                        _mm512_broadcast_i64x4(_mm256_loadu_si256(x.blocks.get_unchecked(at).offset_sums.as_ptr() as *const __m256i))
-                    }
+                    Encoding::Offset(_) => _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        x.blocks.get_unchecked(at).offset_sums.as_ptr() as *const __m256i,
+                    )),
                     _ => _mm512_setzero_si512(),
                 };
                 let dx = _mm512_set1_ps(*x.d.get_unchecked(b * x.padded + j0 + j));

@@ -43,17 +43,27 @@ fn has_vnni() -> bool {
     *VNNI.get_or_init(|| is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl"))
 }
 
-/// A K-quant weight type's tile loop, over either form of the multiply-add, in ggml's one-row
-/// arithmetic or (`BATCHED`) in its batched kernel's.
+/// A K-quant weight type for [`tiles`]: how its super-blocks unpack and dot with Q8_K blocks.
 pub(super) trait KTiles: Sized {
-    fn tiles<M: MaddAdd, const BATCHED: bool>(
-        kb: usize,
-        w: &[Self],
-        x: &[BlockQ8K],
-        rows: Range<usize>,
-        out: &mut [f32],
-        stride: usize,
-    );
+    /// A super-block unpacked into registers.
+    type Unpacked;
+    /// The block's size in bytes, which the unpacking assumes.
+    const BYTES: usize;
+    /// Whether blocks subtract scaled minimums (Q4_K), which ggml sums apart from the values.
+    const MINS: bool;
+    /// SAFETY (caller): `p` points to a whole block; AVX2 is enabled.
+    unsafe fn unpack(p: *const Self) -> Self::Unpacked;
+    /// The super-block's scale and its minimums' scale (0 without minimums).
+    fn scales(w: &Self::Unpacked) -> (f32, f32);
+    /// Σ scale · quant · activation of one Q8_K block against the tile's weight rows, as 8 i32
+    /// lanes each, and with [`KTiles::MINS`] the minimums' products as 4 lanes.
+    /// SAFETY (caller): `qy` and `bsums` point into a whole Q8_K block; AVX2 is enabled.
+    unsafe fn block<M: MaddAdd>(
+        ws: &[Self::Unpacked; TILE_W],
+        rm: usize,
+        qy: *const u8,
+        bsums: *const u8,
+    ) -> [(__m256i, __m128i); TILE_W];
 }
 
 /// K-quant rows `w` (each `kb` super-blocks) · Q8_K activation rows `rows` of `x`, with VNNI
@@ -77,7 +87,7 @@ pub(super) fn dots<W: KTiles>(
         out: &mut [f32],
         stride: usize,
     ) {
-        W::tiles::<Vnni, BATCHED>(kb, w, x, rows, out, stride)
+        tiles::<W, Vnni, BATCHED>(kb, w, x, rows, out, stride)
     }
     fn run<W: KTiles, const BATCHED: bool>(
         kb: usize,
@@ -91,7 +101,7 @@ pub(super) fn dots<W: KTiles>(
             // SAFETY: the CPU has the features.
             unsafe { vnni::<W, BATCHED>(kb, w, x, rows, out, stride) }
         } else {
-            W::tiles::<Avx2, BATCHED>(kb, w, x, rows, out, stride)
+            tiles::<W, Avx2, BATCHED>(kb, w, x, rows, out, stride)
         }
     }
     let flag = |r: usize| batched.get(r).copied().unwrap_or(false);
@@ -245,7 +255,7 @@ const fn tile_height(batched: bool) -> usize {
 
 /// A Q4_K super-block unpacked: scales, then 8 chunks of 32 4-bit values with their scales as
 /// 16-bit lanes, and the minimums' factors.
-struct Q4k {
+pub(super) struct Q4k {
     d: f32,
     dmin: f32,
     mins: __m128i,
@@ -273,114 +283,135 @@ unsafe fn unpack_q4k(p: *const BlockQ4K) -> Q4k {
     }
 }
 
-/// Σ scale · (quant · activation) of one Q8_K block against the tile's Q4_K weight rows, as 8
-/// i32 lanes each, and the minimums' products as 4 lanes.
-/// SAFETY (caller): `qy` and `bsums` point into a whole Q8_K block; AVX2 is enabled.
-#[inline(always)]
-unsafe fn q4k_block<M: MaddAdd>(
-    ws: &[Q4k; TILE_W],
-    rm: usize,
-    qy: *const u8,
-    bsums: *const u8,
-) -> [(__m256i, __m128i); TILE_W] {
-    unsafe {
-        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
-        let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
-        let mut sumi = [_mm256_setzero_si256(); TILE_W];
-        for c in 0..8 {
-            let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
-            for (i, wi) in ws.iter().enumerate().take(rm) {
-                sumi[i] = M::madd_add(sumi[i], wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
+impl KTiles for BlockQ4K {
+    type Unpacked = Q4k;
+    const BYTES: usize = 144;
+    const MINS: bool = true;
+
+    #[inline(always)]
+    unsafe fn unpack(p: *const Self) -> Q4k {
+        unsafe { unpack_q4k(p) }
+    }
+
+    fn scales(w: &Q4k) -> (f32, f32) {
+        (w.d, w.dmin)
+    }
+
+    #[inline(always)]
+    unsafe fn block<M: MaddAdd>(
+        ws: &[Q4k; TILE_W],
+        rm: usize,
+        qy: *const u8,
+        bsums: *const u8,
+    ) -> [(__m256i, __m128i); TILE_W] {
+        unsafe {
+            let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
+            let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256(q8sums, 1));
+            let mut sumi = [_mm256_setzero_si256(); TILE_W];
+            for c in 0..8 {
+                let q8 = _mm256_loadu_si256(qy.add(32 * c) as *const __m256i);
+                for (i, wi) in ws.iter().enumerate().take(rm) {
+                    sumi[i] = M::madd_add(sumi[i], wi.scales[c], _mm256_maddubs_epi16(wi.quants[c], q8));
+                }
             }
+            std::array::from_fn(|i| (sumi[i], _mm_madd_epi16(ws[i].mins, q8s)))
         }
-        std::array::from_fn(|i| (sumi[i], _mm_madd_epi16(ws[i].mins, q8s)))
     }
 }
 
-impl KTiles for BlockQ4K {
-    #[inline(always)]
-    #[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
-    fn tiles<M: MaddAdd, const BATCHED: bool>(
-        kb: usize,
-        w: &[BlockQ4K],
-        x: &[BlockQ8K],
-        rows: Range<usize>,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        assert!(size_of::<BlockQ4K>() == 144 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
-        let start = rows.start;
-        for_each_tile(w.len() / kb, rows, tile_height(BATCHED), |i0, rm, j, rn| {
-            let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
-            let mut acc_m = [[unsafe { _mm_setzero_ps() }; TILE_X]; TILE_W];
-            // The batched arithmetic: one f32 sum per row, each sub-tile's rows in the lanes.
-            let mut sums = [[unsafe { _mm256_setzero_ps() }; TILE_W]; BATCHED_TILE_X / TILE_X];
-            for b in 0..kb {
-                // SAFETY: the assert above: whole blocks of the sizes the offsets assume; weight rows
-                // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
-                unsafe {
-                    let ws: [Q4k; TILE_W] =
-                        std::array::from_fn(|i| unpack_q4k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
-                    if BATCHED {
-                        for (sub, sums) in (0..rn).step_by(TILE_X).zip(sums.iter_mut()) {
-                            let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
-                            let mut min_totals = [RowTotals::<__m128i>::new(), RowTotals::new()];
-                            let mut dys = [0f32; TILE_X];
-                            for r in 0..TILE_X.min(rn - sub) {
-                                let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + sub + r) * kb + b));
-                                dys[r] = dy;
-                                for (i, (sumi, mins)) in q4k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
-                                    totals[i].add(r, sumi);
+/// The tile loop of every K-quant type: weight rows `w` (each `kb` super-blocks) · Q8_K
+/// activation rows `rows` of `x` into `out`, in ggml's one-row arithmetic (8 f32 lanes per dot,
+/// the minimums in 4 more, summed at the end) or, `BATCHED`, in its batched kernel's (per
+/// super-block the exact integer total to f32, times the weight's scale, less the scaled
+/// minimums in one `fnmadd`, fused with the activation's scale into one f32 sum).
+#[inline(always)]
+#[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
+fn tiles<W: KTiles, M: MaddAdd, const BATCHED: bool>(
+    kb: usize,
+    w: &[W],
+    x: &[BlockQ8K],
+    rows: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(size_of::<W>() == W::BYTES && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
+    let start = rows.start;
+    for_each_tile(w.len() / kb, rows, tile_height(BATCHED), |i0, rm, j, rn| {
+        let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
+        let mut acc_m = [[unsafe { _mm_setzero_ps() }; TILE_X]; TILE_W];
+        // The batched arithmetic: one f32 sum per row, each sub-tile's rows in the lanes.
+        let mut sums = [[unsafe { _mm256_setzero_ps() }; TILE_W]; BATCHED_TILE_X / TILE_X];
+        for b in 0..kb {
+            // SAFETY: the assert above: whole blocks of the sizes the offsets assume; weight rows
+            // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
+            unsafe {
+                let ws: [W::Unpacked; TILE_W] =
+                    std::array::from_fn(|i| W::unpack(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
+                if BATCHED {
+                    for (sub, sums) in (0..rn).step_by(TILE_X).zip(sums.iter_mut()) {
+                        let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
+                        let mut min_totals = [RowTotals::<__m128i>::new(), RowTotals::new()];
+                        let mut dys = [0f32; TILE_X];
+                        for r in 0..TILE_X.min(rn - sub) {
+                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + sub + r) * kb + b));
+                            dys[r] = dy;
+                            for (i, (sumi, mins)) in W::block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
+                                totals[i].add(r, sumi);
+                                if W::MINS {
                                     min_totals[i].add(r, mins);
                                 }
                             }
-                            let dy = _mm256_loadu_ps(dys.as_ptr());
-                            for (i, wi) in ws.iter().enumerate().take(rm) {
-                                let scaled =
-                                    _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
-                                let mins = _mm256_cvtepi32_ps(min_totals[i].totals());
-                                let block = _mm256_fnmadd_ps(_mm256_set1_ps(wi.dmin), mins, scaled);
-                                sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
-                            }
                         }
-                    } else {
-                        for r in 0..rn {
-                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                            for (i, (sumi, mins)) in q4k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate().take(rm)
-                            {
-                                let wi = &ws[i];
-                                acc_m[i][r] =
-                                    _mm_fmadd_ps(_mm_set1_ps(-dy * wi.dmin), _mm_cvtepi32_ps(mins), acc_m[i][r]);
-                                acc[i][r] =
-                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * wi.d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
+                        let dy = _mm256_loadu_ps(dys.as_ptr());
+                        for (i, wi) in ws.iter().enumerate().take(rm) {
+                            let (d, dmin) = W::scales(wi);
+                            let mut block = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(d));
+                            if W::MINS {
+                                let mins = _mm256_cvtepi32_ps(min_totals[i].totals());
+                                block = _mm256_fnmadd_ps(_mm256_set1_ps(dmin), mins, block);
                             }
+                            sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
+                        }
+                    }
+                } else {
+                    for r in 0..rn {
+                        let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
+                        for (i, (sumi, mins)) in W::block::<M>(&ws, rm, qy, bsums).into_iter().enumerate().take(rm) {
+                            let (d, dmin) = W::scales(&ws[i]);
+                            if W::MINS {
+                                acc_m[i][r] = _mm_fmadd_ps(_mm_set1_ps(-dy * dmin), _mm_cvtepi32_ps(mins), acc_m[i][r]);
+                            }
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dy * d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
                         }
                     }
                 }
             }
-            let batched: [_; BATCHED_TILE_X / TILE_X] = std::array::from_fn(|sub| lanes(&sums[sub]));
-            for i in 0..rm {
-                for r in 0..rn {
-                    let total = if BATCHED {
-                        batched[r / TILE_X][i][r % TILE_X]
-                    } else {
-                        // SAFETY: register-only intrinsics of features enabled for the build.
-                        unsafe {
-                            let mut m = _mm_add_ps(acc_m[i][r], _mm_movehl_ps(acc_m[i][r], acc_m[i][r]));
-                            m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                            hsum(acc[i][r]) + _mm_cvtss_f32(m)
-                        }
-                    };
-                    out[(j - start + r) * stride + i0 + i] = total;
-                }
+        }
+        let batched: [_; BATCHED_TILE_X / TILE_X] = std::array::from_fn(|sub| lanes(&sums[sub]));
+        for i in 0..rm {
+            for r in 0..rn {
+                let total = if BATCHED {
+                    batched[r / TILE_X][i][r % TILE_X]
+                } else if W::MINS {
+                    // SAFETY: register-only intrinsics of features enabled for the build.
+                    unsafe {
+                        let mut m = _mm_add_ps(acc_m[i][r], _mm_movehl_ps(acc_m[i][r], acc_m[i][r]));
+                        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                        hsum(acc[i][r]) + _mm_cvtss_f32(m)
+                    }
+                } else {
+                    // SAFETY: as above.
+                    unsafe { hsum(acc[i][r]) }
+                };
+                out[(j - start + r) * stride + i0 + i] = total;
             }
-        });
-    }
+        }
+    });
 }
 
 /// A Q6_K super-block unpacked: 8 chunks of 32 6-bit values (stored plus 32), their scales as
 /// 16-bit lanes (two per chunk), and all 16 scales widened for the offset.
-struct Q6k {
+pub(super) struct Q6k {
     d: f32,
     scales16: __m256i,
     scales: [__m256i; 8],
@@ -422,88 +453,44 @@ unsafe fn unpack_q6k(p: *const BlockQ6K) -> Q6k {
     }
 }
 
-/// Σ scale · (quant − 32) · activation of one Q8_K block against the tile's Q6_K weight rows,
-/// as 8 i32 lanes each.
-/// SAFETY (caller): `qy` and `bsums` point into a whole Q8_K block; AVX2 is enabled.
-#[inline(always)]
-unsafe fn q6k_block<M: MaddAdd>(ws: &[Q6k; TILE_W], rm: usize, qy: *const u8, bsums: *const u8) -> [__m256i; TILE_W] {
-    unsafe {
-        let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
-        let mut sumi = [_mm256_setzero_si256(); TILE_W];
-        for pair in 0..4 {
-            let (c0, c1) = (2 * pair, 2 * pair + 1);
-            let q80 = _mm256_loadu_si256(qy.add(32 * c0) as *const __m256i);
-            let q81 = _mm256_loadu_si256(qy.add(32 * c1) as *const __m256i);
-            for (i, wi) in ws.iter().enumerate().take(rm) {
-                let p0 = M::madd_add(sumi[i], wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
-                sumi[i] = M::madd_add(p0, wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
-            }
-        }
-        // The values are stored plus 32: subtract 32 · Σ scale · (sums of 16).
-        std::array::from_fn(|i| {
-            _mm256_sub_epi32(sumi[i], _mm256_slli_epi32(_mm256_madd_epi16(q8sums, ws[i].scales16), 5))
-        })
-    }
-}
-
 impl KTiles for BlockQ6K {
+    type Unpacked = Q6k;
+    const BYTES: usize = 210;
+    const MINS: bool = false;
+
     #[inline(always)]
-    #[allow(clippy::needless_range_loop, reason = "r numbers activation rows and accumulators alike")]
-    fn tiles<M: MaddAdd, const BATCHED: bool>(
-        kb: usize,
-        w: &[BlockQ6K],
-        x: &[BlockQ8K],
-        rows: Range<usize>,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        assert!(size_of::<BlockQ6K>() == 210 && size_of::<BlockQ8K>() == 292 && rows.end * kb <= x.len());
-        let start = rows.start;
-        for_each_tile(w.len() / kb, rows, tile_height(BATCHED), |i0, rm, j, rn| {
-            let mut acc = [[unsafe { _mm256_setzero_ps() }; TILE_X]; TILE_W];
-            // The batched arithmetic: one f32 sum per row, each sub-tile's rows in the lanes.
-            let mut sums = [[unsafe { _mm256_setzero_ps() }; TILE_W]; BATCHED_TILE_X / TILE_X];
-            for b in 0..kb {
-                // SAFETY: as in the Q4_K tiles.
-                unsafe {
-                    let ws: [Q6k; TILE_W] =
-                        std::array::from_fn(|i| unpack_q6k(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));
-                    if BATCHED {
-                        for (sub, sums) in (0..rn).step_by(TILE_X).zip(sums.iter_mut()) {
-                            let mut totals = [RowTotals::<__m256i>::new(), RowTotals::new()];
-                            let mut dys = [0f32; TILE_X];
-                            for r in 0..TILE_X.min(rn - sub) {
-                                let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + sub + r) * kb + b));
-                                dys[r] = dy;
-                                for (i, sumi) in q6k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate() {
-                                    totals[i].add(r, sumi);
-                                }
-                            }
-                            let dy = _mm256_loadu_ps(dys.as_ptr());
-                            for (i, wi) in ws.iter().enumerate().take(rm) {
-                                let block = _mm256_mul_ps(_mm256_cvtepi32_ps(totals[i].totals()), _mm256_set1_ps(wi.d));
-                                sums[i] = _mm256_fmadd_ps(block, dy, sums[i]);
-                            }
-                        }
-                    } else {
-                        for r in 0..rn {
-                            let (dy, qy, bsums) = q8k_parts(x.as_ptr().add((j + r) * kb + b));
-                            for (i, sumi) in q6k_block::<M>(&ws, rm, qy, bsums).into_iter().enumerate().take(rm) {
-                                acc[i][r] =
-                                    _mm256_fmadd_ps(_mm256_set1_ps(dy * ws[i].d), _mm256_cvtepi32_ps(sumi), acc[i][r]);
-                            }
-                        }
-                    }
+    unsafe fn unpack(p: *const Self) -> Q6k {
+        unsafe { unpack_q6k(p) }
+    }
+
+    fn scales(w: &Q6k) -> (f32, f32) {
+        (w.d, 0.0)
+    }
+
+    /// The values are stored plus 32: the block subtracts 32 · Σ scale · (sums of 16).
+    #[inline(always)]
+    unsafe fn block<M: MaddAdd>(
+        ws: &[Q6k; TILE_W],
+        rm: usize,
+        qy: *const u8,
+        bsums: *const u8,
+    ) -> [(__m256i, __m128i); TILE_W] {
+        unsafe {
+            let q8sums = _mm256_loadu_si256(bsums as *const __m256i);
+            let mut sumi = [_mm256_setzero_si256(); TILE_W];
+            for pair in 0..4 {
+                let (c0, c1) = (2 * pair, 2 * pair + 1);
+                let q80 = _mm256_loadu_si256(qy.add(32 * c0) as *const __m256i);
+                let q81 = _mm256_loadu_si256(qy.add(32 * c1) as *const __m256i);
+                for (i, wi) in ws.iter().enumerate().take(rm) {
+                    let p0 = M::madd_add(sumi[i], wi.scales[c0], _mm256_maddubs_epi16(wi.quants[c0], q80));
+                    sumi[i] = M::madd_add(p0, wi.scales[c1], _mm256_maddubs_epi16(wi.quants[c1], q81));
                 }
             }
-            let batched: [_; BATCHED_TILE_X / TILE_X] = std::array::from_fn(|sub| lanes(&sums[sub]));
-            for i in 0..rm {
-                for r in 0..rn {
-                    // SAFETY: register-only intrinsics of features enabled for the build.
-                    out[(j - start + r) * stride + i0 + i] =
-                        if BATCHED { batched[r / TILE_X][i][r % TILE_X] } else { unsafe { hsum(acc[i][r]) } };
-                }
-            }
-        });
+            std::array::from_fn(|i| {
+                let offset = _mm256_slli_epi32(_mm256_madd_epi16(q8sums, ws[i].scales16), 5);
+                (_mm256_sub_epi32(sumi[i], offset), _mm_setzero_si128())
+            })
+        }
     }
 }
