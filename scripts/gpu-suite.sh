@@ -7,6 +7,10 @@
 #   stash      keep the model parts carried in this call (they arrive a few per call)
 #   real       each real model whose parts have all arrived (checked by sha256): `air check`,
 #              CUDA against the CPU, 256 greedy steps for each reference prompt
+#   exact      SmolLM2 with --gpu-numerics cpu (the CPU's arithmetic): `air check` for each
+#              reference prompt, which must agree at every position
+#   unit       air-model's unit tests whose names hold "exact" (the GPU kernels against the host
+#              code, and SmolLM2's logits once its parts have arrived), from the packed test binary
 #   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
 #   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
 #   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
@@ -61,6 +65,16 @@ synth() { # name args...
   [ -f "$path" ] || "$air" synth "$@" -o "$path" >>"$OUT/log.txt" 2>&1
   echo "$path"
 }
+# Assembles model $1 from its carried parts into $work/$1.gguf once they have all arrived
+# (sha256 $2) and prints the path; prints nothing while parts are missing.
+assemble() {
+  local path=$work/$1.gguf
+  cp .device-carry/"$1".part.* "$work"/ 2>/dev/null
+  [ -f "$path" ] || cat "$work/$1".part.* >"$path" 2>/dev/null
+  if echo "$2  $path" | sha256sum -c --quiet - 2>/dev/null; then echo "$path"; else rm -f "$path"; fi
+}
+smollm2() { assemble SmolLM2-135M-Instruct.Q4_1 b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53; }
+
 llama8b() { synth "llama8b-$1" --layers 32 --hidden 4096 --ffn 14336 --heads 32 --kv-heads 8 --vocab 128256 --ctx 8192 --type "$1"; }
 
 for stage in "$@"; do
@@ -87,9 +101,25 @@ gemma-3-270m-q4_k_m a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a
 qwen2.5-coder-0.5b-instruct-q4_k_m 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 MODELS
       ;;
+    exact)
+      smol=$(smollm2)
+      [ -n "$smol" ] || { log "SmolLM2: not all parts have arrived"; continue; }
+      python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
+        while IFS= read -r prompt; do
+          record exact "SmolLM2, CPU numerics: $prompt" check -m "$smol" --device cuda --gpu-numerics cpu \
+            --prompt "$prompt" --steps 256 --min-agreement 1
+        done
+      ;;
+    unit)
+      tests=$work/air-model-tests
+      if [ -f .device-carry/air-model-tests.xz ]; then xz -dc .device-carry/air-model-tests.xz >"$tests" && chmod +x "$tests"; fi
+      smollm2 >/dev/null
+      log "== unit: air-model tests matching exact"
+      AIR_MODELS_DIR=$work "$tests" exact --test-threads 1 2>&1 | tee -a "$OUT/log.txt" | tail -40 >&2
+      ;;
     streamed-real)
-      smol=$work/SmolLM2-135M-Instruct.Q4_1.gguf
-      [ -f "$smol" ] || cat "$work"/SmolLM2-135M-Instruct.Q4_1.part.* >"$smol" 2>/dev/null
+      smol=$(smollm2)
+      [ -n "$smol" ] || { log "SmolLM2: not all parts have arrived"; continue; }
       python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
         while IFS= read -r prompt; do
           record streamed-real "SmolLM2, all layers streamed: $prompt" check -m "$smol" --device cuda \

@@ -26,7 +26,7 @@ mod weights;
 
 pub use attention::F32_QUERY_ROWS;
 pub use config::{Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
-pub use device::{ComputeDevice, UploadStats};
+pub use device::{ComputeDevice, DeviceNumerics, UploadStats};
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::{BATCHED_MATMUL_ROWS, Linear};

@@ -1,6 +1,6 @@
 use crate::Linear;
 use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, causal_attention};
-use crate::device::{ComputeDevice, DeviceModel, DeviceOptions, UploadStats};
+use crate::device::{ComputeDevice, DeviceModel, DeviceNumerics, DeviceOptions, UploadStats};
 use crate::kv_cache::WHOLE;
 use crate::linear::BATCHED_MATMUL_ROWS;
 use crate::rope::{Rope, RopeTables};
@@ -91,11 +91,19 @@ pub struct LoadOptions {
     /// Bytes of GPU memory the model may take; layers beyond it stream in over PCIe on every
     /// pass. `None`: the free GPU memory less a margin.
     pub vram_budget: Option<u64>,
+    /// How a GPU rounds (ignored on the CPU).
+    pub device_numerics: DeviceNumerics,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { memory_budget: None, prefetch_depth: 2, device: ComputeDevice::Cpu, vram_budget: None }
+        Self {
+            memory_budget: None,
+            prefetch_depth: 2,
+            device: ComputeDevice::Cpu,
+            vram_budget: None,
+            device_numerics: DeviceNumerics::default(),
+        }
     }
 }
 
@@ -143,6 +151,7 @@ impl Model {
                     vram_budget: options.vram_budget,
                     prefetch_depth: options.prefetch_depth,
                     host_budget: options.memory_budget,
+                    numerics: options.device_numerics,
                 };
                 Some(DeviceModel::load(file, &config, &weights, other.open()?, device_options)?)
             }

@@ -74,7 +74,7 @@ fn combine_rows(a: &Tensor, b: &Tensor, f: impl Fn(&mut [f32], &[f32]) + Sync) -
 /// GELU (tanh form) of every f16 value, rounded to f16, indexed by the value's bits (ggml's
 /// `ggml_table_gelu_f16`), built on first use; `1 + a·x·x` is one fused multiply-add, as GCC
 /// contracts it in ggml's `ggml_gelu_f32`.
-fn gelu_f16_table() -> &'static [half::f16] {
+pub(crate) fn gelu_f16_table() -> &'static [half::f16] {
     use half::f16;
     static TABLE: std::sync::OnceLock<Vec<f16>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {

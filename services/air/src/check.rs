@@ -7,7 +7,7 @@
 
 use crate::cli::{CheckArgs, Format};
 use crate::loaded::{Loaded, start_threads};
-use air_model::{ComputeDevice, Logits, Model};
+use air_model::{ComputeDevice, DeviceNumerics, Logits, Model};
 use anyhow::{Result, bail, ensure};
 use serde_json::json;
 
@@ -71,6 +71,11 @@ pub fn run(args: CheckArgs) -> Result<()> {
     let on_device = |device| -> Result<Loaded> {
         let mut runtime = args.runtime.clone();
         runtime.compute.device = Some(device);
+        if device == ComputeDevice::Cpu {
+            // The GPU's settings do not apply to the CPU's copy.
+            runtime.compute.vram_budget = None;
+            runtime.compute.gpu_numerics = DeviceNumerics::Fast;
+        }
         Loaded::open_path(&runtime.model, &runtime.compute, 1)
     };
     start_threads(&args.runtime.compute)?;

@@ -1,7 +1,7 @@
 //! Every flag of every subcommand, in one place.
 
 use air_gguf::TensorType;
-use air_model::ComputeDevice;
+use air_model::{ComputeDevice, DeviceNumerics};
 use air_stream::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -78,6 +78,11 @@ pub struct ComputeArgs {
     /// overlapped with compute.
     #[arg(long, env = "AIR_VRAM_BUDGET", value_name = "SIZE")]
     pub vram_budget: Option<ByteSize>,
+    /// How a GPU rounds: fast (llama.cpp's CUDA rounding; logits differ from the CPU's in the
+    /// last bits) or cpu (the CPU's arithmetic bit for bit, so the same text as --device cpu;
+    /// slower; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights).
+    #[arg(long, env = "AIR_GPU_NUMERICS", default_value = "fast", value_name = "fast|cpu")]
+    pub gpu_numerics: DeviceNumerics,
 }
 
 /// How the engine batches requests and sizes its KV cache.

@@ -2,7 +2,7 @@
 
 use crate::cli::{ComputeArgs, RuntimeArgs};
 use air_gguf::GgufFile;
-use air_model::{ComputeDevice, LoadOptions, Model};
+use air_model::{ComputeDevice, DeviceNumerics, LoadOptions, Model};
 use air_stream::{ByteSize, available_memory};
 use air_tokenizer::Tokenizer;
 use anyhow::{Context, Result};
@@ -30,11 +30,16 @@ impl Loaded {
             device != ComputeDevice::Cpu || args.vram_budget.is_none(),
             "--vram-budget limits GPU memory, but the model runs on the CPU (use --device cuda, or --memory-budget)"
         );
+        anyhow::ensure!(
+            device != ComputeDevice::Cpu || args.gpu_numerics == DeviceNumerics::Fast,
+            "--gpu-numerics chooses how a GPU rounds, but the model runs on the CPU (use --device cuda)"
+        );
         let options = LoadOptions {
             memory_budget: budget.map(ByteSize::bytes),
             prefetch_depth: args.prefetch_depth,
             device,
             vram_budget: args.vram_budget.map(ByteSize::bytes),
+            device_numerics: args.gpu_numerics,
         };
         let model =
             Model::load_with(&file, options).with_context(|| format!("cannot load model {}", path.display()))?;

@@ -22,6 +22,9 @@ pub struct LayerMatrices {
     w_down: QMatMul,
 }
 
+/// A quantized matmul `x · Wᵀ` on the device.
+pub(crate) type MatmulFn = fn(&QMatMul, &Tensor) -> Result<Tensor, ModelError>;
+
 /// Matrices applied to the same input: separately, or stacked row-wise into one.
 #[derive(Clone)]
 enum Projection {
@@ -31,8 +34,8 @@ enum Projection {
 }
 
 impl Projection {
-    /// Each part's output for `x` (rows, k): (rows, width) each.
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+    /// Each part's output for `x` (rows, k) by `matmul`: (rows, width) each.
+    fn forward(&self, x: &Tensor, matmul: MatmulFn) -> Result<Vec<Tensor>, ModelError> {
         match self {
             Projection::Separate(ms) => ms.iter().map(|m| matmul(m, x)).collect(),
             Projection::Stacked(m, widths) => {
@@ -102,7 +105,12 @@ impl LayerMatrices {
 
     /// Queries, keys and values of `x`.
     pub(crate) fn qkv(&self, x: &Tensor) -> Result<[Tensor; 3], ModelError> {
-        let parts = self.attention.forward(x)?;
+        self.qkv_by(x, matmul)
+    }
+
+    /// Queries, keys and values of `x`, multiplied by `matmul`.
+    pub(crate) fn qkv_by(&self, x: &Tensor, matmul: MatmulFn) -> Result<[Tensor; 3], ModelError> {
+        let parts = self.attention.forward(x, matmul)?;
         parts.try_into().map_err(|_| ModelError::Config("expected three attention projections".into()))
     }
 
@@ -126,7 +134,12 @@ impl LayerMatrices {
 
     /// Gate and up projections of `x`.
     pub(crate) fn gate_up(&self, x: &Tensor) -> Result<[Tensor; 2], ModelError> {
-        let parts = self.ffn.forward(x)?;
+        self.gate_up_by(x, matmul)
+    }
+
+    /// Gate and up projections of `x`, multiplied by `matmul`.
+    pub(crate) fn gate_up_by(&self, x: &Tensor, matmul: MatmulFn) -> Result<[Tensor; 2], ModelError> {
+        let parts = self.ffn.forward(x, matmul)?;
         parts.try_into().map_err(|_| ModelError::Config("expected two feed-forward projections".into()))
     }
 

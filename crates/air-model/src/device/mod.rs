@@ -180,6 +180,31 @@ struct PassState {
     decode: Option<cuda::DecodeStep>,
 }
 
+/// How a GPU rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceNumerics {
+    /// As llama.cpp's CUDA backend: candle's kernels, with Air's attention and the CPU's
+    /// activation quantization. Logits differ from the CPU's in the last bits, and where a small
+    /// model's top two tokens are that close, the greedy text with them.
+    #[default]
+    Fast,
+    /// The CPU pass's arithmetic, bit for bit, for the 32-value block types (Q4_0, Q4_1, Q5_0,
+    /// Q5_1, Q8_0): the same logits and the same text as `--device cpu`, slower.
+    Cpu,
+}
+
+impl FromStr for DeviceNumerics {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fast" => Ok(DeviceNumerics::Fast),
+            "cpu" => Ok(DeviceNumerics::Cpu),
+            _ => Err(format!("unknown GPU numerics {s:?} (expected fast or cpu)")),
+        }
+    }
+}
+
 /// How the device pass keeps its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceOptions {
@@ -190,6 +215,8 @@ pub struct DeviceOptions {
     pub prefetch_depth: usize,
     /// Host memory the streamed layers may keep pinned (page-locked) between passes.
     pub host_budget: Option<u64>,
+    /// How the device rounds.
+    pub numerics: DeviceNumerics,
 }
 
 /// A model's weights on a candle device, and the pass over them.
@@ -202,6 +229,8 @@ pub(crate) struct DeviceModel {
     output: QMatMul,
     /// What a CUDA device adds: VRAM streaming, the memory meter, decode graphs.
     cuda: Option<cuda::Backend>,
+    /// The pass with the CPU's numerics, when asked for.
+    exact: Option<cuda::ExactNumerics>,
 }
 
 impl DeviceModel {
@@ -226,7 +255,11 @@ impl DeviceModel {
                 _ => LayerMatrices::upload(file, i, &device).map(Some),
             })
             .collect::<Result<_, ModelError>>()?;
-        Ok(Self { device, vectors, matrices, output_norm, output, cuda })
+        let exact = match options.numerics {
+            DeviceNumerics::Fast => None,
+            DeviceNumerics::Cpu => Some(cuda::ExactNumerics::new(file, config, &device)?),
+        };
+        Ok(Self { device, vectors, matrices, output_norm, output, cuda, exact })
     }
 
     /// The device computing.
@@ -268,6 +301,9 @@ impl DeviceModel {
         batch: &mut [Sequence<'_>],
         logits: Logits,
     ) -> Result<Vec<f32>, ModelError> {
+        if let Some(exact) = &self.exact {
+            return cuda::exact_forward(self, exact, model, batch, logits);
+        }
         let c = model.config();
         let spans = batch.iter().map(Sequence::span).collect::<Result<Vec<_>, _>>()?;
         if spans.iter().all(|&(_, n)| n == 0) {
@@ -284,14 +320,7 @@ impl DeviceModel {
             parts.push(Part { cache: &mut *seq.cache, row: tokens.len(), n, positions });
             tokens.extend_from_slice(seq.tokens);
         }
-        let mut rows = Vec::new();
-        for part in &parts {
-            let from = match logits {
-                Logits::Last => part.n.saturating_sub(1),
-                Logits::From(i) => i,
-            };
-            rows.extend((part.row + from.min(part.n)..part.row + part.n).map(|r| r as u32));
-        }
+        let rows = logit_rows(parts.iter().map(|p| (p.row, p.n)), logits);
         let mut x = model.weights.token_embd.rows(&tokens)?.to_device(&self.device)?;
         if let Some(scale) = c.embedding_scale {
             x = (x * scale as f64)?;
@@ -476,6 +505,20 @@ impl DeviceModel {
         }
         Ok(Tensor::cat(&outputs, 0)?)
     }
+}
+
+/// The rows (among a pass's stacked rows) whose logits `logits` asks for, of sequences placed at
+/// (first row, rows).
+fn logit_rows(sequences: impl Iterator<Item = (usize, usize)>, logits: Logits) -> Vec<u32> {
+    let mut rows = Vec::new();
+    for (row, n) in sequences {
+        let from = match logits {
+            Logits::Last => n.saturating_sub(1),
+            Logits::From(i) => i,
+        };
+        rows.extend((row + from.min(n)..row + n).map(|r| r as u32));
+    }
+    rows
 }
 
 /// A block's query, key and value projections, (rows, heads * head_dim) each.

@@ -83,6 +83,25 @@ impl Backend {
     }
 }
 
+/// The pass with the CPU's numerics runs on CUDA only: never made in this build.
+pub(super) enum ExactNumerics {}
+
+impl ExactNumerics {
+    pub(super) fn new(_: &GgufFile, _: &ModelConfig, _: &Device) -> Result<Self, ModelError> {
+        Err(ModelError::Device("the CPU's numerics on a GPU need a build with the `cuda` feature".into()))
+    }
+}
+
+pub(super) fn exact_forward(
+    _: &DeviceModel,
+    exact: &ExactNumerics,
+    _: &crate::Model,
+    _: &mut [Sequence<'_>],
+    _: crate::model::Logits,
+) -> Result<Vec<f32>, ModelError> {
+    match *exact {}
+}
+
 /// Air's gated-activation kernel is CUDA's: never here.
 pub(super) fn stacked_gated(
     _: &Device,

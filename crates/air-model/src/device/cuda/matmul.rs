@@ -108,17 +108,9 @@ fn mmvq(
         let buffer = wide.insert(unsafe { device.alloc::<u8>(bytes)? });
         buffer.device_ptr(&stream).0
     };
-    let cfg = LaunchConfig {
-        grid_dim: ((k_padded / 256) as u32, rows as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let func = function(device, "air_quantize_q8_1")?;
-    let (k_i, kp_i) = (k as i32, k_padded as i32);
-    let mut launch = stream.launch_builder(&func);
-    launch.arg(x).arg(&q).arg(&k_i).arg(&kp_i);
-    // SAFETY: x holds rows × k floats; q rows × k_padded / 32 blocks, which the grid covers.
-    unsafe { launch.launch(cfg) }.w()?;
+    // SAFETY: x holds rows × k floats; q rows × k_padded / 32 blocks.
+    unsafe { quantize_q8_1(device, x.device_ptr(&stream).0, q, rows, k, k_padded)? };
+    let k_i = k as i32;
     let launcher = mmvq_launcher(w.dtype());
     let (q_addr, out_addr) = (q, out.device_ptr(&stream).0);
     // SAFETY: the weights hold n rows of k values in their type, q the quantized rows, out
@@ -136,6 +128,34 @@ fn mmvq(
             stream.cu_stream() as *mut c_void,
         )
     };
+    Ok(())
+}
+
+/// Quantizes `rows` rows of `k` floats at `x` into block_q8_1 rows of `k_padded` values (a
+/// multiple of 256) at `q`, with the CPU's rounding (the layout of candle's MMVQ kernels).
+///
+/// # Safety
+/// `x` and `q` are live device buffers of those sizes.
+pub(super) unsafe fn quantize_q8_1(
+    device: &CudaDevice,
+    x: u64,
+    q: u64,
+    rows: usize,
+    k: usize,
+    k_padded: usize,
+) -> Result<(), ModelError> {
+    let cfg = LaunchConfig {
+        grid_dim: ((k_padded / 256) as u32, rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let func = function(device, "air_quantize_q8_1")?;
+    let (k_i, kp_i) = (k as i32, k_padded as i32);
+    let stream = device.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&x).arg(&q).arg(&k_i).arg(&kp_i);
+    // SAFETY: the caller's promise; the grid covers the blocks.
+    unsafe { launch.launch(cfg) }.w()?;
     Ok(())
 }
 
