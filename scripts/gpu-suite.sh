@@ -9,6 +9,7 @@
 #              CUDA against the CPU, 256 greedy steps for each reference prompt
 #   exact      SmolLM2 with --gpu-numerics cpu (the CPU's arithmetic): `air check` for each
 #              reference prompt, which must agree at every position
+#   exact-speed  decode with --gpu-numerics fast and cpu, SmolLM2 and the 8B-shape Q4_0 model
 #   unit       air-model's unit tests whose names hold "exact" (the GPU kernels against the host
 #              code, and SmolLM2's logits once its parts have arrived), from the packed test binary
 #   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
@@ -109,6 +110,16 @@ MODELS
           record exact "SmolLM2, CPU numerics: $prompt" check -m "$smol" --device cuda --gpu-numerics cpu \
             --prompt "$prompt" --steps 256 --min-agreement 1
         done
+      ;;
+    exact-speed)
+      smol=$(smollm2)
+      model=$(llama8b q4_0)
+      for numerics in fast cpu; do
+        [ -z "$smol" ] || record exact-speed "SmolLM2 $numerics" bench -m "$smol" --device cuda \
+          --gpu-numerics $numerics --prompt-tokens 32 --gen-tokens 128 --runs 3
+        record exact-speed "llama8b-q4_0 $numerics" bench -m "$model" --device cuda --gpu-numerics $numerics \
+          --prompt-tokens 32 --gen-tokens 32 --runs 2
+      done
       ;;
     unit)
       tests=$work/air-model-tests
