@@ -23,7 +23,7 @@ pub struct LayerMatrices {
 }
 
 /// A quantized matmul `x · Wᵀ` on the device.
-pub(crate) type MatmulFn = fn(&QMatMul, &Tensor) -> Result<Tensor, ModelError>;
+pub(crate) type MatmulFn<'a> = &'a dyn Fn(&QMatMul, &Tensor) -> Result<Tensor, ModelError>;
 
 /// Matrices applied to the same input: separately, or stacked row-wise into one.
 #[derive(Clone)]
@@ -35,7 +35,7 @@ enum Projection {
 
 impl Projection {
     /// Each part's output for `x` (rows, k) by `matmul`: (rows, width) each.
-    fn forward(&self, x: &Tensor, matmul: MatmulFn) -> Result<Vec<Tensor>, ModelError> {
+    fn forward(&self, x: &Tensor, matmul: MatmulFn<'_>) -> Result<Vec<Tensor>, ModelError> {
         match self {
             Projection::Separate(ms) => ms.iter().map(|m| matmul(m, x)).collect(),
             Projection::Stacked(m, widths) => {
@@ -105,11 +105,11 @@ impl LayerMatrices {
 
     /// Queries, keys and values of `x`.
     pub(crate) fn qkv(&self, x: &Tensor) -> Result<[Tensor; 3], ModelError> {
-        self.qkv_by(x, matmul)
+        self.qkv_by(x, &matmul)
     }
 
     /// Queries, keys and values of `x`, multiplied by `matmul`.
-    pub(crate) fn qkv_by(&self, x: &Tensor, matmul: MatmulFn) -> Result<[Tensor; 3], ModelError> {
+    pub(crate) fn qkv_by(&self, x: &Tensor, matmul: MatmulFn<'_>) -> Result<[Tensor; 3], ModelError> {
         let parts = self.attention.forward(x, matmul)?;
         parts.try_into().map_err(|_| ModelError::Config("expected three attention projections".into()))
     }
@@ -134,11 +134,11 @@ impl LayerMatrices {
 
     /// Gate and up projections of `x`.
     pub(crate) fn gate_up(&self, x: &Tensor) -> Result<[Tensor; 2], ModelError> {
-        self.gate_up_by(x, matmul)
+        self.gate_up_by(x, &matmul)
     }
 
     /// Gate and up projections of `x`, multiplied by `matmul`.
-    pub(crate) fn gate_up_by(&self, x: &Tensor, matmul: MatmulFn) -> Result<[Tensor; 2], ModelError> {
+    pub(crate) fn gate_up_by(&self, x: &Tensor, matmul: MatmulFn<'_>) -> Result<[Tensor; 2], ModelError> {
         let parts = self.ffn.forward(x, matmul)?;
         parts.try_into().map_err(|_| ModelError::Config("expected two feed-forward projections".into()))
     }

@@ -169,6 +169,144 @@ MATMUL(air_x_matmul_q5_0, 2)
 MATMUL(air_x_matmul_q5_1, 3)
 MATMUL(air_x_matmul_q8_0, 4)
 
+// Activations quantized to Q8_K (292-byte blocks: f32 d, 256 int8, 16 int16 sums of 16) as
+// activation_quant.rs: the scale from the first value of the largest magnitude, sign included;
+// q = iscale · x rounded half to even, capped at 127. One block of 256 threads per (super-block,
+// row); k a multiple of 256.
+extern "C" __global__ void air_x_quantize_q8_k(const float* x, unsigned char* y, int k) {
+    const long long row = blockIdx.y;
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+    const float v = x[row * k + (long long)blockIdx.x * 256 + t];
+    unsigned char* block = y + (row * (k / 256) + blockIdx.x) * 292;
+    __shared__ float warp_max[8];
+    __shared__ int warp_first[8];
+    __shared__ float scale;
+    float m = fabsf(v);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+    if (lane == 0) warp_max[warp] = m;
+    __syncthreads();
+    float amax = 0.0f;
+    for (int w = 0; w < 8; w++) amax = fmaxf(amax, warp_max[w]);
+    int first = fabsf(v) == amax ? t : 256;
+    for (int o = 16; o > 0; o >>= 1) first = min(first, __shfl_xor_sync(FULL, first, o));
+    if (lane == 0) warp_first[warp] = first;
+    __syncthreads();
+    if (t == 0) {
+        int f = 256;
+        for (int w = 0; w < 8; w++) f = min(f, warp_first[w]);
+        scale = amax == 0.0f ? 0.0f : __fdiv_rn(-127.0f, x[row * k + (long long)blockIdx.x * 256 + f]);
+        *(float*)block = amax == 0.0f ? 0.0f : __fdiv_rn(1.0f, scale);
+    }
+    __syncthreads();
+    const int q = amax == 0.0f ? 0 : min(__float2int_rn(__fmul_rn(scale, v)), 127);
+    ((signed char*)(block + 4))[t] = (signed char)q;
+    int sum = q;
+    for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o, 16);
+    if (t % 16 == 0) ((short*)(block + 260))[t / 16] = (short)sum;
+}
+
+// Q4_K's 6-bit scale (j < 8) or minimum (j >= 8) j of its 12 bytes.
+__device__ __forceinline__ int q4k_scale(const unsigned char* s, int j) {
+    const int k = j % 4;
+    if (j < 4) return s[k] & 63;
+    if (j < 8) return (s[8 + k] & 0x0F) | ((s[k] >> 6) << 4);
+    if (j < 12) return s[4 + k] & 63;
+    return (s[8 + k] >> 4) | ((s[4 + k] >> 6) << 4);
+}
+
+// Value `byte` of 32-value chunk c of a K-quant super-block, unsigned (Q6_K's stored plus 32).
+template <int T>
+__device__ __forceinline__ int kquant_value(const unsigned char* b, int c, int byte) {
+    if (T == 0) {  // Q4_K: qs at 16, chunk pairs share 32 bytes, low nibbles then high
+        const int v = b[16 + 32 * (c / 2) + byte];
+        return c % 2 == 0 ? (v & 15) : (v >> 4);
+    }
+    // Q6_K: ql at 0, qh at 128; half c / 4 of 128 values, part c % 4 of it.
+    const int half = c / 4, part = c % 4;
+    const int ql = b[64 * half + 32 * (part % 2) + byte];
+    const int qh = b[128 + 32 * half + byte];
+    return (part < 2 ? (ql & 15) : (ql >> 4)) | (((qh >> (2 * part)) & 3) << 4);
+}
+
+// out (rows, n) = x · Wᵀ for Q4_K (T = 0) or Q6_K (T = 1) weights with Q8_K activations, as
+// x86_kquants.rs: thread l of a group of 8 holds i32 lane l of ggml's AVX2 block dot (Σ over
+// the 8 chunks of scale · its 4 products at bytes 4l..4l+3; Q6_K less 32 · the scales times
+// the activation sums of lane l's two sub-blocks; Q4_K's minimums in lanes 0..3). One-row rows
+// fuse each lane into an f32 lane per super-block and sum the lanes at the end; rows flagged in
+// `batched` (a u32 per row) take ggml's batched kernel: the exact super-block total to f32,
+// times d, less dmin · the minimums' total (one fused op), fused with the activation's d into
+// one f32 sum. Grid (ceil(n · 8 / 256), rows), 256 threads.
+template <int T>
+__device__ void kquant_matmul(const unsigned char* w, const unsigned char* xq, const unsigned int* batched,
+        float* out, int k, int n) {
+    const int bytes = T == 0 ? 144 : 210;
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) / 8;
+    const int l = threadIdx.x % 8;
+    const long long r = blockIdx.y;
+    const int kb = k / 256;
+    const bool flat = batched[r] != 0;
+    const unsigned char* wr = w + (long long)(i < n ? i : n - 1) * kb * bytes;
+    const unsigned char* xr = xq + r * kb * 292;
+    float acc = 0.0f, acc_m = 0.0f, sums = 0.0f;
+    for (int b = 0; b < kb; b++) {
+        const unsigned char* wb = wr + b * bytes;
+        const unsigned char* xb = xr + b * 292;
+        const float dy = *(const float*)xb;
+        const signed char* y = (const signed char*)(xb + 4);
+        const short* bsums = (const short*)(xb + 260);
+        int sumi = 0, mins = 0;
+        for (int c = 0; c < 8; c++) {
+            int dot = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) dot += kquant_value<T>(wb, c, 4 * l + j) * (int)y[32 * c + 4 * l + j];
+            const int scale = T == 0 ? q4k_scale(wb + 4, c) : (int)((const signed char*)(wb + 192))[2 * c + l / 4];
+            sumi += scale * dot;
+        }
+        float d, dmin = 0.0f;
+        if (T == 0) {
+            d = h2f(ld16(wb));
+            dmin = h2f(ld16(wb + 2));
+            if (l < 4) {
+                const int a = bsums[4 * l] + bsums[4 * l + 1], c2 = bsums[4 * l + 2] + bsums[4 * l + 3];
+                mins = q4k_scale(wb + 4, 8 + 2 * l) * a + q4k_scale(wb + 4, 9 + 2 * l) * c2;
+            }
+        } else {
+            d = h2f(ld16(wb + 208));
+            const signed char* sc = (const signed char*)(wb + 192);
+            sumi -= 32 * (bsums[2 * l] * sc[2 * l] + bsums[2 * l + 1] * sc[2 * l + 1]);
+        }
+        if (flat) {
+            int total = sumi, min_total = mins;
+            for (int o = 4; o > 0; o >>= 1) {
+                total += __shfl_xor_sync(FULL, total, o, 8);
+                min_total += __shfl_xor_sync(FULL, min_total, o, 8);
+            }
+            float block = __fmul_rn(__int2float_rn(total), d);
+            if (T == 0) block = __fmaf_rn(-dmin, __int2float_rn(min_total), block);
+            sums = __fmaf_rn(block, dy, sums);
+        } else {
+            if (T == 0) acc_m = __fmaf_rn(__fmul_rn(-dy, dmin), __int2float_rn(mins), acc_m);
+            acc = __fmaf_rn(__fmul_rn(dy, d), __int2float_rn(sumi), acc);
+        }
+    }
+    float a = __fadd_rn(acc, __shfl_down_sync(FULL, acc, 4, 8));
+    a = __fadd_rn(a, __shfl_down_sync(FULL, a, 2, 8));
+    a = __fadd_rn(a, __shfl_down_sync(FULL, a, 1, 8));
+    float m = __fadd_rn(acc_m, __shfl_down_sync(FULL, acc_m, 2, 8));
+    m = __fadd_rn(m, __shfl_down_sync(FULL, m, 1, 8));
+    if (i < n && l == 0) out[r * n + i] = flat ? sums : T == 0 ? __fadd_rn(a, m) : a;
+}
+
+extern "C" __global__ void air_x_matmul_q4_k(const unsigned char* w, const unsigned char* xq,
+        const unsigned int* batched, float* out, int k, int n) {
+    kquant_matmul<0>(w, xq, batched, out, k, n);
+}
+
+extern "C" __global__ void air_x_matmul_q6_k(const unsigned char* w, const unsigned char* xq,
+        const unsigned int* batched, float* out, int k, int n) {
+    kquant_matmul<1>(w, xq, batched, out, k, n);
+}
+
 // RoPE of one sequence's n rows at positions start.. (q (n, heads, dim), k and v (n, kv_heads,
 // dim)) as rope.rs rotates on the host: x0·cos − x1·sin is fma(x0, cos, −(x1·sin)), x0·sin +
 // x1·cos is fma(x0, sin, x1·cos). Queries (times q_scale unless 1) to q_out; keys and values

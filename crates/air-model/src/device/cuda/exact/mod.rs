@@ -30,8 +30,9 @@ const SOURCE: &str = include_str!("kernels.cu");
 const MODULE: &str = "air_exact";
 /// Activation rows are quantized in rows padded to this many values.
 const ROW_PADDING: usize = 256;
-/// Bytes of a block_q8_1 (32 values).
+/// Bytes of a block_q8_1 (32 values) and of a block_q8_K (256 values).
 const Q8_1_BYTES: usize = 36;
+const Q8_K_BYTES: usize = 292;
 /// Widest head the attention kernel takes (32 lanes × 8 values).
 const MAX_HEAD_DIM: usize = 256;
 
@@ -83,7 +84,15 @@ impl ExactNumerics {
         if !device.is_cuda() {
             return Err(ModelError::Device("the CPU's numerics on a GPU need a CUDA device".into()));
         }
-        let covered = [TensorType::Q4_0, TensorType::Q4_1, TensorType::Q5_0, TensorType::Q5_1, TensorType::Q8_0];
+        let covered = [
+            TensorType::Q4_0,
+            TensorType::Q4_1,
+            TensorType::Q5_0,
+            TensorType::Q5_1,
+            TensorType::Q8_0,
+            TensorType::Q4_K,
+            TensorType::Q6_K,
+        ];
         let output = if file.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
         for t in file.tensors() {
             let matrix = t.name == output
@@ -91,7 +100,7 @@ impl ExactNumerics {
                     && super::super::matrices::MATRIX_NAMES.iter().any(|m| t.name.ends_with(&format!(".{m}.weight"))));
             if matrix && !covered.contains(&t.ty) {
                 return Err(ModelError::Device(format!(
-                    "the CPU's numerics on a GPU cover Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights; {} is {:?}",
+                    "the CPU's numerics on a GPU cover Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K weights; {} is {:?}",
                     t.name, t.ty
                 )));
             }
@@ -136,47 +145,74 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor, Model
     Ok(y)
 }
 
-/// `x (rows, k) · Wᵀ` with the CPU's one-row dot products (`block_dot`): activations quantized
-/// to Q8_0/Q8_1 by the CPU's rules, 8 f32 lanes per dot, ggml's horizontal sum.
-pub(crate) fn matmul(m: &QMatMul, x: &Tensor) -> Result<Tensor, ModelError> {
+/// `x (rows, k) · Wᵀ` with the CPU's one-row dot products (`block_dot`), or, for K-quant
+/// weights and rows flagged in `batched` (a u32 per row on the device), ggml's batched kernel's:
+/// activations quantized by the CPU's rules (Q8_0/Q8_1 for the 32-value types, Q8_K for the
+/// K-quants), the dots' f32 lanes and sums in ggml's order.
+pub(crate) fn matmul(m: &QMatMul, x: &Tensor, batched: &Tensor) -> Result<Tensor, ModelError> {
     let QMatMul::QTensor(w) = m else {
         return Err(ModelError::Device("the exact matmul needs a quantized weight matrix".into()));
     };
-    let kernel = match w.dtype() {
-        GgmlDType::Q4_0 => "air_x_matmul_q4_0",
-        GgmlDType::Q4_1 => "air_x_matmul_q4_1",
-        GgmlDType::Q5_0 => "air_x_matmul_q5_0",
-        GgmlDType::Q5_1 => "air_x_matmul_q5_1",
-        GgmlDType::Q8_0 => "air_x_matmul_q8_0",
+    let dtype = w.dtype();
+    let (kernel, block) = match dtype {
+        GgmlDType::Q4_0 => ("air_x_matmul_q4_0", 32),
+        GgmlDType::Q4_1 => ("air_x_matmul_q4_1", 32),
+        GgmlDType::Q5_0 => ("air_x_matmul_q5_0", 32),
+        GgmlDType::Q5_1 => ("air_x_matmul_q5_1", 32),
+        GgmlDType::Q8_0 => ("air_x_matmul_q8_0", 32),
+        GgmlDType::Q4K => ("air_x_matmul_q4_k", 256),
+        GgmlDType::Q6K => ("air_x_matmul_q6_k", 256),
         other => return Err(ModelError::Device(format!("the exact matmul does not cover {other:?} weights"))),
     };
     let (n, k) = w.shape().dims2()?;
     let x = x.contiguous()?;
     let (rows, xk) = x.dims2()?;
-    if xk != k || !k.is_multiple_of(32) {
-        return Err(ModelError::Config(format!("matmul of rows of {xk} values with a matrix of ({n}, {k})")));
+    if xk != k || !k.is_multiple_of(block) {
+        return Err(ModelError::Config(format!("matmul of rows of {xk} values with a {dtype:?} matrix of ({n}, {k})")));
+    }
+    if batched.dims1()? != rows || batched.dtype() != DType::U32 {
+        return Err(ModelError::Config(format!("{} matmul flags for {rows} rows", batched.elem_count())));
     }
     let y = output((rows, n), x.device())?;
     if rows == 0 {
         return Ok(y);
     }
     let device = x.device().as_cuda_device()?;
-    let k_padded = k.next_multiple_of(ROW_PADDING);
-    // SAFETY: the quantize kernel writes every block before the matmul reads it.
-    let q = unsafe { device.alloc::<u8>(rows * k_padded / 32 * Q8_1_BYTES) }?;
     let stream = device.cuda_stream();
-    let q_addr = cudarc::driver::DevicePtr::device_ptr(&q, &stream).0;
-    // SAFETY: x holds rows × k floats, q rows × k_padded / 32 blocks.
-    unsafe { quantize_q8_1(device, address(&x)?, q_addr, rows, k, k_padded)? };
     let cfg = LaunchConfig {
         grid_dim: ((n * 8).div_ceil(256) as u32, rows as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let w_addr = w.device_ptr()? as u64;
-    // w holds n rows of k values in its type, q the quantized rows, y rows × n floats.
-    launch!(device, kernel, cfg, w_addr, q_addr, address(&y)?, k as i32, n as i32, k_padded as i32);
+    let (w_addr, y_addr) = (w.device_ptr()? as u64, address(&y)?);
+    if block == 256 {
+        // SAFETY: the quantize kernel writes every block before the matmul reads it.
+        let q = unsafe { device.alloc::<u8>(rows * k / 256 * Q8_K_BYTES) }?;
+        let q_addr = cudarc::driver::DevicePtr::device_ptr(&q, &stream).0;
+        let quantize =
+            LaunchConfig { grid_dim: ((k / 256) as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // x holds rows × k floats, q rows × k / 256 blocks.
+        launch!(device, "air_x_quantize_q8_k", quantize, address(&x)?, q_addr, k as i32);
+        // w holds n rows of k values in its type, q the quantized rows, the flags rows u32, y
+        // rows × n floats.
+        launch!(device, kernel, cfg, w_addr, q_addr, address(batched)?, y_addr, k as i32, n as i32);
+    } else {
+        let k_padded = k.next_multiple_of(ROW_PADDING);
+        // SAFETY: the quantize kernel writes every block before the matmul reads it.
+        let q = unsafe { device.alloc::<u8>(rows * k_padded / 32 * Q8_1_BYTES) }?;
+        let q_addr = cudarc::driver::DevicePtr::device_ptr(&q, &stream).0;
+        // SAFETY: x holds rows × k floats, q rows × k_padded / 32 blocks.
+        unsafe { quantize_q8_1(device, address(&x)?, q_addr, rows, k, k_padded)? };
+        // w holds n rows of k values in its type, q the quantized rows, y rows × n floats.
+        launch!(device, kernel, cfg, w_addr, q_addr, y_addr, k as i32, n as i32, k_padded as i32);
+    }
     Ok(y)
+}
+
+/// One u32 flag per row on `device`: whether the row's matmuls take the batched arithmetic.
+pub(crate) fn row_flags(flags: &[bool], device: &Device) -> Result<Tensor, ModelError> {
+    let values: Vec<u32> = flags.iter().map(|&f| u32::from(f)).collect();
+    Ok(Tensor::from_vec(values, flags.len(), device)?)
 }
 
 /// The gated activation `act(gate) · up` of the CPU's `ops::swiglu` / `ops::geglu`.

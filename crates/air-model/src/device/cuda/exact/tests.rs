@@ -8,7 +8,7 @@ use crate::attention::{AttentionShape, QueryRows, causal_attention};
 use crate::block_dot::BlockDot;
 use crate::kv_cache::WHOLE;
 use crate::{ComputeDevice, DeviceNumerics, KvCache, LoadOptions, Logits, Model, RopeScaling, RopeStyle};
-use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0};
 use candle_core::quantized::{QStorage, QTensor};
 use std::borrow::Cow;
 
@@ -54,19 +54,27 @@ fn exact_rms_norm_gives_the_host_bits() {
 }
 
 fn check_matmul<T: BlockDot>(dtype: GgmlDType, dev: &Device) {
-    // k not a multiple of 256 (padded activation rows); n not a multiple of 32 groups.
-    for (k, n, rows) in [(576, 100, 3), (1536, 37, 1), (64, 9, 12)] {
-        let kb = k / 32;
+    // 32-value types: k not a multiple of 256 (padded activation rows); n not a multiple of 32
+    // groups. Every third row in the batched arithmetic (which only the K-quants have).
+    let shapes = if T::BLCK_SIZE == 256 {
+        [(512, 100, 3), (1024, 37, 1), (256, 9, 12)]
+    } else {
+        [(576, 100, 3), (1536, 37, 1), (64, 9, 12)]
+    };
+    for (k, n, rows) in shapes {
+        let kb = k / T::BLCK_SIZE;
         let mut w = vec![T::zeros(); n * kb];
         T::from_float(&data(n * k, 7, 1.0), &mut w);
         let x = data(rows * k, 9, 4.0);
+        let batched: Vec<bool> = (0..rows).map(|r| r % 3 == 1).collect();
         let mut want = vec![0f32; rows * n];
-        T::dots(kb, &w, &T::quantize(&x, k), 0..rows, &[], &mut want, n);
+        T::dots(kb, &w, &T::quantize(&x, k), 0..rows, &batched, &mut want, n);
         // SAFETY: the blocks are plain bytes (repr(C) structs of integers and halves).
         let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), std::mem::size_of_val(&w[..])) };
         let storage = QStorage::from_data(Cow::Borrowed(bytes), dev, dtype).unwrap();
         let m = QMatMul::from_qtensor(QTensor::new(storage, (n, k)).unwrap()).unwrap();
-        let got = values(&matmul(&m, &Tensor::from_vec(x, (rows, k), dev).unwrap()).unwrap());
+        let x = Tensor::from_vec(x, (rows, k), dev).unwrap();
+        let got = values(&matmul(&m, &x, &row_flags(&batched, dev).unwrap()).unwrap());
         assert_bits(&got, &want, &format!("{dtype:?} matmul k {k} n {n} rows {rows}"));
     }
 }
@@ -79,6 +87,8 @@ fn exact_matmuls_give_the_host_bits() {
     check_matmul::<BlockQ5_0>(GgmlDType::Q5_0, &dev);
     check_matmul::<BlockQ5_1>(GgmlDType::Q5_1, &dev);
     check_matmul::<BlockQ8_0>(GgmlDType::Q8_0, &dev);
+    check_matmul::<BlockQ4K>(GgmlDType::Q4K, &dev);
+    check_matmul::<BlockQ6K>(GgmlDType::Q6K, &dev);
 }
 
 #[test]
@@ -196,37 +206,60 @@ fn exact_attention_gives_the_host_bits() {
     check_attention(config(256, RopeStyle::Neox, Some(4)), Some(4), &dev);
 }
 
-/// SmolLM2 on the GPU with the CPU's numerics: a prompt, then 24 tokens one at a time, then the
-/// whole sequence in one pass: every logit equal to the host pass's, bit for bit.
-#[test]
-fn exact_smollm2_gives_the_host_logits() {
-    let Some(_) = gpu() else { return };
-    let dir = std::env::var_os("AIR_MODELS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+/// A real model on the GPU with the CPU's numerics: the reference's longest prompt (12 to 32
+/// tokens: batched matmul rows), then 16 tokens one at a time, then the whole sequence in one
+/// pass: every logit equal to the host pass's, bit for bit.
+fn check_model(name: &str) {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = std::env::var_os("AIR_MODELS_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("models"));
+    let path = dir.join(format!("{name}.gguf"));
     let Ok(file) = air_gguf::GgufFile::open(&path) else {
         eprintln!("{} not found: skipped", path.display());
         return;
     };
+    let text = std::fs::read_to_string(root.join(format!("tests/reference/public_{name}.json"))).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let case = reference["prompts"].as_array().unwrap().last().unwrap().clone();
+    let mut tokens: Vec<u32> =
+        case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let host = Model::load(&file).unwrap();
     let options =
         LoadOptions { device: ComputeDevice::Cuda(0), device_numerics: DeviceNumerics::Cpu, ..LoadOptions::default() };
     let gpu = Model::load_with(&file, options).unwrap();
-    let mut tokens = vec![504u32, 3575, 282, 4649, 314];
     let (mut host_cache, mut gpu_cache) = (host.new_cache(64).unwrap(), gpu.new_cache(64).unwrap());
     let mut next = tokens.clone();
-    for step in 0..25 {
+    for step in 0..16 {
         let want = host.forward(&next, &mut host_cache, Logits::Last).unwrap();
         let got = gpu.forward(&next, &mut gpu_cache, Logits::Last).unwrap();
-        assert_bits(&got, &want, &format!("step {step}"));
+        assert_bits(&got, &want, &format!("{name} step {step}"));
         let top = want.iter().enumerate().fold(0, |b, (i, &x)| if x > want[b] { i } else { b });
         next = vec![top as u32];
         tokens.push(top as u32);
     }
     let want = host.forward(&tokens, &mut host.new_cache(64).unwrap(), Logits::From(0)).unwrap();
     let got = gpu.forward(&tokens, &mut gpu.new_cache(64).unwrap(), Logits::From(0)).unwrap();
-    assert_bits(&got, &want, "one pass");
+    assert_bits(&got, &want, &format!("{name} one pass"));
+}
+
+#[test]
+fn exact_smollm2_gives_the_host_logits() {
+    if gpu().is_some() {
+        check_model("SmolLM2-135M-Instruct.Q4_1");
+    }
+}
+
+#[test]
+fn exact_qwen2_gives_the_host_logits() {
+    if gpu().is_some() {
+        check_model("qwen2.5-coder-0.5b-instruct-q4_k_m");
+    }
+}
+
+#[test]
+fn exact_gemma3_gives_the_host_logits() {
+    if gpu().is_some() {
+        check_model("gemma-3-270m-q4_k_m");
+    }
 }
 
 /// NVRTC compiles the kernels (no GPU needed, only the CUDA build's NVRTC library).
