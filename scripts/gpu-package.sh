@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Air for NVIDIA GPUs here (no GPU needed) and packs what a run on a GPU machine needs
-# into .device-carry/: the stripped, xz-compressed binary, and the real models in parts small
-# enough to travel one per call (a lent GPU machine receives at most 64 MiB per call).
+# into .device-carry/: the stripped, xz-compressed binary, and the real models in parts of 60 MiB,
+# small enough to travel one per call with the repository (a lent GPU machine receives at most
+# 64 MiB per call).
 #
 # Usage: scripts/gpu-package.sh [--tests]   then, on the GPU machine: scripts/gpu-suite.sh STAGE...
 #   --tests  also packs air-model's unit-test binary (the GPU kernels' tests; stage `unit`)
@@ -24,7 +25,7 @@ for line in sys.stdin:
 fi
 for model in SmolLM2-135M-Instruct.Q4_1 gemma-3-270m-q4_k_m qwen2.5-coder-0.5b-instruct-q4_k_m; do
   if [ -f "models/$model.gguf" ] && [ ! -f ".device-carry/$model.part.aa" ]; then
-    split -b 48M "models/$model.gguf" ".device-carry/$model.part."
+    split -b 60M "models/$model.gguf" ".device-carry/$model.part."
   fi
 done
 ls -la .device-carry

@@ -7,11 +7,12 @@
 #   stash      keep the model parts carried in this call (they arrive a few per call)
 #   real       each real model whose parts have all arrived (checked by sha256): `air check`,
 #              CUDA against the CPU, 256 greedy steps for each reference prompt
-#   exact      SmolLM2 with --gpu-numerics cpu (the CPU's arithmetic): `air check` for each
-#              reference prompt, which must agree at every position
+#   exact      each real model whose parts have all arrived, with --gpu-numerics cpu (the CPU's
+#              arithmetic): `air check` for each reference prompt, which must agree everywhere
 #   exact-speed  decode with --gpu-numerics fast and cpu, SmolLM2 and the 8B-shape Q4_0 model
 #   unit       air-model's unit tests whose names hold "exact" (the GPU kernels against the host
-#              code, and SmolLM2's logits once its parts have arrived), from the packed test binary
+#              code, and the real models' logits once their parts have arrived), from the packed
+#              test binary
 #   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
 #   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
 #   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
@@ -74,7 +75,13 @@ assemble() {
   [ -f "$path" ] || cat "$work/$1".part.* >"$path" 2>/dev/null
   if echo "$2  $path" | sha256sum -c --quiet - 2>/dev/null; then echo "$path"; else rm -f "$path"; fi
 }
-smollm2() { assemble SmolLM2-135M-Instruct.Q4_1 b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53; }
+# The real models and their sha256.
+MODELS='SmolLM2-135M-Instruct.Q4_1 b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+gemma-3-270m-q4_k_m a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+qwen2.5-coder-0.5b-instruct-q4_k_m 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32'
+smollm2() { assemble $(echo "$MODELS" | head -1); }
+# The reference prompts, one per line.
+prompts() { python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]'; }
 
 llama8b() { synth "llama8b-$1" --layers 32 --hidden 4096 --ffn 14336 --heads 32 --kv-heads 8 --vocab 128256 --ctx 8192 --type "$1"; }
 
@@ -85,31 +92,23 @@ for stage in "$@"; do
       log "stashed: $(ls "$work" | tr '\n' ' ')"
       ;;
     real)
-      cp .device-carry/*.part.* "$work"/ 2>/dev/null
-      while read -r model sum; do
-        path=$work/$model.gguf
-        [ -f "$path" ] || cat "$work/$model".part.* >"$path" 2>/dev/null
-        if ! echo "$sum  $path" | sha256sum -c --quiet - 2>/dev/null; then
-          log "$model: not all parts have arrived"; rm -f "$path"; continue
-        fi
-        python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
-          while IFS= read -r prompt; do
-            record real "$model: $prompt" check -m "$path" --device cuda --prompt "$prompt" --steps 256
-          done
-      done <<'MODELS'
-SmolLM2-135M-Instruct.Q4_1 b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-gemma-3-270m-q4_k_m a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
-qwen2.5-coder-0.5b-instruct-q4_k_m 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-MODELS
+      echo "$MODELS" | while read -r model sum; do
+        path=$(assemble "$model" "$sum")
+        [ -n "$path" ] || { log "$model: not all parts have arrived"; continue; }
+        prompts | while IFS= read -r prompt; do
+          record real "$model: $prompt" check -m "$path" --device cuda --prompt "$prompt" --steps 256
+        done
+      done
       ;;
     exact)
-      smol=$(smollm2)
-      [ -n "$smol" ] || { log "SmolLM2: not all parts have arrived"; continue; }
-      python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
-        while IFS= read -r prompt; do
-          record exact "SmolLM2, CPU numerics: $prompt" check -m "$smol" --device cuda --gpu-numerics cpu \
+      echo "$MODELS" | while read -r model sum; do
+        path=$(assemble "$model" "$sum")
+        [ -n "$path" ] || { log "$model: not all parts have arrived"; continue; }
+        prompts | while IFS= read -r prompt; do
+          record exact "$model, CPU numerics: $prompt" check -m "$path" --device cuda --gpu-numerics cpu \
             --prompt "$prompt" --steps 256 --min-agreement 1
         done
+      done
       ;;
     exact-speed)
       smol=$(smollm2)
@@ -124,15 +123,14 @@ MODELS
     unit)
       tests=$work/air-model-tests
       if [ -f .device-carry/air-model-tests.xz ]; then xz -dc .device-carry/air-model-tests.xz >"$tests" && chmod +x "$tests"; fi
-      smollm2 >/dev/null
+      echo "$MODELS" | while read -r model sum; do assemble "$model" "$sum" >/dev/null; done
       log "== unit: air-model tests matching exact"
       AIR_MODELS_DIR=$work "$tests" exact --test-threads 1 2>&1 | tee -a "$OUT/log.txt" | tail -40 >&2
       ;;
     streamed-real)
       smol=$(smollm2)
       [ -n "$smol" ] || { log "SmolLM2: not all parts have arrived"; continue; }
-      python3 -c 'import json; [print(p) for p in json.load(open("tests/reference/prompts_public.json"))]' |
-        while IFS= read -r prompt; do
+      prompts | while IFS= read -r prompt; do
           record streamed-real "SmolLM2, all layers streamed: $prompt" check -m "$smol" --device cuda \
             --vram-budget 1MiB --prompt "$prompt" --steps 256
         done
@@ -167,10 +165,8 @@ MODELS
         --prompt-tokens 0 --gen-tokens 4 --runs 1 --batch 32
       ;;
     engine)
-      cp .device-carry/*.part.* "$work"/ 2>/dev/null
-      smol=$work/SmolLM2-135M-Instruct.Q4_1.gguf
-      [ -f "$smol" ] || cat "$work"/SmolLM2-135M-Instruct.Q4_1.part.* >"$smol" 2>/dev/null
-      if echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $smol" | sha256sum -c --quiet - 2>/dev/null; then
+      smol=$(smollm2)
+      if [ -n "$smol" ]; then
         for device in cuda cpu; do
           record engine "SmolLM2 generate on $device" generate -m "$smol" --device "$device" \
             --prompt "The capital of France is" -n 48 --temperature 0
@@ -178,7 +174,7 @@ MODELS
         record engine "SmolLM2 concurrency" bench -m "$smol" --device cuda --concurrency 1,16,64 \
           --prompt-tokens 32 --gen-tokens 64
       else
-        log "SmolLM2: not all parts have arrived"; rm -f "$smol"
+        log "SmolLM2: not all parts have arrived"
       fi
       model=$(llama8b q4_0)
       record engine "llama8b-q4_0 resident, model driven directly" bench -m "$model" --device cuda \
