@@ -38,7 +38,8 @@ nvidia_libs=$(python3 -c 'import nvidia, glob, os; print(":".join(d for b in nvi
 export LD_LIBRARY_PATH="${nvidia_libs}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 air=$work/air
 if [ -f .device-carry/air.xz ]; then xz -dc .device-carry/air.xz >"$air" && chmod +x "$air"; fi
-[ -x "$air" ] || { log "no air binary (run scripts/gpu-package.sh and carry .device-carry/air.xz)"; exit 1; }
+# Every stage but stash needs the binary (carried once; it stays while the machine is held).
+[ -x "$air" ] || [ "$*" = stash ] || { log "no air binary (run scripts/gpu-package.sh and carry .device-carry/air.xz)"; exit 1; }
 
 # Runs `air ARGS...` with JSON output, appending {"stage", "label", "result" | "error"} to the report.
 record() {
