@@ -420,6 +420,82 @@ extern "C" __global__ void air_x_attention(const float* q, const unsigned short*
         if (c < per_lane) out[((long long)i * heads + h) * dim + lane + 32 * c] = __fmul_rn(h2f(acc[c]), inverse);
 }
 
+// Attention of one sequence's n query rows as the CPU's prompt path (attention/tiled.rs), which
+// it takes for a call of 64 rows or more: per tile of 64 cached positions (aligned to absolute
+// positions) the scores as FMA chains over the head dimension with the f32 query, then the
+// scale; the tile's maximum; when it grows, the accumulator and the sum rescaled by glibc's
+// expf; weights by ggml's exponential, their sum per 16 (sum16's order) added in f64; the
+// weighted values as FMA chains over the tile's positions. One warp per (head, row); lane i
+// holds positions i and i + 32 of a tile, and dims i + 32c. dim at most 256.
+extern "C" __global__ void air_x_attention_tiled(const float* q, const unsigned short* kc, const unsigned short* vc,
+        int cap, int start, int heads, int kv_heads, int dim, float scale, int window, float* out) {
+    const int h = blockIdx.x, i = blockIdx.y, lane = threadIdx.x;
+    const int pos = start + i;
+    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int kvh = h / (heads / kv_heads);
+    const unsigned short* K = kc + (long long)kvh * cap * dim;
+    const unsigned short* V = vc + (long long)kvh * cap * dim;
+    const float* qr = q + ((long long)i * heads + h) * dim;
+    __shared__ float qs[256];
+    for (int c = lane; c < dim; c += 32) qs[c] = qr[c];
+    __syncwarp();
+    const int per_lane = dim / 32;
+    float acc[8];
+#pragma unroll
+    for (int c = 0; c < 8; c++) acc[c] = 0.0f;
+    float mx = __int_as_float(0xff800000), sum = 0.0f;
+    for (int tile = first / 64 * 64; tile <= pos; tile += 64) {
+        float s[2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int j = tile + lane + 32 * u;
+            float t = 0.0f;
+            if (j >= first && j <= pos) {
+                const unsigned short* kj = K + (long long)j * dim;
+                for (int c = 0; c < dim; c++) t = __fmaf_rn(qs[c], h2f(kj[c]), t);
+                t = __fmul_rn(t, scale);
+            } else {
+                t = __int_as_float(0xff800000);
+            }
+            s[u] = t;
+        }
+        float tile_max = fmaxf(s[0], s[1]);
+        for (int o = 16; o > 0; o >>= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(FULL, tile_max, o));
+        if (tile_max == __int_as_float(0xff800000)) continue;
+        if (tile_max > mx) {
+            const float rescale = glibc_expf(__fsub_rn(mx, tile_max));
+#pragma unroll
+            for (int c = 0; c < 8; c++) acc[c] = __fmul_rn(acc[c], rescale);
+            sum = __fmul_rn(sum, rescale);
+            mx = tile_max;
+        }
+        float w[2];
+        double tile_sum = 0.0;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            w[u] = ggml_expf(__fsub_rn(s[u], mx));
+            // sum16 of each 16 positions: halves, quarters, pairs, then the pair.
+            float part = w[u];
+            for (int o = 8; o > 0; o >>= 1) part = __fadd_rn(part, __shfl_down_sync(FULL, part, o, 16));
+            const float low = __shfl_sync(FULL, part, 0), high = __shfl_sync(FULL, part, 16);
+            tile_sum = __dadd_rn(__dadd_rn(tile_sum, (double)low), (double)high);
+        }
+        sum = __double2float_rn(__dadd_rn((double)sum, tile_sum));
+        for (int t = 0; t < 64; t++) {
+            const float wt = __shfl_sync(FULL, w[t / 32], t % 32);
+            const unsigned short* vt = V + (long long)(tile + t) * dim;
+            const bool inside = tile + t < cap;
+#pragma unroll
+            for (int c = 0; c < 8; c++)
+                if (c < per_lane && inside) acc[c] = __fmaf_rn(wt, h2f(vt[lane + 32 * c]), acc[c]);
+        }
+    }
+    const float inverse = sum == 0.0f ? 0.0f : __fdiv_rn(1.0f, sum);
+#pragma unroll
+    for (int c = 0; c < 8; c++)
+        if (c < per_lane) out[((long long)i * heads + h) * dim + lane + 32 * c] = __fmul_rn(acc[c], inverse);
+}
+
 // silu(gate) · up as ggml_vec_swiglu_f32 (ops.rs): x / (1 + e^-x) with ggml's exponential in
 // whole chunks of 16 of a row of ffn values, glibc's expf in the rest.
 extern "C" __global__ void air_x_swiglu(const float* g, const float* u, float* out, int ffn, long long total) {

@@ -247,6 +247,9 @@ pub(crate) struct SequenceRows<'a> {
     pub local: Option<RopeTables>,
     /// The layer caches, (keys, values) per layer, f16 (kv_heads, capacity, head_dim).
     pub cache: &'a crate::KvCache,
+    /// Whether the rows take attention's prompt path (the CPU's for calls of
+    /// [`crate::F32_QUERY_ROWS`] rows or more) rather than its generation path.
+    pub tiled: bool,
 }
 
 /// What the attention of one layer needs to know about it.
@@ -260,7 +263,8 @@ pub(crate) struct LayerAttention<'a> {
 }
 
 /// Attention of one layer for every sequence: RoPE, the append of keys and values to each
-/// cache, and each row's attention over its cached positions, as the CPU's generation path.
+/// cache, and each row's attention over its cached positions, as the CPU's prompt or generation
+/// path.
 /// `q` is (rows, heads · dim), `k` and `v` (rows, kv_heads · dim); returns (rows, heads · dim).
 pub(crate) fn attention(
     q: &Tensor,
@@ -323,9 +327,10 @@ pub(crate) fn attention(
             dim as i32,
         );
         let cfg = LaunchConfig { grid_dim: (heads as u32, s.n as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let kernel = if s.tiled { "air_x_attention_tiled" } else { "air_x_attention" };
         launch!(
             device,
-            "air_x_attention",
+            kernel,
             cfg,
             f32_offset(rotated_addr, s.row, heads * dim),
             kc,

@@ -2,6 +2,7 @@
 //! exact kernels.
 
 use super::{ExactNumerics, LayerAttention, SequenceRows, attention, gated, matmul, rms_norm, row_flags};
+use crate::F32_QUERY_ROWS;
 use crate::device::{DeviceModel, LayerMatrices, logit_rows};
 use crate::linear::BATCHED_MATMUL_ROWS;
 use crate::model::{Logits, Sequence};
@@ -9,7 +10,8 @@ use crate::{Model, ModelError};
 use candle_core::Tensor;
 
 /// [`crate::Model::forward_batch`] on the GPU with the CPU's numerics. As there, a sequence
-/// adding [`BATCHED_MATMUL_ROWS`] rows or more takes the batched matmul arithmetic for them.
+/// adding [`BATCHED_MATMUL_ROWS`] rows or more takes the batched matmul arithmetic for them, and
+/// one adding [`F32_QUERY_ROWS`] or more attention's prompt path.
 pub(in crate::device) fn forward(
     pass: &DeviceModel,
     exact: &ExactNumerics,
@@ -48,6 +50,7 @@ pub(in crate::device) fn forward(
                     global: model.rope.tables(start, n, device)?,
                     local: model.local_rope.as_ref().map(|r| r.tables(start, n, device)).transpose()?,
                     cache: &*seq.cache,
+                    tiled: n >= F32_QUERY_ROWS,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;

@@ -116,7 +116,7 @@ fn config(head_dim: usize, style: RopeStyle, window: Option<usize>) -> ModelConf
         n_head: 4,
         n_head_kv: 2,
         head_dim,
-        context_length: 64,
+        context_length: 256,
         rms_norm_eps: 1e-5,
         rope_base: 10_000.0,
         rope_dim: head_dim,
@@ -132,15 +132,19 @@ fn config(head_dim: usize, style: RopeStyle, window: Option<usize>) -> ModelConf
     }
 }
 
-/// RoPE, the cache append and attention of a prompt of 5 rows, then of 3 more, as the host pass
-/// computes them (`Model::block`) and as the exact kernels do.
-fn check_attention(c: ModelConfig, window: Option<usize>, dev: &Device) {
+/// RoPE, the cache append and attention of calls of `chunks` rows, as the host pass computes
+/// them (`Model::block`: the prompt path for calls of 64 rows or more) and as the exact kernels
+/// do.
+fn check_attention(c: ModelConfig, window: Option<usize>, chunks: &[usize], dev: &Device) {
     let rope = Rope::new(&c, c.rope_base, None);
     let (heads, kv_heads, d) = (c.n_head, c.n_head_kv, c.head_dim);
-    let mut host_cache = KvCache::new(&c, 16).unwrap();
-    let mut gpu_cache = KvCache::on_device(&c, 16, dev).unwrap();
+    let capacity = chunks.iter().sum();
+    let mut host_cache = KvCache::new(&c, capacity).unwrap();
+    let mut gpu_cache = KvCache::on_device(&c, capacity, dev).unwrap();
     let (q_scale, score_scale) = c.attention_scales();
-    for (start, n, seed) in [(0, 5, 11), (5, 3, 12)] {
+    let mut start = 0;
+    for (seed, &n) in (11..).zip(chunks) {
+        let tiled = n >= crate::F32_QUERY_ROWS;
         let q_all = data(n * heads * d, seed, 6.0);
         let k_all = data(n * kv_heads * d, seed + 100, 6.0);
         let v_all = data(n * kv_heads * d, seed + 200, 2.0);
@@ -166,7 +170,8 @@ fn check_attention(c: ModelConfig, window: Option<usize>, dev: &Device) {
             store.write(0, &WHOLE, kv, start, &k[span.clone()], &v[span]);
         }
         let shape = AttentionShape { heads, kv_heads, head_dim: d, scale: score_scale, window };
-        let rows = [QueryRows { kv: store.layer(0, &WHOLE), row: 0, n, start, tiled_rows: 0 }];
+        let tiled_rows = if tiled { n } else { 0 };
+        let rows = [QueryRows { kv: store.layer(0, &WHOLE), row: 0, n, start, tiled_rows }];
         let want = causal_attention(&values(&q), n, &rows, shape);
         host_cache.advance(n);
         // The GPU.
@@ -178,6 +183,7 @@ fn check_attention(c: ModelConfig, window: Option<usize>, dev: &Device) {
             global: rope.tables(start, n, dev).unwrap(),
             local: None,
             cache: &gpu_cache,
+            tiled,
         }];
         let layer = LayerAttention { index: 0, config: &c, rope: &rope, local: false, window };
         let got = attention(
@@ -189,21 +195,22 @@ fn check_attention(c: ModelConfig, window: Option<usize>, dev: &Device) {
         )
         .unwrap();
         gpu_cache.advance(n);
-        assert_bits(
-            &values(&got),
-            &want,
-            &format!("attention d {d} {:?} window {window:?} start {start}", c.rope_style),
-        );
+        let what = format!("attention d {d} {:?} window {window:?} start {start} rows {n}", c.rope_style);
+        assert_bits(&values(&got), &want, &what);
+        start += n;
     }
 }
 
 #[test]
 fn exact_attention_gives_the_host_bits() {
     let Some(dev) = gpu() else { return };
-    check_attention(config(64, RopeStyle::Interleaved, None), None, &dev);
-    check_attention(config(96, RopeStyle::Neox, None), None, &dev);
-    // Head 256: the f16 arithmetic lanes; a window of 4 and scaled queries.
-    check_attention(config(256, RopeStyle::Neox, Some(4)), Some(4), &dev);
+    // Generation path (calls under 64 rows), then the prompt path (70 rows: two query tiles,
+    // key tiles across them) after a few rows already cached.
+    check_attention(config(64, RopeStyle::Interleaved, None), None, &[5, 3, 70, 1], &dev);
+    check_attention(config(96, RopeStyle::Neox, None), None, &[5, 3, 70], &dev);
+    // Head 256: the f16 arithmetic lanes; windows and scaled queries.
+    check_attention(config(256, RopeStyle::Neox, Some(4)), Some(4), &[5, 3, 66], &dev);
+    check_attention(config(128, RopeStyle::Neox, Some(40)), Some(40), &[100, 2], &dev);
 }
 
 /// A real model on the GPU with the CPU's numerics: the reference's longest prompt (12 to 32
@@ -239,6 +246,11 @@ fn check_model(name: &str) {
     let want = host.forward(&tokens, &mut host.new_cache(64).unwrap(), Logits::From(0)).unwrap();
     let got = gpu.forward(&tokens, &mut gpu.new_cache(64).unwrap(), Logits::From(0)).unwrap();
     assert_bits(&got, &want, &format!("{name} one pass"));
+    // 80 rows in one pass: attention's prompt path.
+    let long: Vec<u32> = tokens.iter().cycle().take(80).copied().collect();
+    let want = host.forward(&long, &mut host.new_cache(80).unwrap(), Logits::From(70)).unwrap();
+    let got = gpu.forward(&long, &mut gpu.new_cache(80).unwrap(), Logits::From(70)).unwrap();
+    assert_bits(&got, &want, &format!("{name} one pass of 80"));
 }
 
 #[test]
