@@ -406,6 +406,10 @@ fn device_flags_are_checked() {
     let out = air(&["bench", "-m", &m, "--vram-budget", "lots"]);
     assert!(!out.status.success());
     assert_fails(&["bench", "-m", &m, "--device", "cpu", "--vram-budget", "1GiB"], "--vram-budget limits GPU memory");
+    assert_fails(&["bench", "-m", &m, "--device", "cpu", "--gpu-numerics", "cpu"], "--gpu-numerics chooses how a GPU");
+    let out = air(&["bench", "-m", &m, "--gpu-numerics", "exactish"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected fast or cpu"));
     // `air check` compares a GPU with the CPU: the CPU against itself is a mistake.
     assert_fails(&["check", "-m", &m, "--device", "cpu"], "give cuda or cuda:N");
     assert_fails(&["check", "-m", &m, "--device", "cuda", "--steps", "0"], "--steps");
