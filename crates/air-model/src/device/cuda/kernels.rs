@@ -93,6 +93,73 @@ extern "C" __global__ void air_quantize_q8_1_mmq(const float* x, unsigned char* 
     }
 }
 
+// The CPU's Q8_1 rounding of one value of a 32-value block whose values are one warp's lanes
+// (lane = position in the block), written into the block_q8_1 at `block`.
+__device__ __forceinline__ void quantize_lane(float v, unsigned char* block, int lane) {
+    float amax = fabsf(v);
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+    const int q = __float2int_rn(__fmul_rn(v, q8_scale_inverse(amax)));
+    int sum = q;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    ((signed char*)(block + 4))[lane] = (signed char)q;
+    if (lane == 0) {
+        const float d = __fdiv_rn(amax, 127.0f);
+        ((unsigned short*)block)[0] = f2h(d);
+        ((unsigned short*)block)[1] = f2h(__fmul_rn(d, (float)sum));
+    }
+}
+
+// The sum of v over the block (at most 32 warps).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x / 32) ? partial[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+// A decode step's RMSNorm fused with the quantization of its output for the next matmul: per
+// row of k values, x (plus y, written to x_out, when y is given: the residual add), RMSNorm
+// times w (candle's rmsnorm arithmetic), quantized into block_q8_1 rows of k_padded values at q
+// (MMVQ's layout). One block per row; blockDim a multiple of 32, k_padded of 32.
+extern "C" __global__ void air_rms_norm_q8_1(const float* x, const float* y, float* x_out, const float* w,
+        float eps, unsigned char* q, int k, int k_padded) {
+    const long long row = blockIdx.x;
+    float squares = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        float v = x[row * k + i];
+        if (y) {
+            v += y[row * k + i];
+            x_out[row * k + i] = v;
+        }
+        squares += v * v;
+    }
+    const float scale = rsqrtf(block_sum(squares) / k + eps);
+    const float* src = y ? x_out : x;
+    for (int i = threadIdx.x; i < k_padded; i += blockDim.x) {
+        const float v = i < k ? src[row * k + i] * scale * w[i] : 0.0f;
+        quantize_lane(v, q + (row * k_padded + i) / 32 * 36, threadIdx.x % 32);
+    }
+}
+
+// air_gated fused with the quantization of its output for the down projection: act(gate) · up
+// over stacked gate/up rows (rows, 2 ffn), quantized into block_q8_1 rows of ffn_padded values.
+// One block per row; blockDim a multiple of 32.
+extern "C" __global__ void air_gated_q8_1(const float* gate_up, unsigned char* q, int ffn, int ffn_padded, int gelu) {
+    const long long row = blockIdx.x;
+    for (int i = threadIdx.x; i < ffn_padded; i += blockDim.x) {
+        float a = 0.0f;
+        if (i < ffn) {
+            const float g = gate_up[row * 2 * ffn + i], u = gate_up[row * 2 * ffn + ffn + i];
+            a = (gelu ? 0.5f * g * (1.f + tanhf(0.7978845608f * g * (1.f + 0.044715f * g * g))) : g / (1.f + expf(-g))) * u;
+        }
+        quantize_lane(a, q + (row * ffn_padded + i) / 32 * 36, threadIdx.x % 32);
+    }
+}
+
 extern "C" __global__ void air_kv_append(const float* k, const float* v,
         const unsigned long long* k_caches, const unsigned long long* v_caches,
         const unsigned int* positions, int cap, int kv_heads, int dim) {
