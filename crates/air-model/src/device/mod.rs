@@ -387,11 +387,6 @@ impl DeviceModel {
         parts: &mut [Part<'_>],
         state: &PassState,
     ) -> Result<Tensor, ModelError> {
-        if let Some(step) = &state.decode
-            && let Some(y) = cuda::fused_block(self, model, index, m, x, step)?
-        {
-            return Ok(y);
-        }
         let c = model.config();
         let v = &self.vectors[index];
         let eps = c.rms_norm_eps;

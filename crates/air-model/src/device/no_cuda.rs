@@ -102,18 +102,6 @@ pub(super) fn exact_forward(
     match *exact {}
 }
 
-/// The fused decode block is CUDA's: never here (no decode step exists).
-pub(super) fn fused_block(
-    _: &DeviceModel,
-    _: &crate::Model,
-    _: usize,
-    _: &LayerMatrices,
-    _: &Tensor,
-    step: &DecodeStep,
-) -> Result<Option<Tensor>, ModelError> {
-    match *step {}
-}
-
 /// Air's gated-activation kernel is CUDA's: never here.
 pub(super) fn stacked_gated(
     _: &Device,

@@ -76,7 +76,7 @@ impl CustomOp1 for CpuRounded<'_> {
         let out = unsafe { device.alloc::<f32>(rows * n)? };
         let device_error = |e: ModelError| candle_core::Error::Msg(e.to_string());
         if rows <= MMVQ_ROWS {
-            mmvq(&device, self.w, &x, rows, k, &out).map_err(device_error)?;
+            mmvq(&device, self.w, &x, rows, k, n, &out).map_err(device_error)?;
         } else {
             mmq(&device, self.w, &x, rows, k, n, &out).map_err(device_error)?;
         }
@@ -91,16 +91,18 @@ fn mmvq(
     x: &cudarc::driver::CudaView<'_, f32>,
     rows: usize,
     k: usize,
+    n: usize,
     out: &cudarc::driver::CudaSlice<f32>,
 ) -> Result<(), ModelError> {
     let k_padded = k.next_multiple_of(ROW_PADDING);
     let stream = device.cuda_stream();
-    // The kept buffer (no allocation per matmul, and the address a captured decode graph holds
-    // stays valid), one of its own for unusually wide rows.
+    // A buffer kept across calls (no allocation per matmul, and the address a captured decode
+    // graph holds stays valid), one of its own for unusually wide rows.
     let bytes = rows * k_padded / 32 * Q8_1_BYTES;
+    static SCRATCH: OnceLock<CudaSlice<u8>> = OnceLock::new();
     let mut wide = None;
     let q = if bytes <= MMVQ_SCRATCH_BYTES {
-        mmvq_scratch(device)?
+        persistent(&SCRATCH, device, MMVQ_SCRATCH_BYTES)?
     } else {
         // SAFETY: the quantize kernel writes every block.
         let buffer = wide.insert(unsafe { device.alloc::<u8>(bytes)? });
@@ -108,48 +110,17 @@ fn mmvq(
     };
     // SAFETY: x holds rows × k floats; q rows × k_padded / 32 blocks.
     unsafe { quantize_q8_1(device, x.device_ptr(&stream).0, q, rows, k, k_padded)? };
-    launch_mmvq(device, w, q, rows, out.device_ptr(&stream).0)
-}
-
-/// The block_q8_1 buffer MMVQ reads, kept across calls: rows of up to 65,536 values for up to
-/// 8 rows. Kernels fill it (the quantization of a matmul's input, or an op fused with it), the
-/// next matmul reads it, in stream order.
-pub(super) fn mmvq_scratch(device: &CudaDevice) -> Result<u64, ModelError> {
-    static SCRATCH: OnceLock<CudaSlice<u8>> = OnceLock::new();
-    persistent(&SCRATCH, device, MMVQ_SCRATCH_BYTES)
-}
-
-/// Whether `rows` rows of `k` values fit [`mmvq_scratch`], padded as MMVQ reads them.
-pub(super) fn fits_mmvq_scratch(rows: usize, k: usize) -> bool {
-    rows <= MMVQ_ROWS && rows * k.next_multiple_of(ROW_PADDING) / 32 * Q8_1_BYTES <= MMVQ_SCRATCH_BYTES
-}
-
-/// Activation rows are padded to this many values in the MMVQ layout.
-pub(super) const fn mmvq_padded(k: usize) -> usize {
-    k.next_multiple_of(ROW_PADDING)
-}
-
-/// Whether candle has an MMVQ kernel for `w`'s type.
-pub(super) fn has_mmvq(w: &QMatMul) -> bool {
-    matches!(w, QMatMul::QTensor(w) if mmvq_launcher(w.dtype()).is_some())
-}
-
-/// Candle's MMVQ on `rows` rows already quantized at `q` (block_q8_1, rows padded to
-/// [`ROW_PADDING`]) into `out` (rows × n floats).
-fn launch_mmvq(device: &CudaDevice, w: &QTensor, q: u64, rows: usize, out: u64) -> Result<(), ModelError> {
-    let (n, k) = w.shape().dims2()?;
-    let k_padded = k.next_multiple_of(ROW_PADDING);
-    let launcher = mmvq_launcher(w.dtype())
-        .ok_or_else(|| ModelError::Device(format!("no MMVQ kernel for {:?} weights", w.dtype())))?;
-    let stream = device.cuda_stream();
+    let k_i = k as i32;
+    let launcher = mmvq_launcher(w.dtype());
+    let (q_addr, out_addr) = (q, out.device_ptr(&stream).0);
     // SAFETY: the weights hold n rows of k values in their type, q the quantized rows, out
     // rows × n floats; the arguments are those candle's fast MMVQ path passes.
     unsafe {
         launcher(
             w.device_ptr()? as *const c_void,
-            q as *const c_void,
-            out as *mut c_void,
-            k as i32,
+            q_addr as *const c_void,
+            out_addr as *mut c_void,
+            k_i,
             n as i32,
             (k_padded / 32) as i32,
             n as i32,
@@ -158,20 +129,6 @@ fn launch_mmvq(device: &CudaDevice, w: &QTensor, q: u64, rows: usize, out: u64) 
         )
     };
     Ok(())
-}
-
-/// `rows` rows already quantized in [`mmvq_scratch`] times `m`ᵀ: (rows, n) on `device`.
-pub(super) fn mmvq_prequantized(m: &QMatMul, rows: usize, device: &CudaDevice) -> Result<Tensor, ModelError> {
-    let QMatMul::QTensor(w) = m else {
-        return Err(ModelError::Device("MMVQ needs a quantized weight matrix".into()));
-    };
-    let n = w.shape().dims2()?.0;
-    // SAFETY: MMVQ writes every element.
-    let out = unsafe { device.alloc::<f32>(rows * n)? };
-    let stream = device.cuda_stream();
-    launch_mmvq(device, w, mmvq_scratch(device)?, rows, out.device_ptr(&stream).0)?;
-    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone()));
-    Ok(Tensor::from_storage(storage, (rows, n), candle_core::op::BackpropOp::none(), false))
 }
 
 /// Quantizes `rows` rows of `k` floats at `x` into block_q8_1 rows of `k_padded` values (a
@@ -262,19 +219,15 @@ fn mmq(
 type MmvqLauncher =
     unsafe extern "C" fn(*const c_void, *const c_void, *mut c_void, i32, i32, i32, i32, i32, *mut c_void);
 
-fn mmvq_launcher(dtype: GgmlDType) -> Option<MmvqLauncher> {
+fn mmvq_launcher(dtype: GgmlDType) -> MmvqLauncher {
     use candle_kernels::ffi::*;
-    Some(match dtype {
+    match dtype {
         GgmlDType::Q4_0 => launch_mmvq_gguf_q4_0_f32_plain,
         GgmlDType::Q4_1 => launch_mmvq_gguf_q4_1_f32_plain,
         GgmlDType::Q5_0 => launch_mmvq_gguf_q5_0_f32_plain,
         GgmlDType::Q5_1 => launch_mmvq_gguf_q5_1_f32_plain,
-        GgmlDType::Q8_0 => launch_mmvq_gguf_q8_0_f32_plain,
-        GgmlDType::Q4K => launch_mmvq_gguf_q4_k_f32_plain,
-        GgmlDType::Q5K => launch_mmvq_gguf_q5_k_f32_plain,
-        GgmlDType::Q6K => launch_mmvq_gguf_q6_k_f32_plain,
-        _ => return None,
-    })
+        _ => launch_mmvq_gguf_q8_0_f32_plain,
+    }
 }
 
 type MmqLauncher = unsafe extern "C" fn(

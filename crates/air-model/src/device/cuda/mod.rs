@@ -1,18 +1,15 @@
 //! The CUDA side of the device pass: VRAM streaming ([`vram`]), Air's decode kernels
 //! ([`kernels`]), quantized matmuls with the CPU's activation rounding ([`matmul`]), CUDA graphs
-//! of decode steps ([`graph`]) and their blocks with fused small kernels ([`fused`]), the pass
-//! with the CPU's numerics ([`exact`]). `no_cuda.rs` gives the same API when
+//! of decode steps ([`graph`]), the pass with the CPU's numerics ([`exact`]). `no_cuda.rs` gives the same API when
 //! the `cuda` feature is off, so the generic pass in `device/mod.rs` carries no `#[cfg]`.
 
 mod exact;
-mod fused;
 mod graph;
 mod kernels;
 mod matmul;
 mod vram;
 
 pub(super) use exact::{ExactNumerics, forward as exact_forward};
-pub(super) use fused::block as fused_block;
 pub(super) use matmul::forward as quantized_forward;
 
 use super::{DeviceModel, DeviceOptions, LayerMatrices, PassState, Projections, UploadStats};
