@@ -15,10 +15,8 @@ use candle_core::{CustomOp1, DType, Layout, Shape, Tensor};
 use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::OnceLock;
 
-const SOURCE: &str = r#"
-#define WARPS 8
-#define MAX_PER_LANE 8
-
+/// f16 conversions both kernel sources use (the exact module's too).
+pub(super) const F16_HELPERS: &str = r#"
 __device__ __forceinline__ float h2f(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -30,6 +28,11 @@ __device__ __forceinline__ unsigned short f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+"#;
+
+const SOURCE: &str = r#"
+#define WARPS 8
+#define MAX_PER_LANE 8
 
 // Each sequence b writes its new key and value (f32, (B, kv_heads, dim)) at positions[b] of its
 // f16 caches (kv_heads, cap, dim), whose addresses are k_caches[b] and v_caches[b].
@@ -288,9 +291,11 @@ const MODULE: &str = "air_attention";
 
 fn ptx() -> Result<&'static str, ModelError> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| e.to_string()))
-        .as_deref()
-        .map_err(|e| ModelError::Device(format!("compiling Air's attention kernels: {e}")))
+    PTX.get_or_init(|| {
+        cudarc::nvrtc::compile_ptx(format!("{F16_HELPERS}{SOURCE}")).map(|p| p.to_src()).map_err(|e| e.to_string())
+    })
+    .as_deref()
+    .map_err(|e| ModelError::Device(format!("compiling Air's attention kernels: {e}")))
 }
 
 pub(crate) fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction, ModelError> {

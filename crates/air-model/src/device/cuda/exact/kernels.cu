@@ -4,17 +4,7 @@
 
 #define FULL 0xffffffffu
 
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+// h2f and f2h (exact conversions, and rounding to nearest even) come first, from kernels.rs.
 
 // a * b + c in f16 with one rounding (AVX512-FP16's vfmadd231ph).
 __device__ __forceinline__ unsigned short hfma(unsigned short a, unsigned short b, unsigned short c) {
@@ -340,6 +330,24 @@ extern "C" __global__ void air_x_rope_kv(const float* q, const float* k, const f
     }
 }
 
+// What an attention kernel's block (head blockIdx.x, row blockIdx.y of a sequence's rows at
+// positions start..) attends with: the row's position, the first position it sees (the last
+// `window` when window > 0), its KV head's cached keys and values, its query.
+struct AttentionRow {
+    int pos, first;
+    const unsigned short *K, *V;
+    const float* q;
+};
+
+__device__ __forceinline__ AttentionRow attention_row(const float* q, const unsigned short* kc,
+        const unsigned short* vc, int cap, int start, int heads, int kv_heads, int dim, int window) {
+    const int h = blockIdx.x, i = blockIdx.y;
+    const int pos = start + i;
+    const long long cache = (long long)(h / (heads / kv_heads)) * cap * dim;
+    return AttentionRow{pos, window > 0 ? max(0, pos + 1 - window) : 0, kc + cache, vc + cache,
+                        q + ((long long)i * heads + h) * dim};
+}
+
 // Attention of one sequence's n query rows (q (n, heads, dim), rotated) at positions start..,
 // each over its cached positions, as the CPU's generation path (attention/mod.rs): the query
 // rounded to f16, scores summed in the order of ggml's AVX-512 ggml_vec_dot_f16, an online
@@ -349,12 +357,10 @@ extern "C" __global__ void air_x_rope_kv(const float* q, const float* k, const f
 extern "C" __global__ void air_x_attention(const float* q, const unsigned short* kc, const unsigned short* vc,
         int cap, int start, int heads, int kv_heads, int dim, float scale, int window, float* out) {
     const int h = blockIdx.x, i = blockIdx.y, lane = threadIdx.x;
-    const int pos = start + i;
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int kvh = h / (heads / kv_heads);
-    const unsigned short* K = kc + (long long)kvh * cap * dim;
-    const unsigned short* V = vc + (long long)kvh * cap * dim;
-    const float* qr = q + ((long long)i * heads + h) * dim;
+    const AttentionRow a = attention_row(q, kc, vc, cap, start, heads, kv_heads, dim, window);
+    const int pos = a.pos, first = a.first;
+    const unsigned short *K = a.K, *V = a.V;
+    const float* qr = a.q;
     const int per_lane = dim / 32, whole = dim / 64 * 64, native = dim / 128 * 128;
     float qv[8];
     unsigned short acc[8];
@@ -430,12 +436,10 @@ extern "C" __global__ void air_x_attention(const float* q, const unsigned short*
 extern "C" __global__ void air_x_attention_tiled(const float* q, const unsigned short* kc, const unsigned short* vc,
         int cap, int start, int heads, int kv_heads, int dim, float scale, int window, float* out) {
     const int h = blockIdx.x, i = blockIdx.y, lane = threadIdx.x;
-    const int pos = start + i;
-    const int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    const int kvh = h / (heads / kv_heads);
-    const unsigned short* K = kc + (long long)kvh * cap * dim;
-    const unsigned short* V = vc + (long long)kvh * cap * dim;
-    const float* qr = q + ((long long)i * heads + h) * dim;
+    const AttentionRow a = attention_row(q, kc, vc, cap, start, heads, kv_heads, dim, window);
+    const int pos = a.pos, first = a.first;
+    const unsigned short *K = a.K, *V = a.V;
+    const float* qr = a.q;
     __shared__ float qs[256];
     for (int c = lane; c < dim; c += 32) qs[c] = qr[c];
     __syncwarp();

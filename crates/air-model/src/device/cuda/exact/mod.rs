@@ -62,7 +62,8 @@ fn ptx() -> Result<&'static str, ModelError> {
     PTX.get_or_init(|| {
         // No contraction: the kernels write out every fused multiply-add the CPU has.
         let options = cudarc::nvrtc::CompileOptions { fmad: Some(false), ..Default::default() };
-        cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options).map(|p| p.to_src()).map_err(|e| e.to_string())
+        let source = format!("{}{SOURCE}", super::kernels::F16_HELPERS);
+        cudarc::nvrtc::compile_ptx_with_opts(source, options).map(|p| p.to_src()).map_err(|e| e.to_string())
     })
     .as_deref()
     .map_err(|e| ModelError::Device(format!("compiling Air's exact kernels: {e}")))
