@@ -2,11 +2,12 @@
 //! are chaotic at the last bit (docs/numerics.md): with llama.cpp's CUDA rounding, SmolLM2's
 //! greedy text on the GPU parts from the CPU's within a few tokens. Here every operation of the
 //! CPU pass has a CUDA kernel doing the same floating-point operations in the same order
-//! ([`kernels.cu`](kernels.cu)): the block dot products' 8 f32 lanes and their horizontal sum,
-//! RMSNorm's f64 sum, RoPE's fused multiply-adds, the generation path's attention (f16 query,
-//! ggml's dot order, glibc's `expf`, the f16 value accumulator), ggml's exponential in SiLU and
-//! its GELU table. Every row takes the CPU's one-row arithmetic, as a prompt under 64 tokens of
-//! 32-value block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) does on the CPU.
+//! ([`kernels.cu`](kernels.cu)): the block dot products' 8 f32 lanes and their horizontal sum
+//! (and, for K-quant rows of calls of 8 rows or more, ggml's batched sums), RMSNorm's f64 sum,
+//! RoPE's fused multiply-adds, attention's generation path (f16 query, ggml's dot order,
+//! glibc's `expf`, the f16 value accumulator) and, for calls of 64 rows or more, its prompt path
+//! (f32 tiles of 64 positions), ggml's exponential in SiLU and its GELU table. A row takes the
+//! arithmetic the host pass gives it, chosen by the rows of its sequence's call as there.
 //!
 //! It is slower than the default pass: no CUDA graphs, one warp per query row and head walking
 //! the cache position by position, a group of threads per output of every matmul.
