@@ -99,7 +99,7 @@ impl ExactNumerics {
         for t in file.tensors() {
             let matrix = t.name == output
                 || (t.name.starts_with("blk.")
-                    && super::super::matrices::MATRIX_NAMES.iter().any(|m| t.name.ends_with(&format!(".{m}.weight"))));
+                    && crate::device::matrices::MATRIX_NAMES.iter().any(|m| t.name.ends_with(&format!(".{m}.weight"))));
             if matrix && !covered.contains(&t.ty) {
                 return Err(ModelError::Device(format!(
                     "the CPU's numerics on a GPU cover Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K weights; {} is {:?}",
