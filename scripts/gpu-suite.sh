@@ -10,10 +10,12 @@
 #   exact      each real model whose parts have all arrived, with --gpu-numerics cpu (the CPU's
 #              arithmetic): `air check` for each reference prompt, which must agree everywhere
 #   exact-speed  decode with --gpu-numerics fast and cpu, SmolLM2 and the 8B-shape Q4_0 model
-#   unit       air-model's unit tests whose names hold "exact" (the GPU kernels against the host
-#              code, and the real models' logits once their parts have arrived), from the packed
+#   unit       air-model's unit tests whose names hold "exact" or "gemv" (the GPU kernels against
+#              the host code, and the real models' logits once their parts have arrived), from the packed
 #              test binary
 #   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
+#   synth-check  the 8B-shape models (Q4_0, Q4_K), whose matrices all take Air's GEMV kernels:
+#              `air check`, CUDA against the CPU, 32 greedy steps
 #   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
 #   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
 #   staged     as `streamed` and `huge` at batch 1, with --memory-budget 1GiB: the streamed layers
@@ -125,8 +127,8 @@ for stage in "$@"; do
       tests=$work/air-model-tests
       if [ -f .device-carry/air-model-tests.xz ]; then xz -dc .device-carry/air-model-tests.xz >"$tests" && chmod +x "$tests"; fi
       echo "$MODELS" | while read -r model sum; do assemble "$model" "$sum" >/dev/null; done
-      log "== unit: air-model tests matching exact"
-      AIR_MODELS_DIR=$work "$tests" exact --test-threads 1 2>&1 | tee -a "$OUT/log.txt" | tail -40 >&2
+      log "== unit: air-model tests matching exact or gemv"
+      AIR_MODELS_DIR=$work "$tests" exact gemv --test-threads 1 2>&1 | tee -a "$OUT/log.txt" | tail -40 >&2
       ;;
     streamed-real)
       smol=$(smollm2)
@@ -135,6 +137,12 @@ for stage in "$@"; do
           record streamed-real "SmolLM2, all layers streamed: $prompt" check -m "$smol" --device cuda \
             --vram-budget 1MiB --prompt "$prompt" --steps 256
         done
+      ;;
+    synth-check)
+      for ty in q4_0 q4_k; do
+        record synth-check "llama8b-$ty" check -m "$(llama8b $ty)" --device cuda \
+          --prompt "The quick brown fox jumps over the lazy dog" --steps 32
+      done
       ;;
     resident)
       for ty in q4_0 q4_k; do

@@ -28,10 +28,14 @@ const MMVQ_SCRATCH_BYTES: usize = MMVQ_ROWS * 65_536 / 32 * Q8_1_BYTES;
 /// MMQ's stream-k fixup buffer: up to 256 SMs × 128 × 128 f32 tiles.
 const FIXUP_BYTES: usize = 256 * 128 * 128 * 4;
 
-/// `x (rows, k) · Wᵀ` for a weight matrix on the device: Air's quantization and candle's
-/// kernels where they apply, else candle's `QMatMul::forward`.
+/// `x (rows, k) · Wᵀ` for a weight matrix on the device: Air's GEMV kernels
+/// ([`super::gemv`]) where they apply, else Air's quantization and candle's kernels, else
+/// candle's `QMatMul::forward`.
 pub(crate) fn forward(m: &QMatMul, x: &Tensor) -> Result<Tensor, ModelError> {
     match m {
+        QMatMul::QTensor(w) if super::gemv::applies(w, x) => {
+            Ok(x.contiguous()?.apply_op1_no_bwd(&super::gemv::Gemv { w })?)
+        }
         QMatMul::QTensor(w) if applies(w, x) => Ok(x.contiguous()?.apply_op1_no_bwd(&CpuRounded { w })?),
         _ => Ok(m.forward(x)?),
     }
@@ -287,7 +291,11 @@ impl DeviceInfo {
 /// The address of a device buffer of `bytes` allocated on first use and kept (one process
 /// drives one device); calls use it one after the other on the device's stream. No lock: after
 /// the first call it is a read of a set cell.
-fn persistent(slot: &'static OnceLock<CudaSlice<u8>>, device: &CudaDevice, bytes: usize) -> Result<u64, ModelError> {
+pub(super) fn persistent(
+    slot: &'static OnceLock<CudaSlice<u8>>,
+    device: &CudaDevice,
+    bytes: usize,
+) -> Result<u64, ModelError> {
     if slot.get().is_none() {
         // SAFETY: the kernels write what they read of their scratch buffers.
         let buffer = unsafe { device.alloc::<u8>(bytes) }?;

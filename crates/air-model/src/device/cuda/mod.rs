@@ -1,9 +1,11 @@
 //! The CUDA side of the device pass: VRAM streaming ([`vram`]), Air's decode kernels
-//! ([`kernels`]), quantized matmuls with the CPU's activation rounding ([`matmul`]), CUDA graphs
-//! of decode steps ([`graph`]), the pass with the CPU's numerics ([`exact`]). `no_cuda.rs` gives the same API when
-//! the `cuda` feature is off, so the generic pass in `device/mod.rs` carries no `#[cfg]`.
+//! ([`kernels`]), quantized matmuls with the CPU's activation rounding ([`matmul`]), Air's
+//! matrix-vector kernels for Q4_0/Q4_K ([`gemv`]), CUDA graphs of decode steps ([`graph`]), the
+//! pass with the CPU's numerics ([`exact`]). `no_cuda.rs` gives the same API when the `cuda`
+//! feature is off, so the generic pass in `device/mod.rs` carries no `#[cfg]`.
 
 mod exact;
+mod gemv;
 mod graph;
 mod kernels;
 mod matmul;

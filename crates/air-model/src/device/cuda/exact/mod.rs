@@ -351,4 +351,4 @@ pub(crate) fn attention(
 }
 
 #[cfg(test)]
-mod tests;
+pub(in crate::device) mod tests;

@@ -20,7 +20,8 @@ fn gpu() -> Option<Device> {
     Some(Device::new_cuda(0).unwrap())
 }
 
-fn data(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+/// `n` pseudo-random values in [-scale / 2, scale / 2), the same for the same seed.
+pub(in crate::device) fn data(n: usize, seed: u32, scale: f32) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
