@@ -132,6 +132,15 @@ impl LayerMatrices {
         }
     }
 
+    /// The stacked query/key/value and gate/up matrices, when both are stacked.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn stacked(&self) -> Option<(&QMatMul, &QMatMul)> {
+        match (&self.attention, &self.ffn) {
+            (Projection::Stacked(qkv, _), Projection::Stacked(gate_up, _)) => Some((qkv, gate_up)),
+            _ => None,
+        }
+    }
+
     /// Gate and up projections of `x`.
     pub(crate) fn gate_up(&self, x: &Tensor) -> Result<[Tensor; 2], ModelError> {
         self.gate_up_by(x, &matmul)

@@ -387,6 +387,11 @@ impl DeviceModel {
         parts: &mut [Part<'_>],
         state: &PassState,
     ) -> Result<Tensor, ModelError> {
+        if let Some(step) = &state.decode
+            && let Some(y) = cuda::fused_block(self, model, index, m, x, step)?
+        {
+            return Ok(y);
+        }
         let c = model.config();
         let v = &self.vectors[index];
         let eps = c.rms_norm_eps;

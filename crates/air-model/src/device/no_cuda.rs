@@ -113,6 +113,18 @@ pub(super) fn stacked_gated(
 }
 
 /// No decode step uses Air's CUDA kernels in this build.
+/// The fused decode block is CUDA's: never here (no decode step exists).
+pub(super) fn fused_block(
+    _: &DeviceModel,
+    _: &crate::Model,
+    _: usize,
+    _: &LayerMatrices,
+    _: &Tensor,
+    step: &DecodeStep,
+) -> Result<Option<Tensor>, ModelError> {
+    match *step {}
+}
+
 pub(super) enum DecodeStep {}
 
 impl DecodeStep {

@@ -12,6 +12,7 @@
 //! added in f32. They apply where rows are whole multiples of 256 values and 16-byte aligned; other
 //! shapes keep candle's kernels ([`super::matmul`]).
 
+use super::kernels::address;
 use super::matmul::persistent;
 use crate::ModelError;
 use candle_core::backend::BackendStorage;
@@ -26,33 +27,100 @@ const SOURCE: &str = r#"
 // Q4_0 blocks of a row one warp stages in shared memory per step (2,304 bytes).
 #define Q4_0_STAGE 128
 
-// Quantizes rows of k floats (k a multiple of 256) per 32 values as the CPU quantizes for Q8_0
-// dot products: d = amax / 127 rounded to f16, q = x * (127 / amax) rounded half to even. Values
-// to q (rows, k), scales to d (rows, k / 32). Grid (k / 256, rows), 256 threads.
-extern "C" __global__ void air_quantize_q8_32(const float* __restrict__ x, signed char* __restrict__ q,
-        float* __restrict__ d, int k) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    const long long row = blockIdx.y;
-    const float xi = x[row * k + i];
+// Quantization per 32 values as the CPU quantizes for Q8_0 dot products: d = amax / 127
+// rounded to f16, q = x * (127 / amax) rounded half to even. Values go to q, scales to d (one
+// per 32 values), both indexed as the values are in their rows (rows of a multiple of 32).
+
+__device__ __forceinline__ float q8_inverse(float amax) { return amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f; }
+
+// Value xi at index i of a warp's 32 consecutive values.
+__device__ __forceinline__ void quantize_warp(float xi, signed char* __restrict__ q, float* __restrict__ d, long long i) {
     float amax = fabsf(xi);
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
-    const float inverse = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
-    q[row * k + i] = (signed char)__float2int_rn(__fmul_rn(xi, inverse));
-    if (i % 32 == 0) d[row * (k / 32) + i / 32] = h2f(f2h(__fdiv_rn(amax, 127.0f)));
+    q[i] = (signed char)__float2int_rn(__fmul_rn(xi, q8_inverse(amax)));
+    if (i % 32 == 0) d[i / 32] = h2f(f2h(__fdiv_rn(amax, 127.0f)));
+}
+
+// Rows of k floats (k a multiple of 256). Grid (k / 256, rows), 256 threads.
+extern "C" __global__ void air_quantize_q8_32(const float* __restrict__ x, signed char* __restrict__ q,
+        float* __restrict__ d, int k) {
+    const long long i = (long long)blockIdx.y * k + blockIdx.x * blockDim.x + threadIdx.x;
+    quantize_warp(x[i], q, d, i);
+}
+
+// The gated activation act(gate) * up of rows of stacked gate and up values (rows, 2 ffn),
+// quantized (rows, ffn); act is SiLU, or GELU (tanh) when `gelu`. Grid (ffn / 256, rows), 256
+// threads.
+extern "C" __global__ void air_gated_quantize(const float* __restrict__ gate_up, signed char* __restrict__ q,
+        float* __restrict__ d, int ffn, int gelu) {
+    const long long row = blockIdx.y;
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    const float g = gate_up[row * 2 * ffn + col], u = gate_up[row * 2 * ffn + ffn + col];
+    const float a = gelu ? 0.5f * g * (1.f + tanhf(0.7978845608f * g * (1.f + 0.044715f * g * g)))
+                         : g / (1.f + expf(-g));
+    quantize_warp(a * u, q, d, row * ffn + col);
+}
+
+// RMSNorm of rows of k floats (k a multiple of 256) times w, quantized. One block of 256
+// threads per row, 8 values per thread at a time: 4 threads hold a block of 32.
+extern "C" __global__ void air_norm_quantize(const float* __restrict__ x, const float* __restrict__ w, float eps,
+        signed char* __restrict__ q, float* __restrict__ d, int k) {
+    __shared__ float sums[8];
+    __shared__ float total;
+    const long long row = blockIdx.x;
+    const float* xr = x + row * k;
+    float squares = 0.0f;
+    for (int c = threadIdx.x * 8; c < k; c += 2048) {
+        const float4 a = *(const float4*)(xr + c), b = *(const float4*)(xr + c + 4);
+        squares += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+    }
+    for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffff, squares, o);
+    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = squares;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int i = 0; i < 8; i++) t += sums[i];
+        total = t;
+    }
+    __syncthreads();
+    const float scale = 1.0f / sqrtf(total / (float)k + eps);
+    // A warp's 256 values are all in the row or all past it (k is a multiple of 256), so whole
+    // warps take part in the shuffles.
+    for (int c = threadIdx.x * 8; c < k; c += 2048) {
+        const float4 a = *(const float4*)(xr + c), b = *(const float4*)(xr + c + 4);
+        const float4 wa = *(const float4*)(w + c), wb = *(const float4*)(w + c + 4);
+        const float v[8] = { a.x * scale * wa.x, a.y * scale * wa.y, a.z * scale * wa.z, a.w * scale * wa.w,
+                             b.x * scale * wb.x, b.y * scale * wb.y, b.z * scale * wb.z, b.w * scale * wb.w };
+        float amax = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 2));
+        const float inverse = q8_inverse(amax);
+        unsigned int packed[2] = { 0, 0 };
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            packed[i / 4] |= ((unsigned int)__float2int_rn(__fmul_rn(v[i], inverse)) & 0xff) << (8 * (i % 4));
+        }
+        *(uint2*)(q + row * k + c) = make_uint2(packed[0], packed[1]);
+        if (threadIdx.x % 4 == 0) d[row * (k / 32) + c / 32] = h2f(f2h(__fdiv_rn(amax, 127.0f)));
+    }
 }
 
 // Nibbles 0..15 of four bytes as signed q - 8.
 __device__ __forceinline__ int q4_0_low(unsigned int q) { return __vsub4(q & 0x0F0F0F0F, 0x08080808); }
 __device__ __forceinline__ int q4_0_high(unsigned int q) { return __vsub4((q >> 4) & 0x0F0F0F0F, 0x08080808); }
 
-// Sums each lane's R partial results over the warp; lane 0 writes them to y (R, n) at `row`.
+// Sums each lane's R partial results over the warp; lane 0 writes them to y (R, n) at `row`,
+// plus the residual's value there when there is one.
 template <int R>
-__device__ __forceinline__ void write_rows(float (&acc)[R], float* __restrict__ y, int n, int row) {
+__device__ __forceinline__ void write_rows(float (&acc)[R], const float* __restrict__ residual, float* __restrict__ y,
+        int n, int row) {
     #pragma unroll
     for (int r = 0; r < R; r++) {
         float v = acc[r];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-        if (threadIdx.x % 32 == 0) y[(size_t)r * n + row] = v;
+        if (threadIdx.x % 32 == 0) y[(size_t)r * n + row] = residual ? residual[(size_t)r * n + row] + v : v;
     }
 }
 
@@ -60,7 +128,7 @@ __device__ __forceinline__ void write_rows(float (&acc)[R], float* __restrict__ 
 // bytes of nibbles, value i low in byte i, value 16 + i high). A warp per weight row.
 template <int R>
 __device__ __forceinline__ void gemv_q4_0(const unsigned char* __restrict__ w, const signed char* __restrict__ xq,
-        const float* __restrict__ xd, float* __restrict__ y, int n, int k) {
+        const float* __restrict__ xd, const float* __restrict__ residual, float* __restrict__ y, int n, int k) {
     __shared__ __align__(16) unsigned char staged[GEMV_WARPS][Q4_0_STAGE * 18];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row = blockIdx.x * GEMV_WARPS + warp;
@@ -109,7 +177,7 @@ __device__ __forceinline__ void gemv_q4_0(const unsigned char* __restrict__ w, c
         }
         __syncwarp();
     }
-    write_rows<R>(acc, y, n, row);
+    write_rows<R>(acc, residual, y, n, row);
 }
 
 // Sub-block s's 6-bit scale and min of a Q4_K block whose 12 scale bytes are low8 (bytes 0-7)
@@ -131,7 +199,7 @@ __device__ __forceinline__ void q4_k_scale_min(int s, unsigned long long low8, u
 // p = lane % 8 takes bytes 16p..16p+15 of every fourth block's nibbles.
 template <int R>
 __device__ __forceinline__ void gemv_q4_k(const unsigned char* __restrict__ w, const signed char* __restrict__ xq,
-        const float* __restrict__ xd, float* __restrict__ y, int n, int k) {
+        const float* __restrict__ xd, const float* __restrict__ residual, float* __restrict__ y, int n, int k) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row = blockIdx.x * GEMV_WARPS + warp;
     if (row >= n) return;
@@ -171,22 +239,26 @@ __device__ __forceinline__ void gemv_q4_k(const unsigned char* __restrict__ w, c
                     + __ldg(scales + s1) * (d1 * (float)sb - min1 * (float)xb_sum);
         }
     }
-    write_rows<R>(acc, y, n, row);
+    write_rows<R>(acc, residual, y, n, row);
 }
 
+// y = x · Wᵀ (+ residual, when not null).
 #define AIR_GEMV(R) \
 extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) air_gemv_q4_0_##R(const unsigned char* w, \
-        const signed char* xq, const float* xd, float* y, int n, int k) { gemv_q4_0<R>(w, xq, xd, y, n, k); } \
+        const signed char* xq, const float* xd, const float* residual, float* y, int n, int k) { \
+    gemv_q4_0<R>(w, xq, xd, residual, y, n, k); } \
 extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) air_gemv_q4_k_##R(const unsigned char* w, \
-        const signed char* xq, const float* xd, float* y, int n, int k) { gemv_q4_k<R>(w, xq, xd, y, n, k); }
+        const signed char* xq, const float* xd, const float* residual, float* y, int n, int k) { \
+    gemv_q4_k<R>(w, xq, xd, residual, y, n, k); }
 AIR_GEMV(1) AIR_GEMV(2) AIR_GEMV(3) AIR_GEMV(4) AIR_GEMV(5) AIR_GEMV(6) AIR_GEMV(7) AIR_GEMV(8)
 "#;
 
 /// Warps per block: the `GEMV_WARPS` of the source (one weight row each).
 const WARPS: usize = 4;
 /// The most activation rows a launch takes.
-pub(super) const MAX_ROWS: usize = 8;
-/// The kept activation buffers cover rows of up to this many values; wider ones get their own.
+const MAX_ROWS: usize = 8;
+/// The kept activation buffers cover rows of up to this many values; wider ones get their own
+/// (the fused decode block needs its rows to fit).
 const SCRATCH_VALUES: usize = MAX_ROWS * 65_536;
 const MODULE: &str = "air_gemv";
 
@@ -195,10 +267,22 @@ const MODULE: &str = "air_gemv";
 pub(super) fn applies(w: &QTensor, x: &Tensor) -> bool {
     matches!(x.device(), Device::Cuda(_))
         && x.dtype() == DType::F32
-        && x.dims2().is_ok_and(|(rows, k)| (1..=MAX_ROWS).contains(&rows) && k % 256 == 0)
+        && x.dims2().is_ok_and(|(rows, k)| weights_fit(w, rows, k))
+}
+
+/// Whether weights `w` take `rows` activation rows of `k` values on these kernels.
+fn weights_fit(w: &QTensor, rows: usize, k: usize) -> bool {
+    (1..=MAX_ROWS).contains(&rows)
+        && k.is_multiple_of(256)
         && matches!(w.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4K)
-        && w.shape().dims2().is_ok_and(|(_, k)| x.dim(1).is_ok_and(|xk| xk == k))
+        && w.shape().dims2().is_ok_and(|(_, wk)| wk == k)
         && w.device_ptr().is_ok_and(|p| (p as usize).is_multiple_of(16))
+}
+
+/// Whether the fused decode block can run `w` on `rows` activation rows quantized into the kept
+/// buffers.
+pub(super) fn fits_kept(w: &QTensor, rows: usize) -> bool {
+    w.shape().dims2().is_ok_and(|(_, k)| rows * k <= SCRATCH_VALUES && weights_fit(w, rows, k))
 }
 
 /// The matmul as a candle op on the activations (rows, k).
@@ -231,66 +315,171 @@ impl CustomOp1 for Gemv<'_> {
         let out = unsafe { device.alloc::<f32>(rows * n)? };
         let stream = device.cuda_stream();
         let (x_addr, out_addr) = (x.device_ptr(&stream).0, out.device_ptr(&stream).0);
-        let weights = self.w.device_ptr()? as u64;
-        // SAFETY: x holds rows × k floats, out rows × n, the weights n rows of k values in their
-        // type (checked by `applies`).
-        unsafe { launch(&device, self.w.dtype(), weights, x_addr, out_addr, rows, k, n) }
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let device_error = |e: ModelError| candle_core::Error::Msg(e.to_string());
+        let mut wide = Vec::new();
+        let (q, d) = if rows * k <= SCRATCH_VALUES {
+            kept(&device).map_err(device_error)?
+        } else {
+            for bytes in [rows * k, rows * k / 32 * 4] {
+                // SAFETY: the quantize kernel writes every value and scale.
+                wide.push(unsafe { device.alloc::<u8>(bytes)? });
+            }
+            (wide[0].device_ptr(&stream).0, wide[1].device_ptr(&stream).0)
+        };
+        // SAFETY: x holds rows × k floats, q and d the quantized rows, out rows × n floats; the
+        // weights hold n rows of k values in their type (checked by `applies`).
+        unsafe {
+            quantize(&device, x_addr, q, d, rows, k).map_err(device_error)?;
+            matvec(&device, self.w, q, d, 0, out_addr, rows).map_err(device_error)?;
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from((rows, n))))
     }
 }
 
-/// Quantizes the activations at `x` (rows, k) and runs the kernel of `dtype` into `out` (rows, n).
-///
-/// # Safety
-/// `x`, `weights` and `out` are live device buffers of those shapes; `k` is a multiple of 256.
-#[allow(clippy::too_many_arguments)]
-unsafe fn launch(
-    device: &CudaDevice,
-    dtype: GgmlDType,
-    weights: u64,
-    x: u64,
-    out: u64,
-    rows: usize,
-    k: usize,
-    n: usize,
-) -> Result<(), ModelError> {
-    let stream = device.cuda_stream();
-    // Buffers kept across calls (no allocation per matmul, and the addresses a captured decode
-    // graph holds stay valid), ones of their own for unusually wide rows.
+/// The kept buffers of quantized activations (values, scales): addresses a captured decode
+/// graph holds stay valid, and the fused decode block passes activations through them.
+fn kept(device: &CudaDevice) -> Result<(u64, u64), ModelError> {
     static VALUES: OnceLock<CudaSlice<u8>> = OnceLock::new();
     static SCALES: OnceLock<CudaSlice<u8>> = OnceLock::new();
-    let mut wide = Vec::new();
-    let (q, d) = if rows * k <= SCRATCH_VALUES {
-        (persistent(&VALUES, device, SCRATCH_VALUES)?, persistent(&SCALES, device, SCRATCH_VALUES / 32 * 4)?)
-    } else {
-        for bytes in [rows * k, rows * k / 32 * 4] {
-            // SAFETY: the quantize kernel writes every value and scale.
-            wide.push(unsafe { device.alloc::<u8>(bytes)? });
-        }
-        (wide[0].device_ptr(&stream).0, wide[1].device_ptr(&stream).0)
-    };
+    Ok((persistent(&VALUES, device, SCRATCH_VALUES)?, persistent(&SCALES, device, SCRATCH_VALUES / 32 * 4)?))
+}
+
+/// Quantizes `rows` rows of `k` floats at `x` into values at `q` and scales at `d`.
+///
+/// # Safety
+/// `x`, `q` and `d` are live device buffers of those sizes; `k` is a multiple of 256.
+unsafe fn quantize(device: &CudaDevice, x: u64, q: u64, d: u64, rows: usize, k: usize) -> Result<(), ModelError> {
     let k_i = k as i32;
     let cfg =
         LaunchConfig { grid_dim: ((k / 256) as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let quantize = function(device, "air_quantize_q8_32")?;
-    let mut launch = stream.launch_builder(&quantize);
+    let func = function(device, "air_quantize_q8_32")?;
+    let stream = device.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
     launch.arg(&x).arg(&q).arg(&d).arg(&k_i);
-    // SAFETY: the caller's promise; q and d hold rows × k values and rows × k / 32 scales.
+    // SAFETY: the caller's promise; the grid covers the values.
     unsafe { launch.launch(cfg) }.w()?;
-    let kind = if dtype == GgmlDType::Q4_0 { "q4_0" } else { "q4_k" };
+    Ok(())
+}
+
+/// `out (rows, n) = x · Wᵀ` (plus the rows at `residual` unless it is 0), `x` quantized at `q`
+/// and `d`.
+///
+/// # Safety
+/// `q`, `d` hold `rows` quantized rows of W's width, `out` (and `residual`) rows × n floats;
+/// [`weights_fit`] holds.
+unsafe fn matvec(
+    device: &CudaDevice,
+    w: &QTensor,
+    q: u64,
+    d: u64,
+    residual: u64,
+    out: u64,
+    rows: usize,
+) -> Result<(), ModelError> {
+    let (n, k) = w.shape().dims2()?;
+    let kind = if w.dtype() == GgmlDType::Q4_0 { "q4_0" } else { "q4_k" };
     let gemv = function(device, &format!("air_gemv_{kind}_{rows}"))?;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(WARPS) as u32, 1, 1),
         block_dim: (32 * WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let n_i = n as i32;
+    let weights = w.device_ptr()? as u64;
+    let (n_i, k_i) = (n as i32, k as i32);
+    let stream = device.cuda_stream();
     let mut launch = stream.launch_builder(&gemv);
-    launch.arg(&weights).arg(&q).arg(&d).arg(&out).arg(&n_i).arg(&k_i);
-    // SAFETY: as above; the grid covers the n weight rows.
+    launch.arg(&weights).arg(&q).arg(&d).arg(&residual).arg(&out).arg(&n_i).arg(&k_i);
+    // SAFETY: the caller's promise; the grid covers the n weight rows.
     unsafe { launch.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// A new (rows, n) f32 tensor on `device` whose every element the caller's kernel writes.
+fn output(device: &CudaDevice, rows: usize, n: usize) -> Result<(Tensor, u64), ModelError> {
+    // SAFETY: the caller's kernel writes every element.
+    let out = unsafe { device.alloc::<f32>(rows * n)? };
+    let address = out.device_ptr(&device.cuda_stream()).0;
+    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone()));
+    Ok((Tensor::from_storage(storage, (rows, n), candle_core::op::BackpropOp::none(), false), address))
+}
+
+/// RMSNorm of the rows of `x` (rows, k) times `w`, quantized into the kept buffers for
+/// [`kept_matvec`]; [`fits_kept`] holds for the matrices that read them.
+pub(super) fn norm_quantize(x: &Tensor, w: &Tensor, eps: f32) -> Result<(), ModelError> {
+    let (rows, k) = x.dims2()?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let device = x.device().as_cuda_device()?;
+    let (q, d) = kept(device)?;
+    let (x_addr, w_addr) = (address(&x)?, address(&w)?);
+    if !(x_addr.is_multiple_of(16) && w_addr.is_multiple_of(16) && k.is_multiple_of(256) && rows * k <= SCRATCH_VALUES)
+    {
+        return Err(ModelError::Device(format!("no fused RMSNorm for ({rows}, {k}) rows at this alignment")));
+    }
+    let func = function(device, "air_norm_quantize")?;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let k_i = k as i32;
+    let stream = device.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&x_addr).arg(&w_addr).arg(&eps).arg(&q).arg(&d).arg(&k_i);
+    // SAFETY: x holds rows × k floats and w k, 16-byte aligned; the kept buffers hold rows × k
+    // values (checked above).
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The gated activation of stacked gate/up rows (rows, 2 ffn), quantized into the kept buffers.
+pub(super) fn gated_quantize(gate_up: &Tensor, ffn: usize, gelu: bool) -> Result<(), ModelError> {
+    let rows = gate_up.dim(0)?;
+    if !(ffn.is_multiple_of(256) && rows * ffn <= SCRATCH_VALUES && gate_up.dims2()? == (rows, 2 * ffn)) {
+        return Err(ModelError::Device(format!("no fused gated activation for {rows} rows of {ffn}")));
+    }
+    let gate_up = gate_up.contiguous()?;
+    let device = gate_up.device().as_cuda_device()?;
+    let (q, d) = kept(device)?;
+    let func = function(device, "air_gated_quantize")?;
+    let cfg =
+        LaunchConfig { grid_dim: ((ffn / 256) as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (g, ffn_i, gelu) = (address(&gate_up)?, ffn as i32, i32::from(gelu));
+    let stream = device.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&g).arg(&q).arg(&d).arg(&ffn_i).arg(&gelu);
+    // SAFETY: gate_up holds rows × 2 ffn floats; the kept buffers rows × ffn values.
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// `x · Wᵀ` for the `rows` activation rows in the kept buffers (plus `residual` (rows, n) when
+/// given); [`fits_kept`] holds for `w`.
+pub(super) fn kept_matvec(
+    w: &QTensor,
+    rows: usize,
+    residual: Option<&Tensor>,
+    device: &CudaDevice,
+) -> Result<Tensor, ModelError> {
+    let (n, _) = w.shape().dims2()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let residual_addr = match &residual {
+        Some(r) if r.dims2()? == (rows, n) => address(r)?,
+        Some(r) => return Err(ModelError::Device(format!("a residual of {:?} for ({rows}, {n}) outputs", r.shape()))),
+        None => 0,
+    };
+    let (q, d) = kept(device)?;
+    let (out, out_addr) = output(device, rows, n)?;
+    // SAFETY: the kept buffers hold the rows (the caller's promise), residual and out rows × n
+    // floats.
+    unsafe { matvec(device, w, q, d, residual_addr, out_addr, rows)? };
+    Ok(out)
+}
+
+/// `residual + x · Wᵀ`; [`fits_kept`] holds for `w` and `x`'s rows.
+pub(super) fn matvec_add(w: &QTensor, x: &Tensor, residual: &Tensor) -> Result<Tensor, ModelError> {
+    let (rows, k) = x.dims2()?;
+    let x = x.contiguous()?;
+    let device = x.device().as_cuda_device()?;
+    let (q, d) = kept(device)?;
+    // SAFETY: x holds rows × k floats, which fit the kept buffers (the caller's promise).
+    unsafe { quantize(device, address(&x)?, q, d, rows, k)? };
+    kept_matvec(w, rows, Some(residual), device)
 }
 
 fn ptx() -> Result<&'static str, ModelError> {
@@ -334,9 +523,12 @@ mod tests {
     }
 
     fn check<T: GgmlType>(dtype: GgmlDType, dev: &Device) {
-        // One block row; Q4_0's 128-block stages with a partial last one (448 blocks); every
-        // batch size from 1 to 8.
-        for (k, n, rows) in [(256, 37, 1), (4096, 100, 3), (14_336, 9, 8), (1024, 70, 2), (512, 5, 5)] {
+        // One block row; Q4_0's 128-block chunks with a partial last one (448 and 136 blocks);
+        // several rows per warp (past 32 warps per multiprocessor), the last warp with fewer;
+        // batch sizes from 1 to 8.
+        let shapes =
+            [(256, 37, 1), (4096, 100, 3), (14_336, 9, 8), (1024, 70, 2), (512, 5, 5), (512, 9001, 2), (4352, 8500, 1)];
+        for (k, n, rows) in shapes {
             let mut blocks = vec![T::zeros(); n * k / T::BLCK_SIZE];
             T::from_float(&data(n * k, 7, 1.0), &mut blocks);
             let mut weights = vec![0f32; n * k];
@@ -363,6 +555,77 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The kept buffers' first `rows × k` values, dequantized.
+    fn kept_values(dev: &Device, rows: usize, k: usize) -> Vec<f64> {
+        dev.synchronize().unwrap();
+        let (q, d) = kept(dev.as_cuda_device().unwrap()).unwrap();
+        let (mut values, mut scales) = (vec![0i8; rows * k], vec![0f32; rows * k / 32]);
+        // SAFETY: the kept buffers hold at least that many values and scales; the stream is idle.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_sync(&mut values, q).unwrap();
+            cudarc::driver::result::memcpy_dtoh_sync(&mut scales, d).unwrap();
+        }
+        values.iter().enumerate().map(|(i, &v)| v as f64 * scales[i / 32] as f64).collect()
+    }
+
+    /// Each value within one quantization step (the block's scale) of `want`'s, and the scales
+    /// alike.
+    fn assert_quantized(got: &[f64], want: &[f32], what: &str) {
+        let want = quantized(want);
+        for (i, block) in want.chunks(32).enumerate() {
+            let step = block.iter().fold(0f64, |m, v| m.max(v.abs())) / 127.0;
+            for (j, w) in block.iter().enumerate() {
+                let g = got[32 * i + j];
+                assert!((g - w).abs() <= 1.01 * step + 1e-9, "{what}: value {} is {g}, want {w}", 32 * i + j);
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_feeding_kernels_match_the_host() {
+        if super::super::device_count() == 0 {
+            eprintln!("no CUDA device: skipped");
+            return;
+        }
+        let dev = Device::new_cuda(0).unwrap();
+        for (rows, k) in [(1, 4096), (3, 2304), (8, 256)] {
+            let x = data(rows * k, 3, 8.0);
+            let w = data(k, 4, 2.0);
+            let eps = 1e-5;
+            let want: Vec<f32> = x
+                .chunks(k)
+                .flat_map(|row| {
+                    let mean = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / k as f64;
+                    let scale = 1.0 / (mean + eps).sqrt();
+                    row.iter().zip(&w).map(move |(v, w)| (*v as f64 * scale * *w as f64) as f32)
+                })
+                .collect();
+            let xt = Tensor::from_vec(x, (rows, k), &dev).unwrap();
+            norm_quantize(&xt, &Tensor::from_vec(w, k, &dev).unwrap(), eps as f32).unwrap();
+            assert_quantized(&kept_values(&dev, rows, k), &want, &format!("RMSNorm ({rows}, {k})"));
+        }
+        for (rows, ffn, gelu) in [(2, 1024, false), (1, 768, true)] {
+            let gate_up = data(rows * 2 * ffn, 5, 6.0);
+            let want: Vec<f32> = gate_up
+                .chunks(2 * ffn)
+                .flat_map(|row| {
+                    row[..ffn].iter().zip(&row[ffn..]).map(|(&g, &u)| {
+                        let g = g as f64;
+                        let a = if gelu {
+                            0.5 * g * (1.0 + (0.7978845608 * g * (1.0 + 0.044715 * g * g)).tanh())
+                        } else {
+                            g / (1.0 + (-g).exp())
+                        };
+                        (a * u as f64) as f32
+                    })
+                })
+                .collect();
+            let t = Tensor::from_vec(gate_up, (rows, 2 * ffn), &dev).unwrap();
+            gated_quantize(&t, ffn, gelu).unwrap();
+            assert_quantized(&kept_values(&dev, rows, ffn), &want, &format!("gated ({rows}, {ffn}, gelu {gelu})"));
         }
     }
 

@@ -1,10 +1,12 @@
 //! The CUDA side of the device pass: VRAM streaming ([`vram`]), Air's decode kernels
 //! ([`kernels`]), quantized matmuls with the CPU's activation rounding ([`matmul`]), Air's
-//! matrix-vector kernels for Q4_0/Q4_K ([`gemv`]), CUDA graphs of decode steps ([`graph`]), the
-//! pass with the CPU's numerics ([`exact`]). `no_cuda.rs` gives the same API when the `cuda`
+//! matrix-vector kernels for Q4_0/Q4_K ([`gemv`]), decode blocks with fused small kernels
+//! ([`fused`]), CUDA graphs of decode steps ([`graph`]), the pass with the CPU's numerics
+//! ([`exact`]). `no_cuda.rs` gives the same API when the `cuda`
 //! feature is off, so the generic pass in `device/mod.rs` carries no `#[cfg]`.
 
 mod exact;
+mod fused;
 mod gemv;
 mod graph;
 mod kernels;
@@ -12,6 +14,7 @@ mod matmul;
 mod vram;
 
 pub(super) use exact::{ExactNumerics, forward as exact_forward};
+pub(super) use fused::block as fused_block;
 pub(super) use matmul::forward as quantized_forward;
 
 use super::{DeviceModel, DeviceOptions, LayerMatrices, PassState, Projections, UploadStats};
