@@ -10,7 +10,12 @@
 //! Activations are quantized per 32 values with the CPU's Q8_0 rounding (int8 values and an f32
 //! scale kept at f16 precision), the integer dot of a block is exact, and the blocks' sums are
 //! added in f32. They apply where rows are whole multiples of 256 values and 16-byte aligned; other
-//! shapes keep candle's kernels ([`super::matmul`]).
+//! shapes keep candle's kernels ([`super::matmul`]). The fused decode block ([`super::fused`])
+//! quantizes into the kept activation buffers with RMSNorm or the gated activation and lets the
+//! kernels add the residual as they write.
+//!
+//! Tried and slower on the H200 (docs/benchmarks.md): double-buffering each warp's row chunks in
+//! registers, and groups of four rows per warp sharing each activation load.
 
 use super::kernels::address;
 use super::matmul::persistent;
@@ -523,9 +528,8 @@ mod tests {
     }
 
     fn check<T: GgmlType>(dtype: GgmlDType, dev: &Device) {
-        // One block row; Q4_0's 128-block chunks with a partial last one (448 and 136 blocks);
-        // several rows per warp (past 32 warps per multiprocessor), the last warp with fewer;
-        // batch sizes from 1 to 8.
+        // One block row; Q4_0's 128-block stages with a partial last one (448 and 136 blocks);
+        // grids of thousands of blocks; batch sizes from 1 to 8.
         let shapes =
             [(256, 37, 1), (4096, 100, 3), (14_336, 9, 8), (1024, 70, 2), (512, 5, 5), (512, 9001, 2), (4352, 8500, 1)];
         for (k, n, rows) in shapes {
