@@ -11,8 +11,8 @@
 #              arithmetic): `air check` for each reference prompt, which must agree everywhere
 #   exact-speed  decode with --gpu-numerics fast and cpu, SmolLM2 and the 8B-shape Q4_0 model
 #   unit       air-model's unit tests whose names hold "exact" or "gemv" (the GPU kernels against
-#              the host code, and the real models' logits once their parts have arrived), from the packed
-#              test binary
+#              the host code, and the real models' logits once their parts have arrived), from
+#              the packed test binary
 #   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
 #   synth-check  the 8B-shape models (Q4_0, Q4_K), whose matrices all take Air's GEMV kernels:
 #              `air check`, CUDA against the CPU, 32 greedy steps

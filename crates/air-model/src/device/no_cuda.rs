@@ -112,7 +112,6 @@ pub(super) fn stacked_gated(
     Ok(None)
 }
 
-/// No decode step uses Air's CUDA kernels in this build.
 /// The fused decode block is CUDA's: never here (no decode step exists).
 pub(super) fn fused_block(
     _: &DeviceModel,
@@ -125,6 +124,7 @@ pub(super) fn fused_block(
     match *step {}
 }
 
+/// No decode step uses Air's CUDA kernels in this build.
 pub(super) enum DecodeStep {}
 
 impl DecodeStep {
