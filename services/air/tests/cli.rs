@@ -416,8 +416,10 @@ fn device_flags_are_checked() {
     if cfg!(not(feature = "cuda")) {
         assert_fails(&["generate", "-m", &m, "-p", "Hi", "--device", "cuda:1"], "no CUDA support");
     }
-    // Explicitly on the CPU, generation is the default build's.
-    let text = generate_json(&m, &["-p", "The capital of France is", "--max-tokens", "4", "--device", "cpu"]);
+    // Explicitly on the CPU, generation is the default build's (greedy: the default temperature
+    // samples, and may sample the end of generation before the fourth token).
+    let args = ["-p", "The capital of France is", "--max-tokens", "4", "--temperature", "0", "--device", "cpu"];
+    let text = generate_json(&m, &args);
     assert_eq!(text["tokens"].as_array().map(Vec::len), Some(4));
 }
 

@@ -28,7 +28,8 @@ pub(in crate::device) fn block(
     let QMatMul::QTensor(down) = m.w_down() else { return Ok(None) };
     let rows = x.dim(0)?;
     let fit = |w: &QTensor| gemv::fits_kept(w, rows);
-    if !(plain && x.dtype() == DType::F32 && fit(qkv) && fit(gate_up) && fit(down)) {
+    let aligned = [x, &v.attn_norm, &v.ffn_norm].into_iter().all(gemv::aligned);
+    if !(plain && aligned && x.dtype() == DType::F32 && fit(qkv) && fit(gate_up) && fit(down)) {
         return Ok(None);
     }
     let device = x.device().as_cuda_device()?;

@@ -290,6 +290,12 @@ pub(super) fn fits_kept(w: &QTensor, rows: usize) -> bool {
     w.shape().dims2().is_ok_and(|(_, k)| rows * k <= SCRATCH_VALUES && weights_fit(w, rows, k))
 }
 
+/// Whether `t` is a contiguous CUDA tensor at a 16-byte aligned address, as
+/// [`norm_quantize`] reads its input and weights.
+pub(super) fn aligned(t: &Tensor) -> bool {
+    t.is_contiguous() && address(t).is_ok_and(|a| a.is_multiple_of(16))
+}
+
 /// The matmul as a candle op on the activations (rows, k).
 pub(super) struct Gemv<'a> {
     pub w: &'a QTensor,
