@@ -15,7 +15,7 @@
 #              the packed test binary
 #   streamed-real  SmolLM2 with every layer streamed over PCIe (--vram-budget 1MiB): `air check`
 #   synth-check  the 8B-shape models (Q4_0, Q4_K), whose matrices all take Air's GEMV kernels:
-#              `air check`, CUDA against the CPU, 32 greedy steps
+#              `air check`, CUDA against the CPU, 32 greedy steps; Q4_0 also after a long prompt
 #   resident   synthetic Llama-3-8B shape, Q4_0 then Q4_K, all in VRAM: prompt 512 and decode
 #   streamed   the Q4_0 model with half of its layers streamed over PCIe: batch 1 and batch 32
 #   staged     as `streamed` and `huge` at batch 1, with --memory-budget 1GiB: the streamed layers
@@ -143,6 +143,10 @@ for stage in "$@"; do
         record synth-check "llama8b-$ty" check -m "$(llama8b $ty)" --device cuda \
           --prompt "The quick brown fox jumps over the lazy dog" --steps 32
       done
+      # A cache past 256 positions: attention in several splits and their merge.
+      long=$(printf 'The quick brown fox jumps over the lazy dog. %.0s' $(seq 40))
+      record synth-check "llama8b-q4_0, long prompt" check -m "$(llama8b q4_0)" --device cuda \
+        --prompt "$long" --steps 16
       ;;
     resident)
       for ty in q4_0 q4_k; do

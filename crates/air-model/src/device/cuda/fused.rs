@@ -3,8 +3,9 @@
 //! sequences; families without QK-norm or post-norms). Profiled on the H200 (`ncu`, the 8B
 //! shape), the ops between the matmuls were over a third of the step, each a launch of 2.5-4.9
 //! µs for a few thousand values. Here RMSNorm quantizes its output for the next matmul in the
-//! same kernel, the gated activation quantizes for the down projection, and the output and down
-//! projections add the residual as they write: 10 launches per layer instead of 15.
+//! same kernel, as do attention (for the output projection) and the gated activation (for the
+//! down projection), and the output and down projections add the residual as they write: 9
+//! launches per layer instead of 15.
 
 use super::gemv;
 use super::{DecodeStep, DeviceModel, LayerMatrices};
@@ -28,8 +29,8 @@ pub(in crate::device) fn block(
     let QMatMul::QTensor(down) = m.w_down() else { return Ok(None) };
     let rows = x.dim(0)?;
     let fit = |w: &QTensor| gemv::fits_kept(w, rows);
-    let aligned = [x, &v.attn_norm, &v.ffn_norm].into_iter().all(gemv::aligned);
-    if !(plain && aligned && x.dtype() == DType::F32 && fit(qkv) && fit(gate_up) && fit(down)) {
+    let norms = gemv::norm_applies(x, &v.attn_norm) && gemv::norm_applies(x, &v.ffn_norm);
+    if !(plain && norms && x.dtype() == DType::F32 && fit(qkv) && fit(gate_up) && fit(down)) {
         return Ok(None);
     }
     let device = x.device().as_cuda_device()?;
@@ -39,10 +40,17 @@ pub(in crate::device) fn block(
     if let Some(b) = &v.b_qkv {
         projections = projections.broadcast_add(b)?;
     }
-    let attn = DecodeStep::stacked_decode_attention(model, index, step, &projections)?;
+    // Attention writes its output quantized for the output projection where that takes it.
     let x = match m.wo() {
-        QMatMul::QTensor(wo) if gemv::fits_kept(wo, rows) => gemv::matvec_add(wo, &attn, x)?,
-        wo => (x + super::quantized_forward(wo, &attn)?)?,
+        QMatMul::QTensor(wo) if gemv::fits_kept(wo, rows) && c.head_dim.is_multiple_of(32) => {
+            let kept = Some(gemv::kept(device)?);
+            DecodeStep::stacked_decode_attention(model, index, step, &projections, kept)?;
+            gemv::kept_matvec(wo, rows, Some(x), device)?
+        }
+        wo => {
+            let attn = DecodeStep::stacked_decode_attention(model, index, step, &projections, None)?;
+            (x + super::quantized_forward(wo, &attn)?)?
+        }
     };
     gemv::norm_quantize(&x, &v.ffn_norm, eps)?;
     let gu = gemv::kept_matvec(gate_up, rows, None, device)?;

@@ -32,20 +32,6 @@ const SOURCE: &str = r#"
 // Q4_0 blocks of a row one warp stages in shared memory per step (2,304 bytes).
 #define Q4_0_STAGE 128
 
-// Quantization per 32 values as the CPU quantizes for Q8_0 dot products: d = amax / 127
-// rounded to f16, q = x * (127 / amax) rounded half to even. Values go to q, scales to d (one
-// per 32 values), both indexed as the values are in their rows (rows of a multiple of 32).
-
-__device__ __forceinline__ float q8_inverse(float amax) { return amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f; }
-
-// Value xi at index i of a warp's 32 consecutive values.
-__device__ __forceinline__ void quantize_warp(float xi, signed char* __restrict__ q, float* __restrict__ d, long long i) {
-    float amax = fabsf(xi);
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
-    q[i] = (signed char)__float2int_rn(__fmul_rn(xi, q8_inverse(amax)));
-    if (i % 32 == 0) d[i / 32] = h2f(f2h(__fdiv_rn(amax, 127.0f)));
-}
-
 // Rows of k floats (k a multiple of 256). Grid (k / 256, rows), 256 threads.
 extern "C" __global__ void air_quantize_q8_32(const float* __restrict__ x, signed char* __restrict__ q,
         float* __restrict__ d, int k) {
@@ -66,36 +52,50 @@ extern "C" __global__ void air_gated_quantize(const float* __restrict__ gate_up,
     quantize_warp(a * u, q, d, row * ffn + col);
 }
 
-// RMSNorm of rows of k floats (k a multiple of 256) times w, quantized. One block of 256
-// threads per row, 8 values per thread at a time: 4 threads hold a block of 32.
+// RMSNorm of rows of k floats (k a multiple of 256, at most 8 · NORM_ITERATIONS · blockDim.x)
+// times w, quantized. A block per row; each thread holds 8 values (and their weights) per
+// iteration in registers, so x is read once; 4 threads hold a block of 32.
+#define NORM_ITERATIONS 4
 extern "C" __global__ void air_norm_quantize(const float* __restrict__ x, const float* __restrict__ w, float eps,
         signed char* __restrict__ q, float* __restrict__ d, int k) {
-    __shared__ float sums[8];
+    __shared__ float sums[32];
     __shared__ float total;
     const long long row = blockIdx.x;
     const float* xr = x + row * k;
+    const int stride = blockDim.x * 8;
+    float4 xa[NORM_ITERATIONS], xb[NORM_ITERATIONS], wa[NORM_ITERATIONS], wb[NORM_ITERATIONS];
     float squares = 0.0f;
-    for (int c = threadIdx.x * 8; c < k; c += 2048) {
-        const float4 a = *(const float4*)(xr + c), b = *(const float4*)(xr + c + 4);
-        squares += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+    // A warp's 256 values are all in the row or all past it (k and the stride are multiples of
+    // 256), so whole warps take part in the shuffles below.
+    #pragma unroll
+    for (int it = 0; it < NORM_ITERATIONS; it++) {
+        const int c = threadIdx.x * 8 + it * stride;
+        if (c < k) {
+            xa[it] = *(const float4*)(xr + c);
+            xb[it] = *(const float4*)(xr + c + 4);
+            wa[it] = *(const float4*)(w + c);
+            wb[it] = *(const float4*)(w + c + 4);
+            const float4 a = xa[it], b = xb[it];
+            squares += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+        }
     }
     for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffff, squares, o);
     if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = squares;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.0f;
-        for (int i = 0; i < 8; i++) t += sums[i];
-        total = t;
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < blockDim.x / 32 ? sums[threadIdx.x] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffff, t, o);
+        if (threadIdx.x == 0) total = t;
     }
     __syncthreads();
     const float scale = 1.0f / sqrtf(total / (float)k + eps);
-    // A warp's 256 values are all in the row or all past it (k is a multiple of 256), so whole
-    // warps take part in the shuffles.
-    for (int c = threadIdx.x * 8; c < k; c += 2048) {
-        const float4 a = *(const float4*)(xr + c), b = *(const float4*)(xr + c + 4);
-        const float4 wa = *(const float4*)(w + c), wb = *(const float4*)(w + c + 4);
-        const float v[8] = { a.x * scale * wa.x, a.y * scale * wa.y, a.z * scale * wa.z, a.w * scale * wa.w,
-                             b.x * scale * wb.x, b.y * scale * wb.y, b.z * scale * wb.z, b.w * scale * wb.w };
+    #pragma unroll
+    for (int it = 0; it < NORM_ITERATIONS; it++) {
+        const int c = threadIdx.x * 8 + it * stride;
+        if (c >= k) break;
+        const float4 a = xa[it], b = xb[it], ga = wa[it], gb = wb[it];
+        const float v[8] = { a.x * scale * ga.x, a.y * scale * ga.y, a.z * scale * ga.z, a.w * scale * ga.w,
+                             b.x * scale * gb.x, b.y * scale * gb.y, b.z * scale * gb.z, b.w * scale * gb.w };
         float amax = 0.0f;
         #pragma unroll
         for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
@@ -266,6 +266,9 @@ const MAX_ROWS: usize = 8;
 /// (the fused decode block needs its rows to fit).
 const SCRATCH_VALUES: usize = MAX_ROWS * 65_536;
 const MODULE: &str = "air_gemv";
+/// The widest row [`norm_quantize`] takes: 1,024 threads × 8 values × the source's
+/// `NORM_ITERATIONS`.
+const NORM_WIDTH: usize = 1024 * 8 * 4;
 
 /// Whether `x (rows, k) · Wᵀ` runs on these kernels: CUDA f32 activations of 1-8 rows, Q4_0 or
 /// Q4_K weights with rows of a multiple of 256 values at a 16-byte aligned address.
@@ -290,10 +293,13 @@ pub(super) fn fits_kept(w: &QTensor, rows: usize) -> bool {
     w.shape().dims2().is_ok_and(|(_, k)| rows * k <= SCRATCH_VALUES && weights_fit(w, rows, k))
 }
 
-/// Whether `t` is a contiguous CUDA tensor at a 16-byte aligned address, as
-/// [`norm_quantize`] reads its input and weights.
-pub(super) fn aligned(t: &Tensor) -> bool {
-    t.is_contiguous() && address(t).is_ok_and(|a| a.is_multiple_of(16))
+/// Whether [`norm_quantize`] takes `x` (rows, k) and the norm's weights `w`: contiguous, at
+/// 16-byte aligned addresses, k a multiple of 256 and at most [`NORM_WIDTH`].
+pub(super) fn norm_applies(x: &Tensor, w: &Tensor) -> bool {
+    let aligned = |t: &Tensor| t.is_contiguous() && address(t).is_ok_and(|a| a.is_multiple_of(16));
+    x.dims2().is_ok_and(|(rows, k)| k.is_multiple_of(256) && k <= NORM_WIDTH && rows * k <= SCRATCH_VALUES)
+        && aligned(x)
+        && aligned(w)
 }
 
 /// The matmul as a candle op on the activations (rows, k).
@@ -349,7 +355,7 @@ impl CustomOp1 for Gemv<'_> {
 
 /// The kept buffers of quantized activations (values, scales): addresses a captured decode
 /// graph holds stay valid, and the fused decode block passes activations through them.
-fn kept(device: &CudaDevice) -> Result<(u64, u64), ModelError> {
+pub(super) fn kept(device: &CudaDevice) -> Result<(u64, u64), ModelError> {
     static VALUES: OnceLock<CudaSlice<u8>> = OnceLock::new();
     static SCALES: OnceLock<CudaSlice<u8>> = OnceLock::new();
     Ok((persistent(&VALUES, device, SCRATCH_VALUES)?, persistent(&SCALES, device, SCRATCH_VALUES / 32 * 4)?))
@@ -415,20 +421,19 @@ fn output(device: &CudaDevice, rows: usize, n: usize) -> Result<(Tensor, u64), M
 }
 
 /// RMSNorm of the rows of `x` (rows, k) times `w`, quantized into the kept buffers for
-/// [`kept_matvec`]; [`fits_kept`] holds for the matrices that read them.
+/// [`kept_matvec`]; [`norm_applies`] holds.
 pub(super) fn norm_quantize(x: &Tensor, w: &Tensor, eps: f32) -> Result<(), ModelError> {
     let (rows, k) = x.dims2()?;
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let device = x.device().as_cuda_device()?;
-    let (q, d) = kept(device)?;
-    let (x_addr, w_addr) = (address(&x)?, address(&w)?);
-    if !(x_addr.is_multiple_of(16) && w_addr.is_multiple_of(16) && k.is_multiple_of(256) && rows * k <= SCRATCH_VALUES)
-    {
+    if !norm_applies(x, w) {
         return Err(ModelError::Device(format!("no fused RMSNorm for ({rows}, {k}) rows at this alignment")));
     }
+    let device = x.device().as_cuda_device()?;
+    let (q, d) = kept(device)?;
     let func = function(device, "air_norm_quantize")?;
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let k_i = k as i32;
+    // 8 values a thread, at most 4 times (k / 32 threads), and at least 256 threads.
+    let threads = (k / 32).next_multiple_of(32).clamp(256, 1024) as u32;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let (x_addr, w_addr, k_i) = (address(x)?, address(w)?, k as i32);
     let stream = device.cuda_stream();
     let mut launch = stream.launch_builder(&func);
     launch.arg(&x_addr).arg(&w_addr).arg(&eps).arg(&q).arg(&d).arg(&k_i);
@@ -480,17 +485,6 @@ pub(super) fn kept_matvec(
     // floats.
     unsafe { matvec(device, w, q, d, residual_addr, out_addr, rows)? };
     Ok(out)
-}
-
-/// `residual + x · Wᵀ`; [`fits_kept`] holds for `w` and `x`'s rows.
-pub(super) fn matvec_add(w: &QTensor, x: &Tensor, residual: &Tensor) -> Result<Tensor, ModelError> {
-    let (rows, k) = x.dims2()?;
-    let x = x.contiguous()?;
-    let device = x.device().as_cuda_device()?;
-    let (q, d) = kept(device)?;
-    // SAFETY: x holds rows × k floats, which fit the kept buffers (the caller's promise).
-    unsafe { quantize(device, address(&x)?, q, d, rows, k)? };
-    kept_matvec(w, rows, Some(residual), device)
 }
 
 fn ptx() -> Result<&'static str, ModelError> {

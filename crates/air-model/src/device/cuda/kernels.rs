@@ -15,7 +15,8 @@ use candle_core::{CustomOp1, DType, Layout, Shape, Tensor};
 use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::OnceLock;
 
-/// f16 conversions both kernel sources use (the exact module's too).
+/// f16 conversions and the Q8 quantization of a warp's 32 values, which every kernel source
+/// starts with.
 pub(super) const F16_HELPERS: &str = r#"
 __device__ __forceinline__ float h2f(unsigned short h) {
     float f;
@@ -27,6 +28,19 @@ __device__ __forceinline__ unsigned short f2h(float f) {
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+}
+
+// Quantization per 32 values as the CPU quantizes for Q8_0 dot products: d = amax / 127
+// rounded to f16, q = x * (127 / amax) rounded half to even. Values go to q, scales to d (one
+// per 32 values), both indexed as the values are in their rows (rows of a multiple of 32).
+__device__ __forceinline__ float q8_inverse(float amax) { return amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f; }
+
+// Value xi at index i of a warp's 32 consecutive values.
+__device__ __forceinline__ void quantize_warp(float xi, signed char* __restrict__ q, float* __restrict__ d, long long i) {
+    float amax = fabsf(xi);
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+    q[i] = (signed char)__float2int_rn(__fmul_rn(xi, q8_inverse(amax)));
+    if (i % 32 == 0) d[i / 32] = h2f(f2h(__fdiv_rn(amax, 127.0f)));
 }
 "#;
 
@@ -42,10 +56,6 @@ const SOURCE: &str = r#"
 // candle's kernels divide by d, round halves away from zero and sum the unquantized values.
 struct Q8Lanes { float d; int q; int sum; };
 
-__device__ __forceinline__ float q8_scale_inverse(float amax) {
-    return amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
-}
-
 // One value per thread, block_q8_1 rows (f16 d and sum, 32 int8), kx_padded values per row:
 // the layout of candle's MMVQ kernels. Grid (kx_padded / 256, rows), 256 threads.
 extern "C" __global__ void air_quantize_q8_1(const float* x, unsigned char* y, int kx, int kx_padded) {
@@ -54,7 +64,7 @@ extern "C" __global__ void air_quantize_q8_1(const float* x, unsigned char* y, i
     const float xi = ix < kx ? x[row * kx + ix] : 0.0f;
     float amax = fabsf(xi);
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
-    const int q = __float2int_rn(__fmul_rn(xi, q8_scale_inverse(amax)));
+    const int q = __float2int_rn(__fmul_rn(xi, q8_inverse(amax)));
     int sum = q;
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
     const long long i = row * kx_padded + ix;
@@ -78,7 +88,7 @@ extern "C" __global__ void air_quantize_q8_1_mmq(const float* x, unsigned char* 
     for (int j = 0; j < 4; j++) v[j] = i0 + j < kx ? x[row * kx + i0 + j] : 0.0f;
     float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
     for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
-    const float inverse = q8_scale_inverse(amax);
+    const float inverse = q8_inverse(amax);
     int q[4];
     for (int j = 0; j < 4; j++) q[j] = __float2int_rn(__fmul_rn(v[j], inverse));
     int sum = q[0] + q[1] + q[2] + q[3];
@@ -172,7 +182,7 @@ extern "C" __global__ void air_gated(const float* gate_up, float* out, int ffn, 
 extern "C" __global__ void air_decode_attention(const float* q,
         const unsigned long long* k_caches, const unsigned long long* v_caches,
         const unsigned int* positions, int cap, int heads, int kv_heads, int dim,
-        float scale, int window, float* out, int splits, float* partial) {
+        float scale, int window, float* out, int splits, float* partial, signed char* q_out, float* d_out) {
     const float NEG_INF = __int_as_float(0xff800000);
     int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -250,14 +260,20 @@ extern "C" __global__ void air_decode_attention(const float* q,
     for (int d = threadIdx.x; d < dim; d += blockDim.x) {
         float o = 0.f;
         for (int w = 0; w < WARPS; w++) if (sm[w] != NEG_INF) o += sacc[w][d] * expf(sm[w] - top);
-        if (part) part[2 + d] = o;
-        else out[((unsigned long long)b * heads + h) * dim + d] = o / total;
+        if (part) {
+            part[2 + d] = o;
+        } else {
+            const long long at = ((long long)b * heads + h) * dim + d;
+            out[at] = o / total;
+            if (q_out) quantize_warp(o / total, q_out, d_out, at);
+        }
     }
 }
 
 // Merges the splits of air_decode_attention: partial (B, heads, splits, dim + 2) of maximum,
 // sum and unnormalized output per split into out (B, heads, dim). One block per (head, sequence).
-extern "C" __global__ void air_attention_merge(const float* partial, int heads, int dim, int splits, float* out) {
+extern "C" __global__ void air_attention_merge(const float* partial, int heads, int dim, int splits, float* out,
+        signed char* q_out, float* d_out) {
     const float NEG_INF = __int_as_float(0xff800000);
     int h = blockIdx.x, b = blockIdx.y;
     const float* part = partial + ((unsigned long long)b * heads + h) * splits * (dim + 2);
@@ -274,7 +290,9 @@ extern "C" __global__ void air_attention_merge(const float* partial, int heads, 
             float m = part[s * (dim + 2)];
             if (m != NEG_INF) o += part[s * (dim + 2) + 2 + d] * expf(m - top);
         }
-        out[((unsigned long long)b * heads + h) * dim + d] = o / total;
+        const long long at = ((long long)b * heads + h) * dim + d;
+        out[at] = o / total;
+        if (q_out) quantize_warp(o / total, q_out, d_out, at);
     }
 }
 "#;
@@ -480,6 +498,10 @@ pub(crate) struct DecodeAttention {
     pub dim: usize,
     pub scale: f32,
     pub window: Option<usize>,
+    /// Device addresses of buffers of int8 values and f32 scales (a row per sequence, heads ×
+    /// dim wide, dim a multiple of 32) to receive the output quantized as well, per 32 values
+    /// with the CPU's rounding, for the output projection's GEMV.
+    pub quantized: Option<(u64, u64)>,
 }
 
 impl CustomOp1 for DecodeAttention {
@@ -523,7 +545,8 @@ impl CustomOp1 for DecodeAttention {
         let mut launch = stream.launch_builder(&func);
         launch.arg(&q).arg(&self.table.keys).arg(&self.table.values).arg(&self.table.positions);
         launch.arg(&cap).arg(&heads).arg(&kv_heads).arg(&dim).arg(&self.scale).arg(&window).arg(&out);
-        launch.arg(&splits).arg(&partial);
+        let (q_out, d_out) = self.quantized.unwrap_or((0, 0));
+        launch.arg(&splits).arg(&partial).arg(&q_out).arg(&d_out);
         // SAFETY: q holds B × heads × dim floats, out as many, partial B × heads × splits ×
         // (dim + 2); the cache table's addresses are live caches of kv_heads × capacity × dim
         // halves with positions < capacity.
@@ -536,7 +559,7 @@ impl CustomOp1 for DecodeAttention {
                 shared_mem_bytes: 0,
             };
             let mut launch = stream.launch_builder(&merge);
-            launch.arg(&partial).arg(&heads).arg(&dim).arg(&splits).arg(&out);
+            launch.arg(&partial).arg(&heads).arg(&dim).arg(&splits).arg(&out).arg(&q_out).arg(&d_out);
             // SAFETY: as above; the first kernel filled every split's partial result.
             unsafe { launch.launch(cfg) }.w()?;
         }

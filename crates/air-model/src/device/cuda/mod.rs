@@ -183,7 +183,7 @@ impl DecodeStep {
         if let Some(b) = b_qkv {
             qkv = qkv.broadcast_add(b)?;
         }
-        Self::stacked_decode_attention(model, index, self, &qkv).map(Some)
+        Self::stacked_decode_attention(model, index, self, &qkv, None).map(Some)
     }
 
     /// The inputs for `batch` on `device`, or `None` where the kernels do not apply (not CUDA,
@@ -272,12 +272,14 @@ impl DecodeStep {
     }
 
     /// [`DecodeStep::decode_attention`] from stacked projections (B, (heads + 2 kv_heads) × head_dim):
-    /// RoPE and the cache append in one launch, attention in another.
+    /// RoPE and the cache append in one launch, attention in another (which also writes its
+    /// output quantized into `quantized`, when given: see [`kernels::DecodeAttention`]).
     fn stacked_decode_attention(
         model: &crate::Model,
         index: usize,
         step: &DecodeStep,
         qkv: &Tensor,
+        quantized: Option<(u64, u64)>,
     ) -> Result<Tensor, ModelError> {
         let c = model.config();
         let (window, _) = c.layer_attention(index);
@@ -298,8 +300,15 @@ impl DecodeStep {
             dim: c.head_dim,
         };
         let q = qkv.apply_op1_no_bwd(&rope_kv)?;
-        let op =
-            kernels::DecodeAttention { table, heads: c.n_head, kv_heads: c.n_head_kv, dim: c.head_dim, scale, window };
+        let op = kernels::DecodeAttention {
+            table,
+            heads: c.n_head,
+            kv_heads: c.n_head_kv,
+            dim: c.head_dim,
+            scale,
+            window,
+            quantized,
+        };
         Ok(q.apply_op1_no_bwd(&op)?)
     }
 
@@ -323,8 +332,15 @@ impl DecodeStep {
         let k = rope.apply(&qkv.k.reshape((b, c.n_head_kv, 1, c.head_dim))?.contiguous()?, tables)?;
         let table = step.table(index)?;
         kernels::kv_append(&k, &qkv.v, table, c.n_head_kv, c.head_dim)?;
-        let op =
-            kernels::DecodeAttention { table, heads: c.n_head, kv_heads: c.n_head_kv, dim: c.head_dim, scale, window };
+        let op = kernels::DecodeAttention {
+            table,
+            heads: c.n_head,
+            kv_heads: c.n_head_kv,
+            dim: c.head_dim,
+            scale,
+            window,
+            quantized: None,
+        };
         Ok(q.reshape((b, c.n_head, c.head_dim))?.apply_op1_no_bwd(&op)?)
     }
 }
