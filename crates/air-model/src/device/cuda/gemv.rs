@@ -11,8 +11,8 @@
 //! scale kept at f16 precision), the integer dot of a block is exact, and the blocks' sums are
 //! added in f32. They apply where rows are whole multiples of 256 values and 16-byte aligned; other
 //! shapes keep candle's kernels ([`super::matmul`]). The fused decode block ([`super::fused`])
-//! quantizes into the kept activation buffers with RMSNorm or the gated activation and lets the
-//! kernels add the residual as they write.
+//! quantizes into the kept activation buffers with RMSNorm, attention or the gated activation and
+//! lets the kernels add the residual as they write.
 //!
 //! Tried and slower on the H200 (docs/benchmarks.md): double-buffering each warp's row chunks in
 //! registers, and groups of four rows per warp sharing each activation load.
