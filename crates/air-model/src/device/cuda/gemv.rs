@@ -489,14 +489,9 @@ pub(super) fn kept_matvec(
 
 fn ptx() -> Result<&'static str, ModelError> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        // dp4a needs compute capability 6.1; CUDA 13 compiles for 7.5 and later.
-        let options = cudarc::nvrtc::CompileOptions { arch: Some("compute_75"), ..Default::default() };
-        let source = format!("{}{SOURCE}", super::kernels::F16_HELPERS);
-        cudarc::nvrtc::compile_ptx_with_opts(source, options).map(|p| p.to_src()).map_err(|e| e.to_string())
-    })
-    .as_deref()
-    .map_err(|e| ModelError::Device(format!("compiling Air's GEMV kernels: {e}")))
+    // dp4a needs compute capability 6.1; CUDA 13 compiles for 7.5 and later.
+    let options = cudarc::nvrtc::CompileOptions { arch: Some("compute_75"), ..Default::default() };
+    super::kernels::compiled(&PTX, SOURCE, options, "GEMV")
 }
 
 fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction, ModelError> {

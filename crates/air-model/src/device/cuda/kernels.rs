@@ -309,11 +309,23 @@ const MODULE: &str = "air_attention";
 
 fn ptx() -> Result<&'static str, ModelError> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(format!("{F16_HELPERS}{SOURCE}")).map(|p| p.to_src()).map_err(|e| e.to_string())
+    compiled(&PTX, SOURCE, Default::default(), "attention")
+}
+
+/// The PTX of `source` after the shared prelude ([`F16_HELPERS`]), compiled by NVRTC with
+/// `options` at first use and kept in `cell`; `what` names the kernels in the error.
+pub(super) fn compiled(
+    cell: &'static OnceLock<Result<String, String>>,
+    source: &str,
+    options: cudarc::nvrtc::CompileOptions,
+    what: &str,
+) -> Result<&'static str, ModelError> {
+    cell.get_or_init(|| {
+        let source = format!("{F16_HELPERS}{source}");
+        cudarc::nvrtc::compile_ptx_with_opts(source, options).map(|p| p.to_src()).map_err(|e| e.to_string())
     })
     .as_deref()
-    .map_err(|e| ModelError::Device(format!("compiling Air's attention kernels: {e}")))
+    .map_err(|e| ModelError::Device(format!("compiling Air's {what} kernels: {e}")))
 }
 
 pub(crate) fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction, ModelError> {

@@ -286,7 +286,7 @@ impl DecodeStep {
         let (rope, tables) = step.rope(model, window);
         let (rope_dim, interleaved) = rope.layout();
         let (cos, sin) = tables.cos_sin();
-        let (q_scale, scale) = c.attention_scales();
+        let (q_scale, _) = c.attention_scales();
         let table = step.table(index)?;
         let rope_kv = kernels::RopeKv {
             table,
@@ -300,16 +300,7 @@ impl DecodeStep {
             dim: c.head_dim,
         };
         let q = qkv.apply_op1_no_bwd(&rope_kv)?;
-        let op = kernels::DecodeAttention {
-            table,
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            dim: c.head_dim,
-            scale,
-            window,
-            quantized,
-        };
-        Ok(q.apply_op1_no_bwd(&op)?)
+        Ok(q.apply_op1_no_bwd(&attention_op(c, table, window, quantized))?)
     }
 
     /// Attention of layer `index` for a step where every sequence adds one token, by Air's
@@ -324,7 +315,7 @@ impl DecodeStep {
         let (window, _) = c.layer_attention(index);
         let b = step.sequences;
         let (rope, tables) = step.rope(model, window);
-        let (q_scale, scale) = c.attention_scales();
+        let (q_scale, _) = c.attention_scales();
         let mut q = rope.apply(&qkv.q.reshape((b, c.n_head, 1, c.head_dim))?.contiguous()?, tables)?;
         if q_scale != 1.0 {
             q = (q * q_scale as f64)?;
@@ -332,15 +323,27 @@ impl DecodeStep {
         let k = rope.apply(&qkv.k.reshape((b, c.n_head_kv, 1, c.head_dim))?.contiguous()?, tables)?;
         let table = step.table(index)?;
         kernels::kv_append(&k, &qkv.v, table, c.n_head_kv, c.head_dim)?;
-        let op = kernels::DecodeAttention {
-            table,
-            heads: c.n_head,
-            kv_heads: c.n_head_kv,
-            dim: c.head_dim,
-            scale,
-            window,
-            quantized: None,
-        };
+        let op = attention_op(c, table, window, None);
         Ok(q.reshape((b, c.n_head, c.head_dim))?.apply_op1_no_bwd(&op)?)
+    }
+}
+
+/// The decode attention op of a layer with attention window `window` over the step's caches
+/// `table` (writing its output quantized into `quantized` too, when given).
+fn attention_op(
+    c: &ModelConfig,
+    table: kernels::CacheTable,
+    window: Option<usize>,
+    quantized: Option<(u64, u64)>,
+) -> kernels::DecodeAttention {
+    let (_, scale) = c.attention_scales();
+    kernels::DecodeAttention {
+        table,
+        heads: c.n_head,
+        kv_heads: c.n_head_kv,
+        dim: c.head_dim,
+        scale,
+        window,
+        quantized,
     }
 }

@@ -60,14 +60,9 @@ macro_rules! launch {
 
 fn ptx() -> Result<&'static str, ModelError> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        // No contraction: the kernels write out every fused multiply-add the CPU has.
-        let options = cudarc::nvrtc::CompileOptions { fmad: Some(false), ..Default::default() };
-        let source = format!("{}{SOURCE}", super::kernels::F16_HELPERS);
-        cudarc::nvrtc::compile_ptx_with_opts(source, options).map(|p| p.to_src()).map_err(|e| e.to_string())
-    })
-    .as_deref()
-    .map_err(|e| ModelError::Device(format!("compiling Air's exact kernels: {e}")))
+    // No contraction: the kernels write out every fused multiply-add the CPU has.
+    let options = cudarc::nvrtc::CompileOptions { fmad: Some(false), ..Default::default() };
+    super::kernels::compiled(&PTX, SOURCE, options, "exact")
 }
 
 fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction, ModelError> {
