@@ -4,7 +4,7 @@
 
 use air_engine::{Engine, EngineConfig, EngineError, EngineModel, Event, FinishReason, Request, SchedulerConfig};
 use air_gguf::GgufFile;
-use air_model::{Logits, Model};
+use air_model::{CpuNumerics, LoadOptions, Logits, Model};
 use air_sampling::SamplingParams;
 use air_tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -25,9 +25,16 @@ fn tokenizer() -> Arc<Tokenizer> {
 }
 
 async fn engine(config: EngineConfig) -> Engine {
-    let file = model_file();
-    let model = EngineModel { name: "smol".into(), model: Model::load(&file).unwrap(), tokenizer: tokenizer() };
+    engine_with(config, CpuNumerics::Ggml).await
+}
+
+async fn engine_with(config: EngineConfig, numerics: CpuNumerics) -> Engine {
+    let model = EngineModel { name: "smol".into(), model: load(numerics), tokenizer: tokenizer() };
     Engine::start(vec![model], config).await.unwrap()
+}
+
+fn load(numerics: CpuNumerics) -> Model {
+    Model::load_with(&model_file(), LoadOptions { cpu_numerics: numerics, ..LoadOptions::default() }).unwrap()
 }
 
 fn config(max_batch_tokens: usize, kv_budget: u64) -> EngineConfig {
@@ -104,15 +111,28 @@ async fn wait_until_idle(engine: &Engine) -> air_engine::SchedulerStats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_generates_the_same_alone_and_in_a_batch_of_sixteen() {
+    same_alone_and_in_a_batch(CpuNumerics::Ggml).await
+}
+
+/// The per-block integer kernels switch between their one-row and batch forms by the rows of
+/// a step: the same bits either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fast_cpu_numerics_a_request_generates_the_same_alone_and_in_a_batch() {
+    if !CpuNumerics::Fast.supported() {
+        return;
+    }
+    same_alone_and_in_a_batch(CpuNumerics::Fast).await
+}
+
+async fn same_alone_and_in_a_batch(numerics: CpuNumerics) {
     let max_tokens = 20;
     let prompts = prompts();
     let tok = tokenizer();
-    let file = model_file();
-    let model = Model::load(&file).unwrap();
+    let model = load(numerics);
     let direct: Vec<Vec<u32>> =
         prompts.iter().map(|p| direct_greedy(&model, p, max_tokens, |t| tok.is_end_of_generation(t))).collect();
     // A small token budget: long prompts are split into chunks and share steps with decodes.
-    let engine = engine(config(96, 64 << 20)).await;
+    let engine = engine_with(config(96, 64 << 20), numerics).await;
     for (p, want) in prompts.iter().zip(&direct) {
         let (alone, _, _) = run(&engine, greedy(p.clone(), max_tokens)).await;
         assert_eq!(&alone, want, "alone through the engine vs the model directly, prompt of {} tokens", p.len());

@@ -4,7 +4,7 @@ use crate::device::{ComputeDevice, DeviceModel, DeviceNumerics, DeviceOptions, U
 use crate::kv_cache::WHOLE;
 use crate::linear::BATCHED_MATMUL_ROWS;
 use crate::rope::{Rope, RopeTables};
-use crate::{Activation, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
+use crate::{Activation, CpuNumerics, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
 use air_kv::{BlockId, KvStore};
 use air_stream::{LayerStreamer, ResidencyPlan, StreamOptions};
@@ -93,6 +93,8 @@ pub struct LoadOptions {
     pub vram_budget: Option<u64>,
     /// How a GPU rounds (ignored on the CPU).
     pub device_numerics: DeviceNumerics,
+    /// How the CPU rounds the matmuls it computes.
+    pub cpu_numerics: CpuNumerics,
 }
 
 impl Default for LoadOptions {
@@ -103,6 +105,7 @@ impl Default for LoadOptions {
             device: ComputeDevice::Cpu,
             vram_budget: None,
             device_numerics: DeviceNumerics::default(),
+            cpu_numerics: CpuNumerics::default(),
         }
     }
 }
@@ -140,7 +143,7 @@ impl Model {
         let vocab_size =
             *embd.dims.get(1).ok_or_else(|| ModelError::Config("token_embd.weight is not 2-D".into()))? as usize;
         let device = Device::Cpu;
-        let weights = Weights::load(file, &config, vocab_size)?;
+        let weights = Weights::load(file, &config, vocab_size, options.cpu_numerics)?;
         let freq_factors = weights.rope_freqs.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
         let rope = Rope::new(&config, config.rope_base, freq_factors.as_deref());
         let local_rope = config.sliding_window.map(|w| Rope::new(&config, w.rope_base, freq_factors.as_deref()));

@@ -1,4 +1,4 @@
-use crate::{Architecture, Linear, ModelConfig, ModelError};
+use crate::{Architecture, CpuNumerics, Linear, ModelConfig, ModelError};
 use air_gguf::GgufFile;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -40,6 +40,7 @@ pub struct Weights {
 
 struct Loader<'a> {
     file: &'a GgufFile,
+    numerics: CpuNumerics,
 }
 
 impl Loader<'_> {
@@ -49,7 +50,7 @@ impl Loader<'_> {
         if info.dims != expected {
             return Err(ModelError::BadShape { name: name.into(), expected, found: info.dims.clone() });
         }
-        Linear::new(self.file, info)
+        Linear::new(self.file, info, self.numerics)
     }
 
     /// A small tensor (norm weight, bias) dequantized to an f32 vector.
@@ -66,9 +67,15 @@ impl Loader<'_> {
 }
 
 impl Weights {
-    /// Maps every weight of the model described by `config` from `file`, checking shapes.
-    pub fn load(file: &GgufFile, config: &ModelConfig, vocab: usize) -> Result<Self, ModelError> {
-        let l = Loader { file };
+    /// Maps every weight of the model described by `config` from `file`, checking shapes; the
+    /// matmuls round as `numerics` says.
+    pub fn load(
+        file: &GgufFile,
+        config: &ModelConfig,
+        vocab: usize,
+        numerics: CpuNumerics,
+    ) -> Result<Self, ModelError> {
+        let l = Loader { file, numerics };
         let (d, ff) = (config.n_embd, config.n_ff);
         let q_dim = config.n_head * config.head_dim;
         let kv_dim = config.n_head_kv * config.head_dim;

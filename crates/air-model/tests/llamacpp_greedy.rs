@@ -7,7 +7,7 @@
 //! Needs the models: `scripts/fetch-models.sh all`.
 
 use air_gguf::GgufFile;
-use air_model::{Logits, Model};
+use air_model::{CpuNumerics, LoadOptions, Logits, Model};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -22,14 +22,20 @@ fn argmax(xs: &[f32]) -> usize {
     xs.iter().enumerate().fold(0, |best, (i, &x)| if x > xs[best] { i } else { best })
 }
 
-fn check_model(model: &str) {
+fn open(model: &str) -> GgufFile {
     let dir = std::env::var_os("AIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
-    let file = GgufFile::open(dir.join(format!("{model}.gguf")))
-        .unwrap_or_else(|e| panic!("{e} (fetch the models with scripts/fetch-models.sh all)"));
-    let m = Model::load(&file).unwrap();
+    GgufFile::open(dir.join(format!("{model}.gguf")))
+        .unwrap_or_else(|e| panic!("{e} (fetch the models with scripts/fetch-models.sh all)"))
+}
+
+fn reference(model: &str) -> Value {
     let text = std::fs::read_to_string(root().join(format!("tests/reference/public_{model}.json"))).unwrap();
-    let reference: Value = serde_json::from_str(&text).unwrap();
-    for case in reference["prompts"].as_array().unwrap() {
+    serde_json::from_str(&text).unwrap()
+}
+
+fn check_model(model: &str) {
+    let m = Model::load(&open(model)).unwrap();
+    for case in reference(model)["prompts"].as_array().unwrap() {
         let prompt: Vec<u32> =
             case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let name = case["prompt"].as_str().unwrap();
@@ -50,6 +56,44 @@ fn check_model(model: &str) {
             if i + 1 < steps.len() {
                 logits = m.forward(&[got as u32], &mut cache, Logits::Last).unwrap();
             }
+        }
+    }
+}
+
+/// `--cpu-numerics fast` sums each block in integers and rounds once per block, not in ggml's
+/// eight lanes, and SmolLM2 amplifies such last-bit differences: every matmul agrees with
+/// ggml's to about 1e-6, yet its final logits move by up to 0.32 (docs/numerics.md). So this
+/// asks for less than the reference's rule (greedy ids up to llama.cpp's first top-1/top-2
+/// margin under 0.05, first-step top-5 logits within 0.1): the greedy ids up to the first
+/// margin under 0.2, the first step's top-5 logits within 0.5.
+#[test]
+fn smollm2_with_fast_cpu_numerics_follows_llamacpp() {
+    if !CpuNumerics::Fast.supported() {
+        return;
+    }
+    let model = "SmolLM2-135M-Instruct.Q4_1";
+    let options = LoadOptions { cpu_numerics: CpuNumerics::Fast, ..LoadOptions::default() };
+    let m = Model::load_with(&open(model), options).unwrap();
+    for case in reference(model)["prompts"].as_array().unwrap() {
+        let prompt: Vec<u32> =
+            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let name = case["prompt"].as_str().unwrap();
+        let steps = case["steps"].as_array().unwrap();
+        let mut cache = m.new_cache(prompt.len() + steps.len()).unwrap();
+        let mut logits = m.forward(&prompt, &mut cache, Logits::Last).unwrap();
+        for entry in steps[0]["top5"].as_array().unwrap() {
+            let (id, logit) = (entry["id"].as_u64().unwrap() as usize, entry["logit"].as_f64().unwrap());
+            let got = logits[id] as f64;
+            assert!((got - logit).abs() < 0.5, "{name:?}: first step's logit of {id} is {got}, llama.cpp {logit}");
+        }
+        for (i, step) in steps.iter().enumerate() {
+            let top5 = step["top5"].as_array().unwrap();
+            if top5[0]["logit"].as_f64().unwrap() - top5[1]["logit"].as_f64().unwrap() < 0.2 {
+                break;
+            }
+            let got = argmax(&logits);
+            assert_eq!(got as u64, step["id"].as_u64().unwrap(), "{name:?}: step {i} differs");
+            logits = m.forward(&[got as u32], &mut cache, Logits::Last).unwrap();
         }
     }
 }

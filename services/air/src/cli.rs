@@ -1,7 +1,7 @@
 //! Every flag of every subcommand, in one place.
 
 use air_gguf::TensorType;
-use air_model::{ComputeDevice, DeviceNumerics};
+use air_model::{ComputeDevice, CpuNumerics, DeviceNumerics};
 use air_stream::ByteSize;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -83,6 +83,13 @@ pub struct ComputeArgs {
     /// slower; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights).
     #[arg(long, env = "AIR_GPU_NUMERICS", default_value = "fast", value_name = "fast|cpu")]
     pub gpu_numerics: DeviceNumerics,
+    /// How the CPU rounds the matmuls of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights: ggml
+    /// (llama.cpp's CPU order: its logits bit for bit) or fast (each block summed in integers,
+    /// 16 outputs per AVX-512 register: faster matmuls, most of all on batches, for serving
+    /// many requests; perplexity as llama.cpp's, but greedy text may part from llama.cpp's
+    /// sooner; needs AVX-512 VNNI).
+    #[arg(long, env = "AIR_CPU_NUMERICS", default_value = "ggml", value_name = "ggml|fast")]
+    pub cpu_numerics: CpuNumerics,
 }
 
 /// How the engine batches requests and sizes its KV cache.

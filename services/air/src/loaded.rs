@@ -2,7 +2,7 @@
 
 use crate::cli::{ComputeArgs, RuntimeArgs};
 use air_gguf::GgufFile;
-use air_model::{ComputeDevice, DeviceNumerics, LoadOptions, Model};
+use air_model::{ComputeDevice, CpuNumerics, DeviceNumerics, LoadOptions, Model};
 use air_stream::{ByteSize, available_memory};
 use air_tokenizer::Tokenizer;
 use anyhow::{Context, Result};
@@ -34,12 +34,21 @@ impl Loaded {
             device != ComputeDevice::Cpu || args.gpu_numerics == DeviceNumerics::Fast,
             "--gpu-numerics chooses how a GPU rounds, but the model runs on the CPU (use --device cuda)"
         );
+        anyhow::ensure!(
+            device == ComputeDevice::Cpu || args.cpu_numerics == CpuNumerics::Ggml,
+            "--cpu-numerics chooses how the CPU rounds, but the model runs on {device} (use --device cpu)"
+        );
+        anyhow::ensure!(
+            args.cpu_numerics.supported(),
+            "--cpu-numerics fast needs a CPU with AVX-512 VNNI, which this one lacks (use --cpu-numerics ggml)"
+        );
         let options = LoadOptions {
             memory_budget: budget.map(ByteSize::bytes),
             prefetch_depth: args.prefetch_depth,
             device,
             vram_budget: args.vram_budget.map(ByteSize::bytes),
             device_numerics: args.gpu_numerics,
+            cpu_numerics: args.cpu_numerics,
         };
         let model =
             Model::load_with(&file, options).with_context(|| format!("cannot load model {}", path.display()))?;

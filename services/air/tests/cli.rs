@@ -410,6 +410,9 @@ fn device_flags_are_checked() {
     let out = air(&["bench", "-m", &m, "--gpu-numerics", "exactish"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected fast or cpu"));
+    let out = air(&["bench", "-m", &m, "--cpu-numerics", "exactish"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected ggml or fast"));
     // `air check` compares a GPU with the CPU: the CPU against itself is a mistake.
     assert_fails(&["check", "-m", &m, "--device", "cpu"], "give cuda or cuda:N");
     assert_fails(&["check", "-m", &m, "--device", "cuda", "--steps", "0"], "--steps");
@@ -421,6 +424,16 @@ fn device_flags_are_checked() {
     let args = ["-p", "The capital of France is", "--max-tokens", "4", "--temperature", "0", "--device", "cpu"];
     let text = generate_json(&m, &args);
     assert_eq!(text["tokens"].as_array().map(Vec::len), Some(4));
+    // The per-block integer kernels give the same greedy start here (a wide top-1 margin).
+    let fast = [&args[..], &["--cpu-numerics", "fast"]].concat();
+    if air_model::CpuNumerics::Fast.supported() {
+        assert_eq!(generate_json(&m, &fast)["text"], text["text"]);
+    } else {
+        assert_fails(
+            &[&["generate", "-m", &m][..], &fast].concat(),
+            "--cpu-numerics fast needs a CPU with AVX-512 VNNI",
+        );
+    }
 }
 
 /// One HTTP/1.1 exchange over a fresh connection: the status line and the body.

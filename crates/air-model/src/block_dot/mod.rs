@@ -13,6 +13,8 @@
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod x86;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod x86_fast;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod x86_kquants;
 
 use crate::activation_quant::ActivationQuant;
@@ -156,6 +158,60 @@ macro_rules! tiled {
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 tiled!(BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0);
 
+/// A block type with per-block integer kernels ([`crate::CpuNumerics::Fast`], [`x86_fast`]).
+pub trait FastDot: GgmlType + Sync {
+    /// Activation rows, quantized for the kernels.
+    type FastActivations: Send + Sync;
+
+    /// Quantizes `x`, rows of `k` values, as ggml does for this weight type.
+    fn fast_quantize(x: &[f32], k: usize) -> Self::FastActivations;
+
+    /// As [`BlockDot::dots`], by the per-block integer arithmetic.
+    fn fast_dots(
+        kb: usize,
+        w: &[Self],
+        x: &Self::FastActivations,
+        rows: Range<usize>,
+        out: &mut [f32],
+        out_stride: usize,
+    );
+}
+
+/// Whether this CPU runs the [`FastDot`] kernels.
+pub fn fast_supported() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    return x86_fast::supported();
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    false
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+macro_rules! fast {
+    ($($t:ident),*) => {$(
+        impl FastDot for k_quants::$t {
+            type FastActivations = x86_fast::Activations;
+
+            fn fast_quantize(x: &[f32], k: usize) -> Self::FastActivations {
+                x86_fast::Activations::new::<Self>(x, k)
+            }
+
+            fn fast_dots(
+                kb: usize,
+                w: &[Self],
+                x: &Self::FastActivations,
+                rows: Range<usize>,
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
+                x86_fast::dots(kb, w, x, rows, out, out_stride)
+            }
+        }
+    )*};
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+fast!(BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +343,49 @@ mod model_shapes {
             (m * n * k) as f64 / best[1] / 1e9,
             bytes / best[0] / 1e9
         );
+    }
+
+    /// ggml's order against the per-block integer kernels ([`FastDot`]), same shapes and data.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    fn compare_fast<T: BlockDot + FastDot>(k: usize, n: usize, m: usize) {
+        if !fast_supported() {
+            return;
+        }
+        let kb = k / T::BLCK_SIZE;
+        let distinct = 64.min(n);
+        let values: Vec<f32> = (0..distinct * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let mut pattern = vec![T::zeros(); distinct * kb];
+        T::from_float(&values, &mut pattern);
+        let w: Vec<T> = pattern.iter().cycle().take(n * kb).cloned().collect();
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let (ggml, fast) = (T::quantize(&x, k), T::fast_quantize(&x, k));
+        let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let mut best = [f64::MAX; 2];
+        for _ in 0..3 {
+            let t = Instant::now();
+            T::dots(kb, &w, &ggml, 0..m, &[], &mut a, n);
+            best[0] = best[0].min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            T::fast_dots(kb, &w, &fast, 0..m, &mut b, n);
+            best[1] = best[1].min(t.elapsed().as_secs_f64());
+        }
+        for (got, want) in b.iter().zip(&a) {
+            assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{:?}: {got} vs {want}", T::DTYPE);
+        }
+        let gmacs = |s: f64| (m * n * k) as f64 / s / 1e9;
+        println!("{:?} k={k} n={n} m={m}: ggml {:.1} GMAC/s, fast {:.1}", T::DTYPE, gmacs(best[0]), gmacs(best[1]));
+    }
+
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    fn fast_kernels_at_model_shapes() {
+        for m in [1, 2, 3, 4, 8, 16, 48] {
+            compare_fast::<BlockQ4_1>(576, 1536, m);
+        }
+        compare_fast::<BlockQ4_1>(1536, 576, 16);
+        compare_fast::<BlockQ8_0>(576, 49152, 16);
+        compare_fast::<BlockQ8_0>(576, 49152, 1);
+        compare_fast::<BlockQ5_0>(896, 4864, 48);
     }
 
     #[test]

@@ -21,10 +21,10 @@ const LANES: usize = 8;
 /// single activation row (generation streams the weights from memory: 128 rather than 16 gave
 /// +12..52% decode speed on the three real models, alternating runs), near for wider tiles (whose
 /// weights are mostly in cache already).
-const STREAM_PREFETCH_BLOCKS: usize = 128;
-const PREFETCH_BLOCKS: usize = 16;
+pub(super) const STREAM_PREFETCH_BLOCKS: usize = 128;
+pub(super) const PREFETCH_BLOCKS: usize = 16;
 /// Blocks between two weight prefetches of a row: about one per 64-byte cache line.
-const fn blocks_per_prefetch<W>() -> usize {
+pub(super) const fn blocks_per_prefetch<W>() -> usize {
     let per_line = 64 / size_of::<W>();
     if per_line == 0 { 1 } else { per_line }
 }
@@ -56,11 +56,11 @@ pub(super) enum Encoding {
 /// A weight block unpacked into registers.
 #[derive(Clone, Copy)]
 pub(super) struct Unpacked {
-    d: f32,
+    pub(super) d: f32,
     /// The minimum, for [`Encoding::Min`].
-    m: f32,
+    pub(super) m: f32,
     /// The 32 values as the encoding has them.
-    q: __m256i,
+    pub(super) q: __m256i,
 }
 
 /// A weight block type the kernels read.

@@ -1,0 +1,404 @@
+//! Per-block integer dot products for the 32-value block types ([`crate::CpuNumerics::Fast`]),
+//! on x86 CPUs with AVX-512 VNNI.
+//!
+//! The arithmetic, for each output: over the blocks in order, the block's exact integer dot
+//! product of weight and activation values, converted to f32 and added by one fused
+//! multiply-add with d_w·d_x; for the types with a minimum (Q4_1, Q5_1), then m_w·s_x by a
+//! second. ggml's order (x86.rs) keeps 8 partial sums per output in the lanes of a register,
+//! one rounding per lane and block; summing each block in integers first needs one rounding per
+//! block and frees a register's lanes for 16 different outputs:
+//! - batches ([`batch_tile`]): 16 activation rows per register, one register per weight row;
+//!   each weight block's 4-value groups are broadcast against the 16 rows' groups, laid out
+//!   for that when the activations are quantized ([`LaneBlock`]);
+//! - one to three rows ([`row_tile`]): 16 weight rows per register, two rows' blocks per
+//!   dot-product instruction, the partial sums reduced across lanes in integers.
+//!
+//! Integer sums are exact and both kernels apply the same f32 operations to each output in the
+//! same order, so they give the same bits: a row's result does not depend on its batch.
+
+use super::x86::{Encoding, PREFETCH_BLOCKS, STREAM_PREFETCH_BLOCKS, Weight, blocks_per_prefetch};
+use crate::activation_quant::{q8_1_sum, quantize_q8_block};
+use half::f16;
+use std::arch::x86_64::*;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Outputs per 512-bit register: activation rows in [`batch_tile`], weight rows in [`row_tile`].
+const LANES: usize = 16;
+/// Weight rows per [`batch_tile`].
+const TILE_W: usize = 4;
+/// Activation rows per [`row_tile`]: it unpacks 16 weight rows' blocks once for them.
+const ROW_TILE_X: usize = 3;
+/// Fewest rows of a 16-row group that go through [`batch_tile`]; fewer go through [`row_tile`]
+/// by threes. Single-thread, Q4_1 at k = 576, n = 1536: [`batch_tile`] 75 GMAC/s on 16 rows,
+/// 40 on 8, 20 on 4; [`row_tile`] 24, 43 and 51 on 1, 2 and 3 rows
+/// (`fast_kernels_at_model_shapes` in block_dot/mod.rs).
+const MIN_BATCH_ROWS: usize = 10;
+/// Where [`row_tile`]'s lane-crossing reduction leaves weight row `ROW_OF_LANE[lane]`.
+const ROW_OF_LANE: [usize; LANES] = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15];
+
+/// Whether this CPU runs the kernels (AVX-512 F/BW/DQ/VL and VNNI).
+pub(super) fn supported() -> bool {
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// The unsigned operand of the dot-product instruction holds the weights as `value + offset`:
+/// Q8_0's signed values lifted by 128, Q4_0 and Q5_0 as stored (value + 8, value + 16), the
+/// types with a minimum as stored. Each activation block carries `-offset · Σq` to start from.
+const fn lift<W: Weight>() -> i32 {
+    match W::ENCODING {
+        Encoding::Signed => 128,
+        Encoding::Offset(offset) => offset,
+        Encoding::Min => 0,
+    }
+}
+
+/// A weight block's 32 values as the unsigned operand (see [`lift`]).
+#[inline(always)]
+unsafe fn lifted<W: Weight>(q: __m256i) -> __m256i {
+    match W::ENCODING {
+        Encoding::Signed => unsafe { _mm256_xor_si256(q, _mm256_set1_epi8(-128)) },
+        _ => q,
+    }
+}
+
+/// One block of an activation row, as [`row_tile`] reads it.
+#[derive(Clone, Copy, Default)]
+struct RowBlock {
+    /// The 8-bit values.
+    q: [i8; 32],
+    /// The scale (ggml's f16, widened).
+    d: f32,
+    /// For [`Encoding::Min`]: d · Σq as ggml's f16, widened.
+    s: f32,
+    /// The integer sum starts here: −[`lift`] · Σq.
+    start: i32,
+}
+
+/// One block of 16 activation rows, as [`batch_tile`] reads it: group g (values 4g..4g + 4) of
+/// every row side by side, then each row's `start`, `d` and `s` (as in [`RowBlock`]).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct LaneBlock {
+    groups: [[i8; 4 * LANES]; 8],
+    start: [i32; LANES],
+    d: [f32; LANES],
+    s: [f32; LANES],
+}
+
+impl LaneBlock {
+    const ZERO: Self = Self { groups: [[0; 4 * LANES]; 8], start: [0; LANES], d: [0.0; LANES], s: [0.0; LANES] };
+}
+
+/// Activation rows quantized as ggml's Q8_0 (Q8_1 for [`Encoding::Min`]), in both kernels'
+/// layouts.
+pub struct Activations {
+    kb: usize,
+    /// (row, block).
+    blocks: Vec<RowBlock>,
+    /// (group of 16 rows, block); empty when there are too few rows for [`batch_tile`].
+    lanes: Vec<LaneBlock>,
+}
+
+impl Activations {
+    /// Quantizes `x`, rows of `k` values, for weights of type `W`.
+    pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
+        let (rows, kb) = (x.len() / k, k / 32);
+        let mut blocks = vec![RowBlock::default(); rows * kb];
+        crate::host::for_row_chunks(&mut blocks, kb, k, |first, chunk| {
+            for (block, values) in chunk.iter_mut().zip(x[first * k..].chunks_exact(32)) {
+                let (d, q, sum) = quantize_q8_block(values);
+                let s = if W::ENCODING == Encoding::Min { q8_1_sum(d, sum).to_f32() } else { 0.0 };
+                *block = RowBlock { q, d: f16::from_f32(d).to_f32(), s, start: -lift::<W>() * sum };
+            }
+        });
+        let mut lanes = Vec::new();
+        if rows >= MIN_BATCH_ROWS {
+            lanes = vec![LaneBlock::ZERO; rows.div_ceil(LANES) * kb];
+            for (r, row) in blocks.chunks_exact(kb).enumerate() {
+                let lane = r % LANES;
+                for (block, to) in row.iter().zip(&mut lanes[r / LANES * kb..]) {
+                    for (g, group) in to.groups.iter_mut().enumerate() {
+                        group[4 * lane..4 * lane + 4].copy_from_slice(&block.q[4 * g..4 * g + 4]);
+                    }
+                    (to.start[lane], to.d[lane], to.s[lane]) = (block.start, block.d, block.s);
+                }
+            }
+        }
+        Self { kb, blocks, lanes }
+    }
+}
+
+/// `RM` weight rows from `w` × the 16 activation rows of lane group `group`, over all blocks:
+/// register i holds weight row i's outputs for the 16 rows.
+/// SAFETY (caller): `w` points to `RM` rows of `x.kb` blocks; `x.lanes` holds the group; the
+/// CPU has AVX-512 F/BW/VNNI.
+#[inline(always)]
+unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, group: usize) -> [__m512; RM] {
+    let kb = x.kb;
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); RM];
+        let mut bytes = [0i32; 8];
+        for b in 0..kb {
+            if b % blocks_per_prefetch::<W>() == 0 {
+                for i in 0..RM {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + PREFETCH_BLOCKS) as *const i8);
+                }
+            }
+            let lane = x.lanes.get_unchecked(group * kb + b);
+            let xs: [__m512i; 8] = std::array::from_fn(|g| _mm512_load_si512(lane.groups[g].as_ptr().cast()));
+            let start = _mm512_load_si512(lane.start.as_ptr().cast());
+            let dx = _mm512_load_ps(lane.d.as_ptr());
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let u = W::unpack(w.add(i * kb + b));
+                _mm256_storeu_si256(bytes.as_mut_ptr().cast(), lifted::<W>(u.q));
+                let mut sums = start;
+                for (g, xs) in xs.iter().enumerate() {
+                    sums = _mm512_dpbusd_epi32(sums, _mm512_set1_epi32(bytes[g]), *xs);
+                }
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(_mm512_set1_ps(u.d), dx), *acc);
+                if W::ENCODING == Encoding::Min {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(u.m), _mm512_load_ps(lane.s.as_ptr()), *acc);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Sums each weight row's 8 partial sums: `pairs[p]` holds rows 2p (lanes 0-7) and 2p + 1
+/// (lanes 8-15); the result holds row [`ROW_OF_LANE`]`[lane]` in each lane.
+#[inline(always)]
+unsafe fn reduce_rows(pairs: [__m512i; 8]) -> __m512i {
+    unsafe {
+        // Halve the partial sums per row and double the rows per register, three times.
+        let quads: [__m512i; 4] = std::array::from_fn(|q| {
+            let (a, b) = (pairs[2 * q], pairs[2 * q + 1]);
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+        });
+        let octets: [__m512i; 2] = std::array::from_fn(|h| {
+            let (a, b) = (quads[2 * h], quads[2 * h + 1]);
+            _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+        });
+        let even = _mm512_shuffle_i32x4::<0b10_00_10_00>(octets[0], octets[1]);
+        let odd = _mm512_shuffle_i32x4::<0b11_01_11_01>(octets[0], octets[1]);
+        _mm512_add_epi32(even, odd)
+    }
+}
+
+/// 16 weight rows from `w` (the first `valid` of them real; the rest repeat the last) × `XR`
+/// activation rows from `j0`, over all blocks: register j holds activation row j0 + j's
+/// outputs, weight row [`ROW_OF_LANE`]`[lane]` in each lane.
+/// SAFETY (caller): `w` points to `valid` (1 to 16) rows of `x.kb` blocks; rows `j0..j0 + XR`
+/// exist in `x`; the CPU has AVX-512 F/BW/DQ/VNNI.
+#[inline(always)]
+unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Activations, j0: usize) -> [__m512; XR] {
+    let kb = x.kb;
+    let row = |i: usize| w.wrapping_add(i.min(valid - 1) * kb);
+    unsafe {
+        let offsets: [i32; LANES] =
+            std::array::from_fn(|lane| (ROW_OF_LANE[lane].min(valid - 1) * kb * size_of::<W>()) as i32);
+        let offsets = _mm512_loadu_si512(offsets.as_ptr().cast());
+        let ahead = if XR == 1 { STREAM_PREFETCH_BLOCKS } else { PREFETCH_BLOCKS };
+        let mut acc = [_mm512_setzero_ps(); XR];
+        for b in 0..kb {
+            if b % blocks_per_prefetch::<W>() == 0 {
+                for i in 0..valid {
+                    _mm_prefetch::<_MM_HINT_T0>(row(i).wrapping_add(b + ahead) as *const i8);
+                }
+            }
+            // Every block starts with d (and, for a minimum, m) as f16: one gather takes both.
+            let heads = _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
+            let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads));
+            let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(heads)));
+            let pairs: [__m512i; 8] = std::array::from_fn(|p| {
+                let low = lifted::<W>(W::unpack(row(2 * p).add(b)).q);
+                let high = lifted::<W>(W::unpack(row(2 * p + 1).add(b)).q);
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
+            });
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let xb = x.blocks.get_unchecked((j0 + j) * kb + b);
+                let xq = _mm512_broadcast_i64x4(_mm256_loadu_si256(xb.q.as_ptr().cast()));
+                let partial = pairs.map(|p| _mm512_dpbusd_epi32(_mm512_setzero_si512(), p, xq));
+                let sums = _mm512_add_epi32(reduce_rows(partial), _mm512_set1_epi32(xb.start));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), *acc);
+                if W::ENCODING == Encoding::Min {
+                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), *acc);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// For weight rows `w` (each `kb` blocks) and activation rows `rows` of `x`, writes the dot
+/// product of activation row `rows.start + j` and weight row `i` to `out[j * stride + i]`.
+/// Panics when the CPU lacks the kernels' instructions ([`supported`]).
+pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
+    assert!(supported(), "the per-block integer kernels need AVX-512 VNNI");
+    assert_eq!(kb, x.kb);
+    let rows_w = w.len() / kb;
+    assert!(rows.end * kb <= x.blocks.len() && (rows.is_empty() || out.len() >= (rows.len() - 1) * stride + rows_w));
+    // SAFETY: the CPU has the instructions (asserted); the bounds are checked above.
+    unsafe { dots_avx512(w, x, rows, out, stride) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
+    let kb = x.kb;
+    let rows_w = w.len() / kb;
+    let mut values = [0f32; LANES];
+    let mut first = rows.start;
+    while first < rows.end {
+        let group = first / LANES;
+        let end = ((group + 1) * LANES).min(rows.end);
+        if end - first >= MIN_BATCH_ROWS {
+            for i in (0..rows_w).step_by(TILE_W) {
+                let mut store = |tile: &[__m512]| {
+                    for (c, &acc) in tile.iter().enumerate() {
+                        // SAFETY: `values` holds 16 f32.
+                        unsafe { _mm512_storeu_ps(values.as_mut_ptr(), acc) };
+                        for r in first..end {
+                            out[(r - rows.start) * stride + i + c] = values[r - group * LANES];
+                        }
+                    }
+                };
+                macro_rules! tile {
+                    ($rm:literal) => {
+                        // SAFETY: weight rows i..i + rm exist; the group has ≥ MIN_BATCH_ROWS
+                        // rows, so `x.lanes` holds it.
+                        store(&unsafe { batch_tile::<W, $rm>(w.as_ptr().add(i * kb), x, group) })
+                    };
+                }
+                match TILE_W.min(rows_w - i) {
+                    4 => tile!(4),
+                    3 => tile!(3),
+                    2 => tile!(2),
+                    _ => tile!(1),
+                }
+            }
+        } else {
+            for i in (0..rows_w).step_by(LANES) {
+                let valid = LANES.min(rows_w - i);
+                for j0 in (first..end).step_by(ROW_TILE_X) {
+                    let mut store = |tile: &[__m512]| {
+                        for (j, &acc) in tile.iter().enumerate() {
+                            // SAFETY: `values` holds 16 f32.
+                            unsafe { _mm512_storeu_ps(values.as_mut_ptr(), acc) };
+                            for (lane, &r) in ROW_OF_LANE.iter().enumerate().filter(|&(_, &r)| r < valid) {
+                                out[(j0 + j - rows.start) * stride + i + r] = values[lane];
+                            }
+                        }
+                    };
+                    macro_rules! tile {
+                        ($xr:literal) => {
+                            // SAFETY: weight rows i..i + valid and activation rows j0..j0 + xr exist.
+                            store(&unsafe { row_tile::<W, $xr>(w.as_ptr().add(i * kb), valid, x, j0) })
+                        };
+                    }
+                    match ROW_TILE_X.min(end - j0) {
+                        1 => tile!(1),
+                        2 => tile!(2),
+                        _ => tile!(3),
+                    }
+                }
+            }
+        }
+        first = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+
+    /// The arithmetic one output at a time, in scalar code.
+    fn scalar<W: Weight>(w: &[W], x: &Activations, row: usize) -> f32 {
+        let mut acc = 0f32;
+        for (b, block) in w.iter().enumerate() {
+            let xb = &x.blocks[row * x.kb + b];
+            // SAFETY: AVX2 is enabled for the build; `block` is a whole block.
+            let (u, values) = unsafe {
+                let u = W::unpack(block);
+                let mut values = [0u8; 32];
+                _mm256_storeu_si256(values.as_mut_ptr().cast(), lifted::<W>(u.q));
+                (u, values)
+            };
+            let sum = xb.start + values.iter().zip(xb.q).map(|(&w, x)| w as i32 * x as i32).sum::<i32>();
+            acc = (sum as f32).mul_add(u.d * xb.d, acc);
+            if W::ENCODING == Encoding::Min {
+                acc = u.m.mul_add(xb.s, acc);
+            }
+        }
+        acc
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Both kernels, over row ranges that mix them and weight row counts that leave partial
+    /// tiles, give the scalar arithmetic's bits; and the result stays near the f32 dot product.
+    fn same_bits_as_scalar<W: Weight>() {
+        let (k, rows_x) = (384, 37);
+        let kb = k / 32;
+        for rows_w in [37, 16, 5, 1] {
+            let values = data(rows_w * k, 11);
+            let mut w = vec![W::zeros(); rows_w * kb];
+            W::from_float(&values, &mut w);
+            let mut dequantized = vec![0f32; rows_w * k];
+            W::to_float(&w, &mut dequantized);
+            let xf = data(rows_x * k, 5);
+            let x = Activations::new::<W>(&xf, k);
+            for rows in [0..37, 0..1, 3..5, 14..19, 16..20, 5..37, 33..37, 36..37, 3..15, 20..32, 0..7] {
+                let stride = rows_w + 2;
+                let mut out = vec![f32::NAN; rows.len() * stride];
+                dots(kb, &w, &x, rows.clone(), &mut out, stride);
+                for (j, row) in rows.clone().enumerate() {
+                    for i in 0..rows_w {
+                        let got = out[j * stride + i];
+                        let want = scalar(&w[i * kb..(i + 1) * kb], &x, row);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{:?} {rows:?} ({row}, {i}): {got} vs {want}",
+                            W::DTYPE
+                        );
+                        let exact: f32 = dequantized[i * k..(i + 1) * k]
+                            .iter()
+                            .zip(&xf[row * k..(row + 1) * k])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        assert!((got - exact).abs() < 0.05, "{:?} ({row}, {i}): {got} vs f32 {exact}", W::DTYPE);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_give_the_scalar_arithmetic_bits() {
+        if !supported() {
+            return;
+        }
+        same_bits_as_scalar::<BlockQ4_0>();
+        same_bits_as_scalar::<BlockQ4_1>();
+        same_bits_as_scalar::<BlockQ5_0>();
+        same_bits_as_scalar::<BlockQ5_1>();
+        same_bits_as_scalar::<BlockQ8_0>();
+    }
+}
