@@ -25,8 +25,8 @@ use std::sync::OnceLock;
 
 /// Outputs per 512-bit register: activation rows in [`batch_tile`], weight rows in [`row_tile`].
 const LANES: usize = 16;
-/// Weight rows per [`batch_tile`].
-const TILE_W: usize = 4;
+/// Weight rows per [`batch_tile`] (fewer for the last rows of a matrix).
+const TILE_W: usize = LANES;
 /// Activation rows per [`row_tile`]: it unpacks 16 weight rows' blocks once for them.
 const ROW_TILE_X: usize = 3;
 /// Fewest rows of a 16-row group that go through [`batch_tile`]; fewer go through [`row_tile`]
@@ -136,36 +136,53 @@ impl Activations {
     }
 }
 
-/// `RM` weight rows from `w` × the 16 activation rows of lane group `group`, over all blocks:
-/// register i holds weight row i's outputs for the 16 rows.
+/// `RM` (at most 16) weight rows from `w` × the 16 activation rows of lane group `group`, over
+/// all blocks: register i holds weight row i's outputs for the 16 rows. Per block, one gather
+/// takes the rows' scales; each row's values go through memory so that its 4-value groups
+/// are broadcast by loads rather than by shuffles, which would compete with the dot products
+/// for the vector ports; the `RM` rows' sums are independent chains.
 /// SAFETY (caller): `w` points to `RM` rows of `x.kb` blocks; `x.lanes` holds the group; the
-/// CPU has AVX-512 F/BW/VNNI.
+/// CPU has AVX-512 F/BW/DQ/VNNI.
 #[inline(always)]
 unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, group: usize) -> [__m512; RM] {
+    /// One block of the tile's weight rows: values as the unsigned operand, d and m.
+    #[repr(C, align(64))]
+    struct Rows<const RM: usize> {
+        values: [[i32; 8]; RM],
+        d: [f32; LANES],
+        m: [f32; LANES],
+    }
     let kb = x.kb;
     unsafe {
+        let offsets: [i32; LANES] = std::array::from_fn(|i| (i.min(RM - 1) * kb * size_of::<W>()) as i32);
+        let offsets = _mm512_loadu_si512(offsets.as_ptr().cast());
+        let mut rows = Rows::<RM> { values: [[0; 8]; RM], d: [0.0; LANES], m: [0.0; LANES] };
         let mut acc = [_mm512_setzero_ps(); RM];
-        let mut bytes = [0i32; 8];
         for b in 0..kb {
-            if b % blocks_per_prefetch::<W>() == 0 {
-                for i in 0..RM {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + PREFETCH_BLOCKS) as *const i8);
-                }
+            // Every block starts with d (and, for a minimum, m) as f16: one gather takes both.
+            let heads = _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
+            _mm512_storeu_ps(rows.d.as_mut_ptr(), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads)));
+            if W::ENCODING == Encoding::Min {
+                let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(heads)));
+                _mm512_storeu_ps(rows.m.as_mut_ptr(), m);
             }
+            for i in 0..RM {
+                _mm256_store_si256(rows.values[i].as_mut_ptr().cast(), lifted::<W>(W::unpack(w.add(i * kb + b)).q));
+            }
+            // Opaque to the optimiser, which would otherwise forward the stores as shuffles.
+            let rows = std::hint::black_box(&rows);
             let lane = x.lanes.get_unchecked(group * kb + b);
             let xs: [__m512i; 8] = std::array::from_fn(|g| _mm512_load_si512(lane.groups[g].as_ptr().cast()));
             let start = _mm512_load_si512(lane.start.as_ptr().cast());
             let dx = _mm512_load_ps(lane.d.as_ptr());
             for (i, acc) in acc.iter_mut().enumerate() {
-                let u = W::unpack(w.add(i * kb + b));
-                _mm256_storeu_si256(bytes.as_mut_ptr().cast(), lifted::<W>(u.q));
                 let mut sums = start;
                 for (g, xs) in xs.iter().enumerate() {
-                    sums = _mm512_dpbusd_epi32(sums, _mm512_set1_epi32(bytes[g]), *xs);
+                    sums = _mm512_dpbusd_epi32(sums, _mm512_set1_epi32(rows.values[i][g]), *xs);
                 }
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(_mm512_set1_ps(u.d), dx), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(_mm512_set1_ps(rows.d[i]), dx), *acc);
                 if W::ENCODING == Encoding::Min {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(u.m), _mm512_load_ps(lane.s.as_ptr()), *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(rows.m[i]), _mm512_load_ps(lane.s.as_ptr()), *acc);
                 }
             }
         }
@@ -260,7 +277,8 @@ unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, o
         let group = first / LANES;
         let end = ((group + 1) * LANES).min(rows.end);
         if end - first >= MIN_BATCH_ROWS {
-            for i in (0..rows_w).step_by(TILE_W) {
+            let mut i = 0;
+            while i < rows_w {
                 let mut store = |tile: &[__m512]| {
                     for (c, &acc) in tile.iter().enumerate() {
                         // SAFETY: `values` holds 16 f32.
@@ -269,6 +287,7 @@ unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, o
                             out[(r - rows.start) * stride + i + c] = values[r - group * LANES];
                         }
                     }
+                    tile.len()
                 };
                 macro_rules! tile {
                     ($rm:literal) => {
@@ -277,12 +296,13 @@ unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, o
                         store(&unsafe { batch_tile::<W, $rm>(w.as_ptr().add(i * kb), x, group) })
                     };
                 }
-                match TILE_W.min(rows_w - i) {
-                    4 => tile!(4),
-                    3 => tile!(3),
-                    2 => tile!(2),
+                i += match rows_w - i {
+                    TILE_W.. => tile!(16),
+                    8.. => tile!(8),
+                    4.. => tile!(4),
+                    2.. => tile!(2),
                     _ => tile!(1),
-                }
+                };
             }
         } else {
             for i in (0..rows_w).step_by(LANES) {
