@@ -384,8 +384,6 @@ mod model_shapes {
         }
         compare_fast::<BlockQ4_1>(1536, 576, 16);
         compare_fast::<BlockQ8_0>(576, 49152, 16);
-        compare_fast::<BlockQ8_0>(576, 1536, 16);
-        compare_fast::<BlockQ4_1>(576, 49152, 16);
         compare_fast::<BlockQ8_0>(576, 49152, 1);
         compare_fast::<BlockQ5_0>(896, 4864, 48);
     }

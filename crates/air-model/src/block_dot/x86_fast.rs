@@ -158,9 +158,20 @@ unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, g
         let offsets = _mm512_loadu_si512(offsets.as_ptr().cast());
         let mut rows = Rows::<RM> { values: [[0; 8]; RM], d: [0.0; LANES], m: [0.0; LANES] };
         let mut acc = [_mm512_setzero_ps(); RM];
+        // Every block starts with d (and, for a minimum, m) as f16: one gather takes both, a
+        // block ahead of its use (its latency stalled the kernel).
+        let gather = |b: usize| _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
+        let mut next = gather(0);
         for b in 0..kb {
-            // Every block starts with d (and, for a minimum, m) as f16: one gather takes both.
-            let heads = _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
+            if b % blocks_per_prefetch::<W>() == 0 {
+                for i in 0..RM {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + PREFETCH_BLOCKS) as *const i8);
+                }
+            }
+            let heads = next;
+            if b + 1 < kb {
+                next = gather(b + 1);
+            }
             _mm512_storeu_ps(rows.d.as_mut_ptr(), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads)));
             if W::ENCODING == Encoding::Min {
                 let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(heads)));
@@ -225,14 +236,19 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
         let offsets = _mm512_loadu_si512(offsets.as_ptr().cast());
         let ahead = if XR == 1 { STREAM_PREFETCH_BLOCKS } else { PREFETCH_BLOCKS };
         let mut acc = [_mm512_setzero_ps(); XR];
+        // The blocks' d and m, a block ahead as in [`batch_tile`].
+        let gather = |b: usize| _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
+        let mut next = gather(0);
         for b in 0..kb {
             if b % blocks_per_prefetch::<W>() == 0 {
                 for i in 0..valid {
                     _mm_prefetch::<_MM_HINT_T0>(row(i).wrapping_add(b + ahead) as *const i8);
                 }
             }
-            // Every block starts with d (and, for a minimum, m) as f16: one gather takes both.
-            let heads = _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
+            let heads = next;
+            if b + 1 < kb {
+                next = gather(b + 1);
+            }
             let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads));
             let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(heads)));
             let pairs: [__m512i; 8] = std::array::from_fn(|p| {
