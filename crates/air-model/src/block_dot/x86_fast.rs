@@ -122,15 +122,18 @@ impl Activations {
         let mut lanes = Vec::new();
         if rows >= MIN_BATCH_ROWS {
             lanes = vec![LaneBlock::ZERO; rows.div_ceil(LANES) * kb];
-            for (r, row) in blocks.chunks_exact(kb).enumerate() {
-                let lane = r % LANES;
-                for (block, to) in row.iter().zip(&mut lanes[r / LANES * kb..]) {
-                    for (g, group) in to.groups.iter_mut().enumerate() {
-                        group[4 * lane..4 * lane + 4].copy_from_slice(&block.q[4 * g..4 * g + 4]);
+            crate::host::for_row_chunks(&mut lanes, kb, LANES * k, |first, chunk| {
+                let rows = blocks[first * LANES * kb..].chunks_exact(kb).take(chunk.len() / kb * LANES);
+                for (r, row) in rows.enumerate() {
+                    let lane = r % LANES;
+                    for (block, to) in row.iter().zip(&mut chunk[r / LANES * kb..]) {
+                        for (g, group) in to.groups.iter_mut().enumerate() {
+                            group[4 * lane..4 * lane + 4].copy_from_slice(&block.q[4 * g..4 * g + 4]);
+                        }
+                        (to.start[lane], to.d[lane], to.s[lane]) = (block.start, block.d, block.s);
                     }
-                    (to.start[lane], to.d[lane], to.s[lane]) = (block.start, block.d, block.s);
                 }
-            }
+            });
         }
         Self { kb, blocks, lanes }
     }
@@ -163,9 +166,12 @@ unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, g
         let gather = |b: usize| _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
         let mut next = gather(0);
         for b in 0..kb {
+            // The next tile's rows, a tile ahead: a row of a model's matrix is a few hundred
+            // bytes, so blocks ahead on the same row would mostly be the next row's, already
+            // being read.
             if b % blocks_per_prefetch::<W>() == 0 {
-                for i in 0..RM {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + PREFETCH_BLOCKS) as *const i8);
+                for i in RM..2 * RM {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b) as *const i8);
                 }
             }
             let heads = next;
