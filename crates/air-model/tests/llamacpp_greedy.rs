@@ -7,7 +7,7 @@
 //! Needs the models: `scripts/fetch-models.sh all`.
 
 use air_gguf::GgufFile;
-use air_model::{CpuNumerics, LoadOptions, Logits, Model};
+use air_model::{CpuNumerics, KvCache, LoadOptions, Logits, Model};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -33,15 +33,20 @@ fn reference(model: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A reference case's prompt run through `m`: the prompt's text, llama.cpp's steps, the cache
+/// (room for every step) and the logits of the first step.
+fn prompt_run<'a>(m: &Model, case: &'a Value) -> (&'a str, &'a [Value], KvCache, Vec<f32>) {
+    let prompt: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let steps = case["steps"].as_array().unwrap();
+    let mut cache = m.new_cache(prompt.len() + steps.len()).unwrap();
+    let logits = m.forward(&prompt, &mut cache, Logits::Last).unwrap();
+    (case["prompt"].as_str().unwrap(), steps, cache, logits)
+}
+
 fn check_model(model: &str) {
     let m = Model::load(&open(model)).unwrap();
     for case in reference(model)["prompts"].as_array().unwrap() {
-        let prompt: Vec<u32> =
-            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let name = case["prompt"].as_str().unwrap();
-        let steps = case["steps"].as_array().unwrap();
-        let mut cache = m.new_cache(prompt.len() + steps.len()).unwrap();
-        let mut logits = m.forward(&prompt, &mut cache, Logits::Last).unwrap();
+        let (name, steps, mut cache, mut logits) = prompt_run(&m, case);
         for (i, step) in steps.iter().enumerate() {
             for entry in step["top5"].as_array().unwrap() {
                 let (id, logit) = (entry["id"].as_u64().unwrap() as usize, entry["logit"].as_f64().unwrap());
@@ -75,12 +80,7 @@ fn smollm2_with_fast_cpu_numerics_follows_llamacpp() {
     let options = LoadOptions { cpu_numerics: CpuNumerics::Fast, ..LoadOptions::default() };
     let m = Model::load_with(&open(model), options).unwrap();
     for case in reference(model)["prompts"].as_array().unwrap() {
-        let prompt: Vec<u32> =
-            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let name = case["prompt"].as_str().unwrap();
-        let steps = case["steps"].as_array().unwrap();
-        let mut cache = m.new_cache(prompt.len() + steps.len()).unwrap();
-        let mut logits = m.forward(&prompt, &mut cache, Logits::Last).unwrap();
+        let (name, steps, mut cache, mut logits) = prompt_run(&m, case);
         for entry in steps[0]["top5"].as_array().unwrap() {
             let (id, logit) = (entry["id"].as_u64().unwrap() as usize, entry["logit"].as_f64().unwrap());
             let got = logits[id] as f64;

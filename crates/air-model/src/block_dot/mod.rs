@@ -130,6 +130,8 @@ macro_rules! k_tiled {
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 k_tiled!(BlockQ4K, BlockQ6K);
 
+/// The 32-value block types: Air's tile kernels in ggml's order, and the per-block integer
+/// kernels.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 macro_rules! tiled {
     ($($t:ident),*) => {$(
@@ -150,6 +152,25 @@ macro_rules! tiled {
                 out_stride: usize,
             ) {
                 x86::dots(kb, w, x, rows, out, out_stride)
+            }
+        }
+
+        impl FastDot for k_quants::$t {
+            type FastActivations = x86_fast::Activations;
+
+            fn fast_quantize(x: &[f32], k: usize) -> Self::FastActivations {
+                x86_fast::Activations::new::<Self>(x, k)
+            }
+
+            fn fast_dots(
+                kb: usize,
+                w: &[Self],
+                x: &Self::FastActivations,
+                rows: Range<usize>,
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
+                x86_fast::dots(kb, w, x, rows, out, out_stride)
             }
         }
     )*};
@@ -185,39 +206,13 @@ pub fn fast_supported() -> bool {
     false
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-macro_rules! fast {
-    ($($t:ident),*) => {$(
-        impl FastDot for k_quants::$t {
-            type FastActivations = x86_fast::Activations;
-
-            fn fast_quantize(x: &[f32], k: usize) -> Self::FastActivations {
-                x86_fast::Activations::new::<Self>(x, k)
-            }
-
-            fn fast_dots(
-                kb: usize,
-                w: &[Self],
-                x: &Self::FastActivations,
-                rows: Range<usize>,
-                out: &mut [f32],
-                out_stride: usize,
-            ) {
-                x86_fast::dots(kb, w, x, rows, out, out_stride)
-            }
-        }
-    )*};
-}
-
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-fast!(BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0);
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use k_quants::{BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0};
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// `n` values in [-0.5, 0.5) from a linear congruential generator seeded by `seed`.
+    pub(super) fn data(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

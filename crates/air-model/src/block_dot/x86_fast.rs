@@ -359,6 +359,7 @@ unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, o
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::data;
     use super::*;
     use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 
@@ -381,16 +382,6 @@ mod tests {
             }
         }
         acc
-    }
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
     }
 
     /// Both kernels, over row ranges that mix them and weight row counts that leave partial
