@@ -30,10 +30,10 @@ const TILE_W: usize = LANES;
 /// Activation rows per [`row_tile`]: it unpacks 16 weight rows' blocks once for them.
 const ROW_TILE_X: usize = 3;
 /// Fewest rows of a 16-row group that go through [`batch_tile`]; fewer go through [`row_tile`]
-/// by threes. Single-thread, Q4_1 at k = 576, n = 1536: [`batch_tile`] 75 GMAC/s on 16 rows,
-/// 40 on 8, 20 on 4; [`row_tile`] 24, 43 and 51 on 1, 2 and 3 rows
-/// (`fast_kernels_at_model_shapes` in block_dot/mod.rs).
-const MIN_BATCH_ROWS: usize = 10;
+/// by threes. Single-thread, Q4_1 at k = 576, n = 1536, GMAC/s on 4 to 10 rows: [`batch_tile`]
+/// 32, 39, 47, 54, 61, 69, 75 (its cost does not depend on the rows); [`row_tile`] 44, 48, 52,
+/// 47, 50, 53, 49 (`fast_kernels_at_model_shapes` in block_dot/mod.rs).
+const MIN_BATCH_ROWS: usize = 7;
 /// Where [`row_tile`]'s lane-crossing reduction leaves weight row `ROW_OF_LANE[lane]`.
 const ROW_OF_LANE: [usize; LANES] = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15];
 
