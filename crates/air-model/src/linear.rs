@@ -116,8 +116,9 @@ pub enum CpuNumerics {
     #[default]
     Ggml,
     /// Each block's dot product summed in integers, then one rounding per block: 16 outputs
-    /// per AVX-512 register, several times faster on batches (needs AVX-512 VNNI); logits
-    /// differ from llama.cpp's in the last bits. The K-quants keep ggml's order.
+    /// per AVX-512 register, matmuls 1.9-2.6x faster (needs AVX-512 VNNI; docs/benchmarks.md).
+    /// Logits differ from llama.cpp's, on small models by tenths (docs/numerics.md). The
+    /// K-quants keep ggml's order.
     Fast,
 }
 
