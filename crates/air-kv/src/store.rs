@@ -1,6 +1,6 @@
 use crate::BlockId;
 use half::f16;
-use half::slice::HalfBitsSliceExt;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 /// The geometry of a KV store: how many layers, KV heads of what width, positions per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,7 @@ impl KvStore {
             let store = store.reinterpret_cast_mut::<f16>();
             for (i, row) in src.chunks_exact(d).enumerate() {
                 let at = offset(s, table, kv, at + i);
-                store[at..at + d].iter_mut().zip(row).for_each(|(o, &x)| *o = f16::from_f32(x));
+                store[at..at + d].convert_from_f32_slice(row);
             }
         }
     }

@@ -3,7 +3,8 @@ use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, causal_attenti
 use crate::device::{ComputeDevice, DeviceModel, DeviceNumerics, DeviceOptions, UploadStats};
 use crate::kv_cache::WHOLE;
 use crate::linear::BATCHED_MATMUL_ROWS;
-use crate::rope::{Rope, RopeTables};
+use crate::host::with_f32;
+use crate::rope::{Rope, RopeTables, heads_first};
 use crate::{Activation, CpuNumerics, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
 use air_kv::{BlockId, KvStore};
@@ -401,20 +402,11 @@ impl Model {
             (Some(r), Some(t), Some(_)) => (r, t),
             _ => (&self.rope, &pass.global),
         };
-        // (rows, heads * head_dim) -> (1, heads, rows, head_dim)
-        let heads_first = |y: &Tensor, heads: usize| -> Result<Tensor, ModelError> {
-            Ok(y.reshape((1, rows, heads, c.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
         let (q_scale, score_scale) = c.attention_scales();
-        let mut q = rope.apply(&heads_first(&q_all, c.n_head)?, tables)?;
-        if q_scale != 1.0 {
-            q = (q * q_scale as f64)?;
-        }
-        let k = rope.apply(&heads_first(&k_all, c.n_head_kv)?, tables)?;
-        let v = heads_first(&v_all, c.n_head_kv)?;
-        let flat = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
         let d = c.head_dim;
+        let q = with_f32(&q_all, |x| rope.heads_first_on_host(x, c.n_head, d, tables, q_scale))??;
+        let k = with_f32(&k_all, |x| rope.heads_first_on_host(x, c.n_head_kv, d, tables, 1.0))??;
+        let v = with_f32(&v_all, |x| heads_first(x, rows, c.n_head_kv, d))?;
         for part in parts {
             for kv in 0..c.n_head_kv {
                 let span = (kv * rows + part.row) * d..(kv * rows + part.row + part.n) * d;

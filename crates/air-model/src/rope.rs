@@ -1,3 +1,4 @@
+use crate::host::with_f32;
 use crate::{ModelConfig, RopeScaling, RopeStyle};
 use candle_core::{Device, Tensor};
 
@@ -133,28 +134,70 @@ impl Rope {
     /// through.
     fn apply_on_host(&self, x: &Tensor, t: &RopeTables) -> candle_core::Result<Tensor> {
         let (batch, heads, seq, head_dim) = x.dims4()?;
-        let (cos, sin) = (t.cos.flatten_all()?.to_vec1::<f32>()?, t.sin.flatten_all()?.to_vec1::<f32>()?);
-        let half = self.dim / 2;
-        if cos.len() != seq * half {
-            candle_core::bail!("rope tables hold {} angles, {seq} positions of {half} pairs need", cos.len());
-        }
         let mut out = x.flatten_all()?.to_vec1::<f32>()?;
+        self.rotate_on_host(&mut out, seq, head_dim, t)?;
+        Tensor::from_vec(out, (batch, heads, seq, head_dim), x.device())
+    }
+
+    /// [`Self::apply`] on the host for activations as a matmul leaves them, `x` being (rows,
+    /// heads · head_dim) with row r at the tables' position r: the rotated values rearranged to
+    /// (heads, rows, head_dim), the layout attention reads, and multiplied by `scale` where it
+    /// is not 1 (as candle's affine map computes it, `v · scale + 0`).
+    pub fn heads_first_on_host(
+        &self,
+        x: &[f32],
+        heads: usize,
+        head_dim: usize,
+        t: &RopeTables,
+        scale: f32,
+    ) -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / (heads * head_dim).max(1);
+        let mut out = heads_first(x, rows, heads, head_dim);
+        self.rotate_on_host(&mut out, rows, head_dim, t)?;
+        if scale != 1.0 {
+            out.iter_mut().for_each(|v| *v = *v * scale + 0.0);
+        }
+        Ok(out)
+    }
+
+    /// Rotates `rows` (rows of head_dim, row r at the tables' position r mod `seq`) in place,
+    /// with ggml's rounding (see [`Self::apply_on_host`]).
+    fn rotate_on_host(&self, rows: &mut [f32], seq: usize, head_dim: usize, t: &RopeTables) -> candle_core::Result<()> {
+        let half = self.dim / 2;
         let (offset, stride) = match self.style {
             RopeStyle::Interleaved => (1, 2),
             RopeStyle::Neox => (half, 1),
         };
-        for (r, row) in out.chunks_exact_mut(head_dim).enumerate() {
-            let at = (r % seq) * half;
-            let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
-            for i in 0..half {
-                let j = i * stride;
-                let (x0, x1) = (row[j], row[j + offset]);
-                row[j] = x0.mul_add(cos[i], -(x1 * sin[i]));
-                row[j + offset] = x0.mul_add(sin[i], x1 * cos[i]);
-            }
-        }
-        Tensor::from_vec(out, (batch, heads, seq, head_dim), x.device())
+        with_f32(&t.cos, |cos| {
+            with_f32(&t.sin, |sin| {
+                if cos.len() != seq * half {
+                    candle_core::bail!("rope tables hold {} angles, {seq} positions of {half} pairs need", cos.len());
+                }
+                for (r, row) in rows.chunks_exact_mut(head_dim).enumerate() {
+                    let at = (r % seq) * half;
+                    let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
+                    for i in 0..half {
+                        let j = i * stride;
+                        let (x0, x1) = (row[j], row[j + offset]);
+                        row[j] = x0.mul_add(cos[i], -(x1 * sin[i]));
+                        row[j + offset] = x0.mul_add(sin[i], x1 * cos[i]);
+                    }
+                }
+                Ok(())
+            })?
+        })?
     }
+}
+
+/// `x` (rows, heads · head_dim) rearranged to (heads, rows, head_dim).
+pub(crate) fn heads_first(x: &[f32], rows: usize, heads: usize, head_dim: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for h in 0..heads {
+        for r in 0..rows {
+            out.extend_from_slice(&x[(r * heads + h) * head_dim..(r * heads + h + 1) * head_dim]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
