@@ -58,68 +58,111 @@ pub struct QueryRows<'a> {
     pub tiled_rows: usize,
 }
 
-/// Attention of the query rows of several sequences, every (sequence, head) pair in one
+/// Attention of the query rows of several sequences, every (sequence, KV head) pair in one
 /// parallel region. `q` is (heads, rows, head_dim) over all the call's rows; the result is
 /// (rows, heads * head_dim).
 pub fn causal_attention(q: &[f32], rows: usize, seqs: &[QueryRows<'_>], s: AttentionShape) -> Vec<f32> {
     use rayon::prelude::*;
     let d = s.head_dim;
-    let blocks: Vec<(usize, usize, Vec<f32>)> = (0..seqs.len() * s.heads)
+    let group = s.heads / s.kv_heads;
+    // Per task: (first row, first head, the group's heads' rows as (heads, n, d)).
+    let blocks: Vec<(usize, usize, Vec<f32>)> = (0..seqs.len() * s.kv_heads)
         .into_par_iter()
         .map(|task| {
-            let (q_rows, h) = (&seqs[task / s.heads], task % s.heads);
+            let (q_rows, kv_head) = (&seqs[task / s.kv_heads], task % s.kv_heads);
+            let heads = kv_head * group..(kv_head + 1) * group;
             let (n, tiled) = (q_rows.n, q_rows.tiled_rows.min(q_rows.n));
-            let q_head = &q[(h * rows + q_rows.row) * d..(h * rows + q_rows.row + n) * d];
-            let (q_tiled, q_rest) = q_head.split_at(tiled * d);
-            let mut out = Vec::with_capacity(n * d);
-            if tiled > 0 {
-                out.extend(tiled::head_attention(q_tiled, q_rows.kv, q_rows.start, tiled, h, s));
+            let q_of = |h: usize, seq_rows: std::ops::Range<usize>| {
+                &q[(h * rows + q_rows.row + seq_rows.start) * d..(h * rows + q_rows.row + seq_rows.end) * d]
+            };
+            let mut out = vec![0f32; group * n * d];
+            for (g, h) in heads.clone().enumerate() {
+                if tiled > 0 {
+                    let prompt = tiled::head_attention(q_of(h, 0..tiled), q_rows.kv, q_rows.start, tiled, h, s);
+                    out[g * n * d..(g * n + tiled) * d].copy_from_slice(&prompt);
+                }
             }
             if tiled < n {
-                out.extend(head_attention(q_rest, q_rows.kv, q_rows.start + tiled, n - tiled, h, s));
+                let q_group: Vec<&[f32]> = heads.clone().map(|h| q_of(h, tiled..n)).collect();
+                let generated = group_attention(&q_group, q_rows.kv, q_rows.start + tiled, kv_head, s);
+                for (g, head_rows) in generated.chunks_exact((n - tiled) * d).enumerate() {
+                    out[(g * n + tiled) * d..(g + 1) * n * d].copy_from_slice(head_rows);
+                }
             }
-            (q_rows.row, h, out)
+            (q_rows.row, heads.start, out)
         })
         .collect();
     let mut out = vec![0f32; rows * s.heads * d];
-    for (row, h, block) in blocks {
+    for (row, first_head, block) in blocks {
+        let n = block.len() / (group * d);
         for (i, values) in block.chunks_exact(d).enumerate() {
-            out[((row + i) * s.heads + h) * d..((row + i) * s.heads + h + 1) * d].copy_from_slice(values);
+            let (h, r) = (first_head + i / n.max(1), row + i % n.max(1));
+            out[(r * s.heads + h) * d..(r * s.heads + h + 1) * d].copy_from_slice(values);
         }
     }
     out
 }
 
-/// Query head `h` over its KV head, generation path: `q` and the result are (n, head_dim). As
-/// ggml's kernel: the query rounded to f16, scores by [`dot_f16`], the value accumulator kept
-/// in f16 ([`accumulate`]), the result times 1/sum.
-fn head_attention(q: &[f32], kv: LayerView<'_>, start: usize, n: usize, h: usize, s: AttentionShape) -> Vec<f32> {
+/// The query heads of KV head `kv_head` (`q[g]`: head g's rows, (n, head_dim), at positions
+/// from `start`), generation path; the result is (heads, n, head_dim). Per head as ggml's
+/// kernel: the query rounded to f16, scores by [`dot_f16`], the value accumulator kept in f16
+/// ([`accumulate`]), the result times 1/sum. With AVX-512 and head dimension 64, up to four
+/// heads go through one kernel that reads each key and value once for all of them.
+fn group_attention(q: &[&[f32]], kv: LayerView<'_>, start: usize, kv_head: usize, s: AttentionShape) -> Vec<f32> {
     use half::f16;
-    let d = s.head_dim;
-    let kv_head = s.kv_head(h);
-    let mut out = vec![0f32; n * d];
-    let mut q_row = vec![0f32; d];
-    let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; d]);
+    let (d, heads) = (s.head_dim, q.len());
+    let n = q.first().map_or(0, |rows| rows.len() / d);
+    let mut out = vec![0f32; heads * n * d];
+    let mut q_rows = vec![0f32; heads * d];
+    let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; heads * d]);
+    let mut sums = vec![0f32; heads];
     let mut scratch = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    let fast = d.is_multiple_of(EXP_LANES) && std::is_x86_feature_detected!("avx512f");
+    let avx512 = d.is_multiple_of(EXP_LANES) && std::is_x86_feature_detected!("avx512f");
     for i in 0..n {
-        q16.convert_from_f32_slice(&q[i * d..(i + 1) * d]);
-        q16.convert_to_f32_slice(&mut q_row);
+        for (g, rows) in q.iter().enumerate() {
+            q16.convert_from_f32_slice(&rows[i * d..(i + 1) * d]);
+            q16.convert_to_f32_slice(&mut q_rows[g * d..(g + 1) * d]);
+        }
         acc16.fill(f16::ZERO);
         let range = s.visible(start + i);
-        #[cfg(target_arch = "x86_64")]
-        let sum = if fast {
-            // SAFETY: AVX-512F is present; `q_row` and `acc16` hold `d`, a multiple of 16.
-            unsafe { avx512::accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16) }
-        } else {
-            accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16, &mut scratch)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let sum = accumulate(&q_row, kv, kv_head, range, s.scale, &mut acc16, &mut scratch);
-        let inverse = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-        for (o, a) in out[i * d..(i + 1) * d].iter_mut().zip(&acc16) {
-            *o = a.to_f32() * inverse;
+        let mut g = 0;
+        while g < heads {
+            let (q_g, acc_g, sums_g) = (&q_rows[g * d..], &mut acc16[g * d..], &mut sums[g..]);
+            #[cfg(target_arch = "x86_64")]
+            if avx512 && d == avx512::D64 {
+                let together = (heads - g).min(4);
+                let (q_g, acc_g, sums_g) = (&q_g[..together * d], &mut acc_g[..together * d], &mut sums_g[..together]);
+                let r = range.clone();
+                // SAFETY: AVX-512F is present; the slices hold `together` heads of 64.
+                unsafe {
+                    match together {
+                        4 => avx512::accumulate_heads::<4>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
+                        3 => avx512::accumulate_heads::<3>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
+                        2 => avx512::accumulate_heads::<2>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
+                        _ => avx512::accumulate_heads::<1>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
+                    }
+                }
+                g += together;
+                continue;
+            }
+            let (q_g, acc_g) = (&q_g[..d], &mut acc_g[..d]);
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512F is present; `d` is a multiple of 16.
+                sums_g[0] = unsafe { avx512::accumulate(q_g, kv, kv_head, range.clone(), s.scale, acc_g) };
+                g += 1;
+                continue;
+            }
+            sums_g[0] = accumulate(q_g, kv, kv_head, range.clone(), s.scale, acc_g, &mut scratch);
+            g += 1;
+        }
+        for (g, &sum) in sums.iter().enumerate() {
+            let inverse = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            let dst = &mut out[(g * n + i) * d..(g * n + i + 1) * d];
+            for (o, a) in dst.iter_mut().zip(&acc16[g * d..(g + 1) * d]) {
+                *o = a.to_f32() * inverse;
+            }
         }
     }
     out
@@ -280,6 +323,146 @@ mod avx512 {
         }
         sum
     }
+
+    /// One level of [`sum16_each`]: each value spans `2 · group` lanes of `v`; pairs of vectors
+    /// become one, each value's two halves added, so `group` lanes per value.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn halve(v: &mut [__m512; EXP_LANES], count: usize, group: usize) {
+        let lo: [i32; EXP_LANES] = std::array::from_fn(|i| ((i / group) * 2 * group + i % group) as i32);
+        let hi: [i32; EXP_LANES] = std::array::from_fn(|i| lo[i] + group as i32);
+        // SAFETY: the index arrays hold 16 values.
+        let (lo, hi) = unsafe { (_mm512_loadu_si512(lo.as_ptr().cast()), _mm512_loadu_si512(hi.as_ptr().cast())) };
+        for p in 0..count / 2 {
+            let (a, b) = (v[2 * p], v[2 * p + 1]);
+            v[p] = _mm512_add_ps(_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
+        }
+    }
+
+    /// Lane t: the horizontal sum of `x[t]` in `sum16`'s order (halves, quarters, pairs), the
+    /// same additions done for 16 vectors at once. Consumes `x`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn sum16_each(x: &mut [__m512; EXP_LANES]) -> __m512 {
+        halve(x, 16, 8);
+        halve(x, 8, 4);
+        halve(x, 4, 2);
+        halve(x, 2, 1);
+        x[0]
+    }
+
+    /// Lane t: the running maximum through lane t, starting from `carry`, each lane kept
+    /// unless a later one is strictly greater (`max_ps` keeps its second operand on ties).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn running_max(x: __m512, carry: __m512) -> __m512 {
+        let mut m = x;
+        for shift in [1, 2, 4, 8] {
+            let from: [i32; EXP_LANES] = std::array::from_fn(|i| i.saturating_sub(shift) as i32);
+            // SAFETY: 16 indices.
+            let from = unsafe { _mm512_loadu_si512(from.as_ptr().cast()) };
+            let earlier =
+                _mm512_mask_permutexvar_ps(_mm512_set1_ps(f32::NEG_INFINITY), !((1u16 << shift) - 1), from, m);
+            m = _mm512_max_ps(m, earlier);
+        }
+        _mm512_max_ps(m, carry)
+    }
+
+    /// Head dimension of [`accumulate_heads`]' specialized kernel.
+    pub(super) const D64: usize = 64;
+
+    /// `super::accumulate` for `G` query heads of head dimension 64 at once (the dimension ggml
+    /// updates entirely in the f32-then-f16 tail): `q` holds their rows (G × 64), `acc16` receives
+    /// their accumulators, `sums` their sums of weights. The accumulators stay in registers, each
+    /// key and value is widened once for all the heads, and 16 positions' scores, running maxima
+    /// and exponentials are computed as vectors; each head's arithmetic is the per-head loop's.
+    // A position indexes several per-head arrays.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn accumulate_heads<const G: usize>(
+        q: &[f32],
+        kv: LayerView<'_>,
+        kv_head: usize,
+        range: std::ops::Range<usize>,
+        scale: f32,
+        acc16: &mut [f16],
+        sums: &mut [f32],
+    ) {
+        const N: usize = libm_exp::LANES;
+        const CH: usize = D64 / EXP_LANES;
+        assert!(q.len() == G * D64 && acc16.len() == G * D64 && sums.len() == G);
+        // SAFETY (all loads and stores below): every slice holds the 16 values read or written.
+        let q: [[__m512; CH]; G] =
+            std::array::from_fn(|g| std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q[g * D64 + c * EXP_LANES..].as_ptr()) }));
+        let mut acc = [[_mm512_setzero_ps(); CH]; G];
+        let mut max = [f32::NEG_INFINITY; G];
+        let mut sum = [0f32; G];
+        let mut lanes = [[_mm512_setzero_ps(); N]; G];
+        let (mut e, mut grows) = ([[0f32; N]; G], [0u16; G]);
+        let back: [i32; N] = std::array::from_fn(|i| i.saturating_sub(1) as i32);
+        let back = unsafe { _mm512_loadu_si512(back.as_ptr().cast()) };
+        let mut first = range.start;
+        while first < range.end {
+            let n = (range.end - first).min(N);
+            for t in 0..n {
+                let key = kv.key(kv_head, first + t);
+                let k: [__m512; CH] = std::array::from_fn(|c| unsafe { load(&key[c * EXP_LANES..]) });
+                for g in 0..G {
+                    // ggml's order: four accumulators (one step of 64), added 0+2, 1+3.
+                    let p: [__m512; CH] = std::array::from_fn(|c| _mm512_mul_ps(k[c], q[g][c]));
+                    lanes[g][t] = _mm512_add_ps(_mm512_add_ps(p[0], p[2]), _mm512_add_ps(p[1], p[3]));
+                }
+            }
+            let valid: u16 = if n == N { u16::MAX } else { (1u16 << n) - 1 };
+            for g in 0..G {
+                let s = _mm512_mul_ps(sum16_each(&mut lanes[g]), _mm512_set1_ps(scale));
+                let s = _mm512_mask_mov_ps(_mm512_set1_ps(f32::NEG_INFINITY), valid, s);
+                let carry = _mm512_set1_ps(max[g]);
+                let through = running_max(s, carry);
+                let before = _mm512_mask_permutexvar_ps(carry, !1, back, through);
+                grows[g] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(s, before) & valid;
+                let args = _mm512_mask_sub_ps(_mm512_sub_ps(s, before), grows[g], before, s);
+                let mut a = [0f32; N];
+                unsafe { _mm512_storeu_ps(a.as_mut_ptr(), args) };
+                e[g] = unsafe { libm_exp::expf16(&a) };
+                let mut through_lanes = [0f32; N];
+                unsafe { _mm512_storeu_ps(through_lanes.as_mut_ptr(), through) };
+                max[g] = through_lanes[n - 1];
+            }
+            for t in 0..n {
+                let value = kv.value(kv_head, first + t);
+                let v: [__m512; CH] = std::array::from_fn(|c| unsafe { load(&value[c * EXP_LANES..]) });
+                for g in 0..G {
+                    let (rescale, weight) = if grows[g] >> t & 1 == 1 {
+                        let r = _mm512_set1_ps(e[g][t]);
+                        acc[g] = acc[g].map(|a| round16(_mm512_mul_ps(a, r)));
+                        (e[g][t], 1.0)
+                    } else {
+                        (1.0, e[g][t])
+                    };
+                    let w = _mm512_set1_ps(weight);
+                    for c in 0..CH {
+                        acc[g][c] = round16(_mm512_fmadd_ps(v[c], w, acc[g][c]));
+                    }
+                    sum[g] = sum[g].mul_add(rescale, weight);
+                }
+            }
+            first += n;
+        }
+        for g in 0..G {
+            for c in 0..CH {
+                unsafe { store(&mut acc16[g * D64 + c * EXP_LANES..], acc[g][c]) };
+            }
+        }
+        sums.copy_from_slice(&sum);
+    }
+
+    /// `x` rounded to f16 (nearest even) and back.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn round16(x: __m512) -> __m512 {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
+    }
 }
 
 /// Σ a·b as ggml's `ggml_vec_dot_f16` sums on AVX-512: four accumulators of 16 lanes over
@@ -365,6 +548,37 @@ mod tests {
                 let b = unsafe { avx512::accumulate(&q, view, 1, range.clone(), 0.125, &mut fast) };
                 assert_eq!(a.to_bits(), b.to_bits(), "d {d} {range:?}");
                 assert_eq!(portable, fast, "d {d} {range:?}");
+            }
+        }
+        // Up to four heads of 64 at once, over ranges that end inside and at the end of a group
+        // of 16 positions.
+        let d = avx512::D64;
+        let shape = KvShape { layers: 1, kv_heads: 2, head_dim: d, block_size: 16 };
+        let mut store = KvStore::new(shape, 6);
+        let table = [4, 1, 5, 0, 2];
+        for kv in 0..2 {
+            let k: Vec<f32> = (0..75 * d).map(|_| rnd() * 6.0).collect();
+            let v: Vec<f32> = (0..75 * d).map(|_| rnd()).collect();
+            store.write(0, &table, kv, 0, &k, &v);
+        }
+        let view = store.layer(0, &table);
+        let q: Vec<f32> = (0..4 * d).map(|_| half::f16::from_f32(rnd() * 3.0).to_f32()).collect();
+        for range in [0..1, 0..16, 0..75, 13..47, 30..31] {
+            let mut together = [vec![half::f16::ZERO; 4 * d], vec![half::f16::ZERO; 3 * d]];
+            let mut sums = [vec![0f32; 4], vec![0f32; 3]];
+            unsafe {
+                avx512::accumulate_heads::<4>(&q, view, 1, range.clone(), 0.125, &mut together[0], &mut sums[0]);
+                avx512::accumulate_heads::<3>(&q[d..], view, 1, range.clone(), 0.125, &mut together[1], &mut sums[1]);
+            }
+            for g in 0..4 {
+                let mut portable = vec![half::f16::ZERO; d];
+                let sum = accumulate(&q[g * d..(g + 1) * d], view, 1, range.clone(), 0.125, &mut portable, &mut Vec::new());
+                assert_eq!(sum.to_bits(), sums[0][g].to_bits(), "{range:?} head {g} of 4");
+                assert_eq!(portable, together[0][g * d..(g + 1) * d], "{range:?} head {g} of 4");
+                if g > 0 {
+                    assert_eq!(sum.to_bits(), sums[1][g - 1].to_bits(), "{range:?} head {g} of 3");
+                    assert_eq!(portable, together[1][(g - 1) * d..g * d], "{range:?} head {g} of 3");
+                }
             }
         }
     }
