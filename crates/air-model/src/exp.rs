@@ -67,11 +67,7 @@ mod avx2 {
         let b = _mm256_fnmadd_ps(n, c(LN2_LO), _mm256_fnmadd_ps(n, c(LN2_HI), x));
         let u = _mm256_mul_ps(b, b);
         let j = _mm256_fmadd_ps(
-            _mm256_fmadd_ps(
-                _mm256_fmadd_ps(c(C[0]), b, c(C[1])),
-                u,
-                _mm256_fmadd_ps(c(C[2]), b, c(C[3])),
-            ),
+            _mm256_fmadd_ps(_mm256_fmadd_ps(c(C[0]), b, c(C[1])), u, _mm256_fmadd_ps(c(C[2]), b, c(C[3]))),
             u,
             _mm256_fmadd_ps(c(C[4]), b, c(1.0)),
         );
@@ -119,7 +115,8 @@ mod tests {
             seed ^= seed << 5;
             seed
         };
-        let special = [0.0, -0.0, 1e-30, -87.3, -88.7, -103.0, -150.0, 88.7, 89.0, 200.0, f32::NEG_INFINITY, f32::INFINITY];
+        let special =
+            [0.0, -0.0, 1e-30, -87.3, -88.7, -103.0, -150.0, 88.7, 89.0, 200.0, f32::NEG_INFINITY, f32::INFINITY];
         for round in 0..20_000 {
             let x: [f32; EXP_LANES] = std::array::from_fn(|i| match round {
                 0 => special[i % special.len()],

@@ -14,6 +14,7 @@ use candle_core::quantized::k_quants;
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::any::Any;
 use std::mem::MaybeUninit;
 
 /// Fewest weight rows (output columns) per parallel work item.
@@ -29,14 +30,40 @@ const TASKS_PER_THREAD: usize = 8;
 /// differently from its one-row dot products, when they have this many activation rows or more.
 pub const BATCHED_MATMUL_ROWS: usize = 8;
 
+/// One matrix of a [`Blocks::matmul`] call and where its product goes.
+struct Product<'a> {
+    blocks: &'a dyn Blocks,
+    /// Rows of the matrix (output columns).
+    n: usize,
+    /// (m, n), every element written.
+    out: &'a mut [MaybeUninit<f32>],
+}
+
 /// The math a weight matrix of one block type supports.
-trait Blocks: Send + Sync {
-    /// out (m, n) = x (m, k) · Wᵀ, W being (n, k) in blocks; rows flagged in `batched` (empty:
-    /// none) by the batched arithmetic ([`BlockDot::dots`]).
-    /// Writes every element of `out`.
-    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [MaybeUninit<f32>]);
+trait Blocks: Any + Send + Sync {
+    /// out_i (m, n_i) = x (m, k) · W_iᵀ for every product's matrix W_i (n_i, k) in blocks, x
+    /// quantized once and every product's tiles in one parallel region; rows flagged in
+    /// `batched` (empty: none) by the batched arithmetic ([`BlockDot::dots`]). Returns false,
+    /// computing nothing, when a matrix is not of this one's type and arithmetic.
+    fn matmul(&self, products: &mut [Product<'_>], x: &[f32], m: usize, k: usize, batched: &[bool]) -> bool;
     /// Dequantizes row `row` (k values) into `out`.
     fn row(&self, row: usize, k: usize, out: &mut [f32]);
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// The products as [`parallel_matmul`]'s targets when every matrix is an `S`, whose blocks
+/// `blocks` gives.
+fn targets<'a, S: Blocks, W>(
+    products: &'a mut [Product<'_>],
+    blocks: impl Fn(&S) -> &[W],
+) -> Option<Vec<Target<'a, W>>> {
+    products
+        .iter_mut()
+        .map(|p| {
+            let matrix = p.blocks.as_any().downcast_ref::<S>()?;
+            Some(Target { w: blocks(matrix), n: p.n, out: &mut *p.out })
+        })
+        .collect()
 }
 
 /// Pointer to the output, shared by workers that write disjoint elements.
@@ -54,34 +81,52 @@ impl Output {
     }
 }
 
-/// out (m, n) = x (m, k) · Wᵀ for `w`, n rows of k values in blocks of `block` values: `x`
-/// quantized once by `quantize`, then `dots(w rows, activations, activation rows, out, stride)`
-/// over (activation rows, weight rows) tiles spread across the compute pool.
+/// One weight matrix of a [`parallel_matmul`] and where its product goes.
+struct Target<'a, W> {
+    /// n rows of k values in blocks.
+    w: &'a [W],
+    n: usize,
+    /// (m, n), every element written.
+    out: &'a mut [MaybeUninit<f32>],
+}
+
+/// out_i (m, n_i) = x (m, k) · W_iᵀ for each target, n_i rows of k values in blocks of `block`
+/// values: `x` quantized once by `quantize`, then `dots(w rows, activations, activation rows,
+/// out, stride)` over (activation rows, weight rows) tiles of all the targets, spread across
+/// the compute pool in one parallel region.
 fn parallel_matmul<W: Sync, A: Sync>(
-    w: &[W],
+    targets: &mut [Target<'_, W>],
     block: usize,
-    (x, m, n, k): (&[f32], usize, usize, usize),
+    (x, m, k): (&[f32], usize, usize),
     quantize: impl FnOnce(&[f32], usize) -> A,
     dots: impl Fn(&[W], &A, std::ops::Range<usize>, &mut [f32], usize) + Sync,
-    out: &mut [MaybeUninit<f32>],
 ) {
     let kb = k / block;
     let xq = quantize(&x[..m * k], k);
-    assert!(out.len() >= m * n && w.len() >= n * kb);
-    let dst = Output(out.as_mut_ptr().cast());
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let wanted = (rayon::current_num_threads() * TASKS_PER_THREAD).div_ceil(row_tasks);
-    let per_task = n.div_ceil(wanted).next_multiple_of(16).max(MIN_COLUMNS_PER_TASK);
-    let column_tasks = n.div_ceil(per_task);
-    (0..column_tasks * row_tasks).into_par_iter().for_each(|task| {
-        let cols = (task % column_tasks) * per_task..((task % column_tasks + 1) * per_task).min(n);
-        let rows = (task / column_tasks) * ROWS_PER_TASK..((task / column_tasks + 1) * ROWS_PER_TASK).min(m);
+    let total_n: usize = targets.iter().map(|t| t.n).sum();
+    let per_task = total_n.div_ceil(wanted).next_multiple_of(16).max(MIN_COLUMNS_PER_TASK);
+    // (target, its output, its first column) per column task.
+    let mut column_tasks = Vec::new();
+    for (i, t) in targets.iter_mut().enumerate() {
+        assert!(t.out.len() >= m * t.n && t.w.len() >= t.n * kb);
+        let dst = Output(t.out.as_mut_ptr().cast());
+        column_tasks.extend((0..t.n).step_by(per_task).map(|first| (i, dst, first)));
+    }
+    let targets = &*targets;
+    (0..column_tasks.len() * row_tasks).into_par_iter().for_each(|task| {
+        let (target, dst, first) = column_tasks[task % column_tasks.len()];
+        let (w, n) = (targets[target].w, targets[target].n);
+        let cols = first..(first + per_task).min(n);
+        let rows =
+            (task / column_tasks.len()) * ROWS_PER_TASK..((task / column_tasks.len() + 1) * ROWS_PER_TASK).min(m);
         let width = cols.len();
         let mut tile = vec![0f32; width * rows.len()];
         dots(&w[cols.start * kb..cols.end * kb], &xq, rows.clone(), &mut tile, width);
         for (r, values) in rows.zip(tile.chunks_exact(width)) {
-            // SAFETY: r < m and cols within n, so the range is inside out (m * n); tasks
-            // cover disjoint (rows, cols) tiles.
+            // SAFETY: r < m and cols within n, so the range is inside the target's out (m ×
+            // n); tasks cover disjoint (rows, cols) tiles.
             unsafe { dst.write(r * n + cols.start, values) };
         }
     });
@@ -91,21 +136,22 @@ impl<T> Blocks for MappedBlocks<T>
 where
     T: BlockDot + 'static,
 {
-    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, batched: &[bool], out: &mut [MaybeUninit<f32>]) {
+    fn matmul(&self, products: &mut [Product<'_>], x: &[f32], m: usize, k: usize, batched: &[bool]) -> bool {
+        let Some(mut targets) = targets::<Self, T>(products, MappedBlocks::blocks) else { return false };
         let kb = k / T::BLCK_SIZE;
-        parallel_matmul(
-            self.blocks(),
-            T::BLCK_SIZE,
-            (x, m, n, k),
-            T::quantize,
-            |w, xq, rows, tile, stride| T::dots(kb, w, xq, rows, batched, tile, stride),
-            out,
-        );
+        parallel_matmul(&mut targets, T::BLCK_SIZE, (x, m, k), T::quantize, |w, xq, rows, tile, stride| {
+            T::dots(kb, w, xq, rows, batched, tile, stride)
+        });
+        true
     }
 
     fn row(&self, row: usize, k: usize, out: &mut [f32]) {
         let kb = k / T::BLCK_SIZE;
         T::to_float(&self.blocks()[row * kb..(row + 1) * kb], out);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -149,20 +195,21 @@ impl<T> Blocks for FastBlocks<T>
 where
     T: BlockDot + FastDot + 'static,
 {
-    fn matmul(&self, x: &[f32], m: usize, n: usize, k: usize, _batched: &[bool], out: &mut [MaybeUninit<f32>]) {
+    fn matmul(&self, products: &mut [Product<'_>], x: &[f32], m: usize, k: usize, _batched: &[bool]) -> bool {
+        let Some(mut targets) = targets::<Self, T>(products, |b| b.0.blocks()) else { return false };
         let kb = k / T::BLCK_SIZE;
-        parallel_matmul(
-            self.0.blocks(),
-            T::BLCK_SIZE,
-            (x, m, n, k),
-            T::fast_quantize,
-            |w, xq, rows, tile, stride| T::fast_dots(kb, w, xq, rows, tile, stride),
-            out,
-        );
+        parallel_matmul(&mut targets, T::BLCK_SIZE, (x, m, k), T::fast_quantize, |w, xq, rows, tile, stride| {
+            T::fast_dots(kb, w, xq, rows, tile, stride)
+        });
+        true
     }
 
     fn row(&self, row: usize, k: usize, out: &mut [f32]) {
         self.0.row(row, k, out)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -239,17 +286,48 @@ impl Linear {
     /// none) round as llama.cpp's batched matmul does (see [`BATCHED_MATMUL_ROWS`]); flags
     /// chosen per row, not per call, keep a row's result independent of the rows beside it.
     pub fn forward(&self, x: &Tensor, batched: &[bool]) -> Result<Tensor, ModelError> {
+        let [y] = Self::forward_many([self], x, batched)?;
+        Ok(y)
+    }
+
+    /// [`Self::forward`] of one input by several matrices (Q, K and V; gate and up): where they
+    /// share a block type and arithmetic, the input is quantized once and all their output
+    /// columns are one parallel region's work, else one matmul each. Same results either way.
+    pub fn forward_many<const N: usize>(
+        layers: [&Linear; N],
+        x: &Tensor,
+        batched: &[bool],
+    ) -> Result<[Tensor; N], ModelError> {
         let (m, k) = x.dims2()?;
-        if k != self.k {
-            return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", self.k)));
+        if let Some(other) = layers.iter().find(|l| l.k != k) {
+            return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", other.k)));
         }
-        let mut out = Vec::with_capacity(m * self.n);
+        let mut outs: Vec<Vec<f32>> = layers.iter().map(|l| Vec::with_capacity(m * l.n)).collect();
         with_f32(x, |xs| {
-            self.blocks.matmul(xs, m, self.n, self.k, batched, &mut out.spare_capacity_mut()[..m * self.n])
+            let mut products: Vec<Product<'_>> = layers
+                .iter()
+                .zip(&mut outs)
+                .map(|(l, out)| Product { blocks: &*l.blocks, n: l.n, out: &mut out.spare_capacity_mut()[..m * l.n] })
+                .collect();
+            let Some(first) = products.first() else { return };
+            if !first.blocks.matmul(&mut products, xs, m, k, batched) {
+                for product in &mut products {
+                    let blocks = product.blocks;
+                    let done = blocks.matmul(std::slice::from_mut(product), xs, m, k, batched);
+                    debug_assert!(done, "a matrix multiplies by its own kernels");
+                }
+            }
         })?;
-        // SAFETY: `matmul` wrote all m × n outputs.
-        unsafe { out.set_len(m * self.n) };
-        Ok(Tensor::from_vec(out, (m, self.n), &Device::Cpu)?)
+        let ys = layers
+            .iter()
+            .zip(outs)
+            .map(|(l, mut out)| {
+                // SAFETY: `matmul` wrote all m × n outputs.
+                unsafe { out.set_len(m * l.n) };
+                Ok(Tensor::from_vec(out, (m, l.n), &Device::Cpu)?)
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
     }
 
     /// Rows of W dequantized, as an embedding lookup: (ids.len(), k).
@@ -262,5 +340,49 @@ impl Linear {
             self.blocks.row(id as usize, self.k, dst);
         }
         Ok(Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn smollm2() -> GgufFile {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = std::env::var_os("AIR_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("models"));
+        GgufFile::open(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .unwrap_or_else(|e| panic!("{e} (fetch the models with scripts/fetch-models.sh all)"))
+    }
+
+    /// Products of one input by several matrices: the same bits whether the input is quantized
+    /// once for all (Q, K and V share Q4_1) or once per matrix (Q4_1 beside the Q8_0 head).
+    #[test]
+    fn several_matrices_give_the_bits_of_one_at_a_time() {
+        let file = smollm2();
+        let numerics = [CpuNumerics::Ggml, CpuNumerics::Fast].into_iter().filter(|n| n.supported());
+        for numerics in numerics {
+            let linear = |name: &str| Linear::new(&file, file.tensor(name).unwrap(), numerics).unwrap();
+            let (q, k, v, head) = (
+                linear("blk.0.attn_q.weight"),
+                linear("blk.0.attn_k.weight"),
+                linear("blk.0.attn_v.weight"),
+                linear("token_embd.weight"),
+            );
+            for rows in [1, 16] {
+                let x = Tensor::randn(0f32, 1.0, (rows, 576), &Device::Cpu).unwrap();
+                let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let batched = vec![rows >= BATCHED_MATMUL_ROWS; rows];
+                let together = Linear::forward_many([&q, &k, &v], &x, &batched).unwrap();
+                for (y, m) in together.iter().zip([&q, &k, &v]) {
+                    assert_eq!(bits(y), bits(&m.forward(&x, &batched).unwrap()), "{numerics:?}, {rows} rows");
+                }
+                let [yq, yh] = Linear::forward_many([&q, &head], &x, &batched).unwrap();
+                assert_eq!(bits(&yq), bits(&together[0]), "{numerics:?}, {rows} rows");
+                assert_eq!(bits(&yh), bits(&head.forward(&x, &batched).unwrap()), "{numerics:?}, {rows} rows");
+            }
+            let wrong = Tensor::zeros((2, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+            assert!(Linear::forward_many([&q, &k], &wrong, &[]).is_err());
+        }
     }
 }

@@ -1,9 +1,9 @@
 use crate::Linear;
 use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, causal_attention};
 use crate::device::{ComputeDevice, DeviceModel, DeviceNumerics, DeviceOptions, UploadStats};
+use crate::host::with_f32;
 use crate::kv_cache::WHOLE;
 use crate::linear::BATCHED_MATMUL_ROWS;
-use crate::host::with_f32;
 use crate::rope::{Rope, RopeTables, heads_first};
 use crate::{Activation, CpuNumerics, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
@@ -382,8 +382,9 @@ impl Model {
         let rows = x.dim(0)?;
         let (window, _) = c.layer_attention(index);
         let h = crate::ops::rms_norm(x, &w.attn_norm, c.rms_norm_eps)?;
-        let project = |m: &Linear, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
-            let mut y = m.forward(&h, batched)?;
+        // Q, K and V from one quantization of h, then each one's bias and per-head norm.
+        let finish = |y: Tensor, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
+            let mut y = y;
             if let Some(b) = bias {
                 y = crate::ops::add(&y, b)?;
             }
@@ -393,9 +394,10 @@ impl Model {
             }
             Ok::<_, ModelError>(y)
         };
-        let q_all = project(&w.wq, &w.bq, &w.q_norm, c.n_head)?;
-        let k_all = project(&w.wk, &w.bk, &w.k_norm, c.n_head_kv)?;
-        let v_all = project(&w.wv, &w.bv, &None, c.n_head_kv)?;
+        let [q_all, k_all, v_all] = Linear::forward_many([&w.wq, &w.wk, &w.wv], &h, batched)?;
+        let q_all = finish(q_all, &w.bq, &w.q_norm, c.n_head)?;
+        let k_all = finish(k_all, &w.bk, &w.k_norm, c.n_head_kv)?;
+        let v_all = finish(v_all, &w.bv, &None, c.n_head_kv)?;
         // Every sequence's rows together: RoPE at each row's position, then keys and values
         // into each sequence's store, then attention of every (sequence, head) at once.
         let (rope, tables) = match (&self.local_rope, &pass.local, window) {
@@ -429,7 +431,7 @@ impl Model {
         let x = crate::ops::add(x, &self.post_norm(w.wo.forward(&attn, batched)?, &w.post_attn_norm)?)?;
 
         let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
-        let (gate, up) = (w.w_gate.forward(&h, batched)?, w.w_up.forward(&h, batched)?);
+        let [gate, up] = Linear::forward_many([&w.w_gate, &w.w_up], &h, batched)?;
         let gated = match c.activation {
             Activation::Silu => crate::ops::swiglu(&gate, &up)?,
             Activation::GeluTanh => crate::ops::geglu(&gate, &up)?,

@@ -392,8 +392,9 @@ mod avx512 {
         const CH: usize = D64 / EXP_LANES;
         assert!(q.len() == G * D64 && acc16.len() == G * D64 && sums.len() == G);
         // SAFETY (all loads and stores below): every slice holds the 16 values read or written.
-        let q: [[__m512; CH]; G] =
-            std::array::from_fn(|g| std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q[g * D64 + c * EXP_LANES..].as_ptr()) }));
+        let q: [[__m512; CH]; G] = std::array::from_fn(|g| {
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q[g * D64 + c * EXP_LANES..].as_ptr()) })
+        });
         let mut acc = [[_mm512_setzero_ps(); CH]; G];
         let mut max = [f32::NEG_INFINITY; G];
         let mut sum = [0f32; G];
@@ -572,7 +573,8 @@ mod tests {
             }
             for g in 0..4 {
                 let mut portable = vec![half::f16::ZERO; d];
-                let sum = accumulate(&q[g * d..(g + 1) * d], view, 1, range.clone(), 0.125, &mut portable, &mut Vec::new());
+                let sum =
+                    accumulate(&q[g * d..(g + 1) * d], view, 1, range.clone(), 0.125, &mut portable, &mut Vec::new());
                 assert_eq!(sum.to_bits(), sums[0][g].to_bits(), "{range:?} head {g} of 4");
                 assert_eq!(portable, together[0][g * d..(g + 1) * d], "{range:?} head {g} of 4");
                 if g > 0 {
