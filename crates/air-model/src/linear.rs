@@ -298,11 +298,33 @@ impl Linear {
         x: &Tensor,
         batched: &[bool],
     ) -> Result<[Tensor; N], ModelError> {
+        let (m, _) = x.dims2()?;
+        let ys = Self::products(layers, x, batched)?;
+        let mut tensors = Vec::with_capacity(N);
+        for (y, l) in ys.into_iter().zip(layers) {
+            tensors.push(Tensor::from_vec(y, (m, l.n), &Device::Cpu)?);
+        }
+        Ok(tensors.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
+    }
+
+    /// [`Self::forward`]'s values, row-major, without a tensor around them: for logits, whose
+    /// copy out of a tensor costs as much as a small matmul.
+    pub fn forward_values(&self, x: &Tensor, batched: &[bool]) -> Result<Vec<f32>, ModelError> {
+        let [y] = Self::products([self], x, batched)?;
+        Ok(y)
+    }
+
+    /// The products of [`Self::forward_many`], row-major.
+    fn products<const N: usize>(
+        layers: [&Linear; N],
+        x: &Tensor,
+        batched: &[bool],
+    ) -> Result<[Vec<f32>; N], ModelError> {
         let (m, k) = x.dims2()?;
         if let Some(other) = layers.iter().find(|l| l.k != k) {
             return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", other.k)));
         }
-        let mut outs: Vec<Vec<f32>> = layers.iter().map(|l| Vec::with_capacity(m * l.n)).collect();
+        let mut outs: [Vec<f32>; N] = layers.map(|l| Vec::with_capacity(m * l.n));
         with_f32(x, |xs| {
             let mut products: Vec<Product<'_>> = layers
                 .iter()
@@ -318,16 +340,11 @@ impl Linear {
                 }
             }
         })?;
-        let ys = layers
-            .iter()
-            .zip(outs)
-            .map(|(l, mut out)| {
-                // SAFETY: `matmul` wrote all m × n outputs.
-                unsafe { out.set_len(m * l.n) };
-                Ok(Tensor::from_vec(out, (m, l.n), &Device::Cpu)?)
-            })
-            .collect::<Result<Vec<_>, ModelError>>()?;
-        Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
+        for (out, l) in outs.iter_mut().zip(layers) {
+            // SAFETY: `matmul` wrote all m × n outputs.
+            unsafe { out.set_len(m * l.n) };
+        }
+        Ok(outs)
     }
 
     /// Rows of W dequantized, as an embedding lookup: (ids.len(), k).

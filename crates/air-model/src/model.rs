@@ -361,8 +361,7 @@ impl Model {
             let index = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &self.device)?;
             let x = x.index_select(&index, 0)?;
             let x = crate::ops::rms_norm(&x, &self.weights.output_norm, self.config.rms_norm_eps)?;
-            let out = self.weights.output.forward(&x, &head_batched)?;
-            Ok(out.flatten_all()?.to_vec1::<f32>()?)
+            self.weights.output.forward_values(&x, &head_batched)
         })
     }
 
