@@ -45,6 +45,28 @@ pub(crate) fn for_row_chunks<T: Send>(
     data.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(i, chunk)| f(i * rows_per_task, chunk));
 }
 
+/// An output buffer shared by workers of a parallel region that each write their own
+/// disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOutput(*mut f32);
+// SAFETY: the users write disjoint elements (see `write`).
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    /// The buffer of f32 values from `start`.
+    pub(crate) fn new(start: *mut f32) -> Self {
+        Self(start)
+    }
+
+    /// Writes `values` at element `at`.
+    /// SAFETY (caller): the range is inside the buffer, which outlives the writes, and no other
+    /// thread writes or reads it meanwhile.
+    pub(crate) unsafe fn write(self, at: usize, values: &[f32]) {
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use crate::ModelError;
 use crate::block_dot::BlockDot;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 use crate::block_dot::FastDot;
-use crate::host::with_f32;
+use crate::host::{SharedOutput, with_f32};
 use crate::mapped::MappedBlocks;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
 use candle_core::quantized::k_quants;
@@ -66,21 +66,6 @@ fn targets<'a, S: Blocks, W>(
         .collect()
 }
 
-/// Pointer to the output, shared by workers that write disjoint elements.
-#[derive(Clone, Copy)]
-struct Output(*mut f32);
-// SAFETY: workers write disjoint elements (distinct tiles), see `matmul`.
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
-
-impl Output {
-    /// Writes `values` at element `at`.
-    /// SAFETY (caller): the range is in bounds and no other thread writes or reads it.
-    unsafe fn write(self, at: usize, values: &[f32]) {
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) }
-    }
-}
-
 /// One weight matrix of a [`parallel_matmul`] and where its product goes.
 struct Target<'a, W> {
     /// n rows of k values in blocks.
@@ -111,7 +96,7 @@ fn parallel_matmul<W: Sync, A: Sync>(
     let mut column_tasks = Vec::new();
     for (i, t) in targets.iter_mut().enumerate() {
         assert!(t.out.len() >= m * t.n && t.w.len() >= t.n * kb);
-        let dst = Output(t.out.as_mut_ptr().cast());
+        let dst = SharedOutput::new(t.out.as_mut_ptr().cast());
         column_tasks.extend((0..t.n).step_by(per_task).map(|first| (i, dst, first)));
     }
     let targets = &*targets;

@@ -12,6 +12,7 @@ mod f16_lanes;
 mod tiled;
 
 use crate::exp::{EXP_LANES, sum16};
+use crate::host::SharedOutput;
 use air_kv::LayerView;
 use half::slice::HalfFloatSliceExt;
 
@@ -65,54 +66,57 @@ pub fn causal_attention(q: &[f32], rows: usize, seqs: &[QueryRows<'_>], s: Atten
     use rayon::prelude::*;
     let d = s.head_dim;
     let group = s.heads / s.kv_heads;
-    // Per task: (first row, first head, the group's heads' rows as (heads, n, d)).
-    let blocks: Vec<(usize, usize, Vec<f32>)> = (0..seqs.len() * s.kv_heads)
-        .into_par_iter()
-        .map(|task| {
-            let (q_rows, kv_head) = (&seqs[task / s.kv_heads], task % s.kv_heads);
-            let heads = kv_head * group..(kv_head + 1) * group;
-            let (n, tiled) = (q_rows.n, q_rows.tiled_rows.min(q_rows.n));
-            let q_of = |h: usize, seq_rows: std::ops::Range<usize>| {
-                &q[(h * rows + q_rows.row + seq_rows.start) * d..(h * rows + q_rows.row + seq_rows.end) * d]
-            };
-            let mut out = vec![0f32; group * n * d];
-            for (g, h) in heads.clone().enumerate() {
-                if tiled > 0 {
-                    let prompt = tiled::head_attention(q_of(h, 0..tiled), q_rows.kv, q_rows.start, tiled, h, s);
-                    out[g * n * d..(g * n + tiled) * d].copy_from_slice(&prompt);
-                }
-            }
-            if tiled < n {
-                let q_group: Vec<&[f32]> = heads.clone().map(|h| q_of(h, tiled..n)).collect();
-                let generated = group_attention(&q_group, q_rows.kv, q_rows.start + tiled, kv_head, s);
-                for (g, head_rows) in generated.chunks_exact((n - tiled) * d).enumerate() {
-                    out[(g * n + tiled) * d..(g + 1) * n * d].copy_from_slice(head_rows);
-                }
-            }
-            (q_rows.row, heads.start, out)
-        })
-        .collect();
+    assert!(q.len() >= s.heads * rows * d && seqs.iter().all(|r| r.row + r.n <= rows), "query rows beyond the call's");
     let mut out = vec![0f32; rows * s.heads * d];
-    for (row, first_head, block) in blocks {
-        let n = block.len() / (group * d);
-        for (i, values) in block.chunks_exact(d).enumerate() {
-            let (h, r) = (first_head + i / n.max(1), row + i % n.max(1));
-            out[(r * s.heads + h) * d..(r * s.heads + h + 1) * d].copy_from_slice(values);
+    let dst = SharedOutput::new(out.as_mut_ptr());
+    // Each task writes the rows of its sequence and the heads of its KV head.
+    (0..seqs.len() * s.kv_heads).into_par_iter().for_each(|task| {
+        let (q_rows, kv_head) = (&seqs[task / s.kv_heads], task % s.kv_heads);
+        let heads = kv_head * group..(kv_head + 1) * group;
+        let (n, tiled) = (q_rows.n, q_rows.tiled_rows.min(q_rows.n));
+        let q_of = |h: usize, seq_rows: std::ops::Range<usize>| {
+            &q[(h * rows + q_rows.row + seq_rows.start) * d..(h * rows + q_rows.row + seq_rows.end) * d]
+        };
+        // SAFETY: row i of the sequence and head h lie inside `out` ((rows, heads, d)); no
+        // other task writes them, and `out` outlives the region.
+        let emit =
+            |h: usize, i: usize, values: &[f32]| unsafe { dst.write(((q_rows.row + i) * s.heads + h) * d, values) };
+        if tiled > 0 {
+            for h in heads.clone() {
+                let prompt = tiled::head_attention(q_of(h, 0..tiled), q_rows.kv, q_rows.start, tiled, h, s);
+                for (i, values) in prompt.chunks_exact(d).enumerate() {
+                    emit(h, i, values);
+                }
+            }
         }
-    }
+        if tiled < n {
+            let q_group: Vec<&[f32]> = heads.clone().map(|h| q_of(h, tiled..n)).collect();
+            group_attention(&q_group, q_rows.kv, q_rows.start + tiled, kv_head, s, |g, i, values| {
+                emit(heads.start + g, tiled + i, values)
+            });
+        }
+    });
     out
 }
 
 /// The query heads of KV head `kv_head` (`q[g]`: head g's rows, (n, head_dim), at positions
-/// from `start`), generation path; the result is (heads, n, head_dim). Per head as ggml's
+/// from `start`), generation path, each head's result row handed to `emit(head in the group,
+/// row, values)`. Per head as ggml's
 /// kernel: the query rounded to f16, scores by [`dot_f16`], the value accumulator kept in f16
 /// ([`accumulate`]), the result times 1/sum. With AVX-512 and head dimension 64, up to four
 /// heads go through one kernel that reads each key and value once for all of them.
-fn group_attention(q: &[&[f32]], kv: LayerView<'_>, start: usize, kv_head: usize, s: AttentionShape) -> Vec<f32> {
+fn group_attention(
+    q: &[&[f32]],
+    kv: LayerView<'_>,
+    start: usize,
+    kv_head: usize,
+    s: AttentionShape,
+    mut emit: impl FnMut(usize, usize, &[f32]),
+) {
     use half::f16;
     let (d, heads) = (s.head_dim, q.len());
     let n = q.first().map_or(0, |rows| rows.len() / d);
-    let mut out = vec![0f32; heads * n * d];
+    let mut row = vec![0f32; d];
     let mut q_rows = vec![0f32; heads * d];
     let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; heads * d]);
     let mut sums = vec![0f32; heads];
@@ -159,13 +163,12 @@ fn group_attention(q: &[&[f32]], kv: LayerView<'_>, start: usize, kv_head: usize
         }
         for (g, &sum) in sums.iter().enumerate() {
             let inverse = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-            let dst = &mut out[(g * n + i) * d..(g * n + i + 1) * d];
-            for (o, a) in dst.iter_mut().zip(&acc16[g * d..(g + 1) * d]) {
+            for (o, a) in row.iter_mut().zip(&acc16[g * d..(g + 1) * d]) {
                 *o = a.to_f32() * inverse;
             }
+            emit(g, i, &row);
         }
     }
-    out
 }
 
 /// The online softmax of one query row over the cached positions `range` of KV head `kv_head`:
