@@ -116,11 +116,7 @@ impl Sampler {
         let p = &self.params;
         if p.temperature <= 0.0 && !p.has_penalties() {
             // Greedy without penalties: the first maximum, without building candidates.
-            return logits
-                .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |b, (i, &l)| if l > b.1 { (i, l) } else { b })
-                .0 as u32;
+            return first_max(logits);
         }
         self.candidates.clear();
         self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
@@ -160,6 +156,27 @@ impl Sampler {
     }
 }
 
+/// Index of the first greatest value (NaNs never win; 0 when none beats -∞). The maximum
+/// first, over 16 independent lanes (a single running maximum is a chain of dependent
+/// compares), then its first position: the same index as one pass keeping the first strict
+/// improvement.
+fn first_max(logits: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let greater = |m: f32, x: f32| if x > m { x } else { m };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = greater(*m, x);
+        }
+    }
+    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| greater(m, x));
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    logits.iter().position(|&x| x == max).unwrap_or(0) as u32
+}
+
 fn argmax(c: &[(u32, f32)]) -> u32 {
     c.iter().fold((0u32, f32::NEG_INFINITY), |best, &x| if x.1 > best.1 { x } else { best }).0
 }
@@ -194,6 +211,26 @@ mod tests {
 
     fn sampler(params: SamplingParams) -> Sampler {
         Sampler::new(params).unwrap()
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let one_pass = |l: &[f32]| {
+            l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+        };
+        let mut seed = 3u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            ((seed >> 20) % 7) as f32 - 3.0
+        };
+        for len in [1, 15, 16, 17, 100, 49152] {
+            let logits: Vec<f32> = (0..len).map(|_| next()).collect();
+            assert_eq!(first_max(&logits), one_pass(&logits), "{len} logits");
+        }
+        let special = [f32::NAN, -0.0, f32::NEG_INFINITY, 0.0, f32::NAN];
+        assert_eq!(first_max(&special), one_pass(&special));
+        assert_eq!(first_max(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        assert_eq!(first_max(&[]), 0);
     }
 
     #[test]
