@@ -355,17 +355,29 @@ mod model_shapes {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
         let (ggml, fast) = (T::quantize(&x, k), T::fast_quantize(&x, k));
         let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+        T::dots(kb, &w, &ggml, 0..m, &[], &mut a, n);
+        T::fast_dots(kb, &w, &fast, 0..m, &mut b, n);
+        for (got, want) in b.iter().zip(&a) {
+            assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{:?}: {got} vs {want}", T::DTYPE);
+        }
+        // Timed as the pass calls them: a compact tile of outputs per slice of weight rows (a
+        // whole row of outputs, at a stride of n, would time the scattered stores).
+        const COLUMNS: usize = 96;
+        let mut tile = vec![0f32; m * COLUMNS];
         let mut best = [f64::MAX; 2];
         for _ in 0..if cfg!(debug_assertions) { 1 } else { 20 } {
             let t = Instant::now();
-            T::dots(kb, &w, &ggml, 0..m, &[], &mut a, n);
+            for c in (0..n).step_by(COLUMNS) {
+                let cols = c..(c + COLUMNS).min(n);
+                T::dots(kb, &w[cols.start * kb..cols.end * kb], &ggml, 0..m, &[], &mut tile, cols.len());
+            }
             best[0] = best[0].min(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            T::fast_dots(kb, &w, &fast, 0..m, &mut b, n);
+            for c in (0..n).step_by(COLUMNS) {
+                let cols = c..(c + COLUMNS).min(n);
+                T::fast_dots(kb, &w[cols.start * kb..cols.end * kb], &fast, 0..m, &mut tile, cols.len());
+            }
             best[1] = best[1].min(t.elapsed().as_secs_f64());
-        }
-        for (got, want) in b.iter().zip(&a) {
-            assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{:?}: {got} vs {want}", T::DTYPE);
         }
         let gmacs = |s: f64| (m * n * k) as f64 / s / 1e9;
         println!("{:?} k={k} n={n} m={m}: ggml {:.1} GMAC/s, fast {:.1}", T::DTYPE, gmacs(best[0]), gmacs(best[1]));
