@@ -398,7 +398,7 @@ impl Model {
         let k_all = finish(k_all, &w.bk, &w.k_norm, c.n_head_kv)?;
         let v_all = finish(v_all, &w.bv, &None, c.n_head_kv)?;
         // Every sequence's rows together: RoPE at each row's position, then keys and values
-        // into each sequence's store, then attention of every (sequence, head) at once.
+        // into each sequence's store, then attention of every (sequence, KV head) at once.
         let (rope, tables) = match (&self.local_rope, &pass.local, window) {
             (Some(r), Some(t), Some(_)) => (r, t),
             _ => (&self.rope, &pass.global),
