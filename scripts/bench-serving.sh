@@ -22,7 +22,9 @@ cargo build --release --quiet
 air="${CARGO_TARGET_DIR:-target}/release/air"
 scripts/fetch-models.sh >/dev/null
 
-# Runs the serving test at concurrency 1 and 16 and prints both levels and their ratio.
+# Runs the serving test at concurrency 1 and 16 (extra arguments: the model and its options,
+# e.g. --runs) and prints both levels and their ratio: with several runs, the median of each
+# round's ratio.
 levels() {
   local name=$1; shift
   "$air" bench --concurrency 1,16 -t "$threads" --format json "$@" 2>/dev/null | python3 -c '
@@ -32,7 +34,8 @@ for r in rows:
     print("%-22s c=%-3d %9.3f tok/s aggregate  TTFT p50 %8.0f ms p99 %8.0f ms  ITL p50 %8.1f ms p99 %8.1f ms  preemptions %d"
           % (sys.argv[1], r["concurrency"], r["aggregate_decode_tokens_per_s"], r["ttft_ms_p50"], r["ttft_ms_p99"],
              r["itl_ms_p50"] or 0, r["itl_ms_p99"] or 0, r["preemptions"]))
-print("%-22s concurrency 16 / 1: %.2fx" % (sys.argv[1], rows[1]["aggregate_decode_tokens_per_s"] / rows[0]["aggregate_decode_tokens_per_s"]))
+print("%-22s concurrency 16 / 1: %.2fx (median of %d rounds: %s)" % (sys.argv[1], rows[1]["ratio_to_first_level"], rows[1]["runs"],
+      ", ".join("%.2fx" % r for r in rows[1]["ratio_to_first_level_runs"])))
 ' "$name"
 }
 
@@ -45,5 +48,5 @@ if [ "$streamed" = 1 ]; then
   [ -f "$big" ] || "$air" synth --layers 248 --hidden 4096 --ffn 14336 --heads 32 --kv-heads 8 --type q4_0 -o "$big"
   echo "== larger than RAM: $(du -h "$big" | cut -f1) file, $(free -g | awk '/Mem:/{print $2}') GiB RAM, 1 GiB budget"
   dd if="$big" iflag=nocache count=0 status=none
-  levels synth-30g-Q4_0 -m "$big" --memory-budget 1GiB --prompt-tokens 4 --gen-tokens 3
+  levels synth-30g-Q4_0 -m "$big" --memory-budget 1GiB --prompt-tokens 4 --gen-tokens 3 --runs 1
 fi

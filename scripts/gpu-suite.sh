@@ -185,7 +185,7 @@ for stage in "$@"; do
             --prompt "The capital of France is" -n 48 --temperature 0
         done
         record engine "SmolLM2 concurrency" bench -m "$smol" --device cuda --concurrency 1,16,64 \
-          --prompt-tokens 32 --gen-tokens 64
+          --prompt-tokens 32 --gen-tokens 64 --runs 1
       else
         log "SmolLM2: not all parts have arrived"
       fi
@@ -193,9 +193,9 @@ for stage in "$@"; do
       record engine "llama8b-q4_0 resident, model driven directly" bench -m "$model" --device cuda \
         --prompt-tokens 0 --gen-tokens 64 --runs 2
       record engine "llama8b-q4_0 resident concurrency" bench -m "$model" --device cuda --concurrency 1,16,64 \
-        --prompt-tokens 128 --gen-tokens 64
+        --prompt-tokens 128 --gen-tokens 64 --runs 1
       record engine "llama8b-q4_0 half streamed concurrency" bench -m "$model" --device cuda --vram-budget 3GiB \
-        --concurrency 1,16 --prompt-tokens 16 --gen-tokens 32
+        --concurrency 1,16 --prompt-tokens 16 --gen-tokens 32 --runs 1
       ;;
     engine-c1)
       model=$(llama8b q4_0)
@@ -203,7 +203,7 @@ for stage in "$@"; do
         record engine-c1 "direct, prompt $prompt" bench -m "$model" --device cuda --prompt-tokens "$prompt" \
           --gen-tokens 64 --runs 2
         record engine-c1 "engine, prompt $prompt" bench -m "$model" --device cuda --concurrency 1 \
-          --prompt-tokens "$prompt" --gen-tokens 64
+          --prompt-tokens "$prompt" --gen-tokens 64 --runs 1
       done
       ;;
     *) log "unknown stage $stage"; exit 2 ;;

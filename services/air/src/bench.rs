@@ -158,7 +158,8 @@ fn argmax(xs: &[f32]) -> u32 {
     xs.iter().enumerate().fold(0, |best, (i, &x)| if x > xs[best] { i } else { best }) as u32
 }
 
-fn median(xs: &mut [f64]) -> Option<f64> {
+/// The median (the upper one of an even count); `None` when empty.
+pub(crate) fn median(xs: &mut [f64]) -> Option<f64> {
     xs.sort_by(f64::total_cmp);
     (!xs.is_empty()).then(|| xs[xs.len() / 2])
 }

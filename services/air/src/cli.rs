@@ -218,7 +218,9 @@ pub struct BenchArgs {
     /// Tokens to generate one at a time (0 skips the generation test).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
-    /// Repetitions of each test; the median is reported.
+    /// Repetitions of each test; the median is reported. With --concurrency the levels run in
+    /// turn, once per round (1, 16, 1, 16, ...), and each later level also reports its ratio to
+    /// the first level's rate of the same round (median over the rounds).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Sequences decoded together in the generation test: each step runs one token of every

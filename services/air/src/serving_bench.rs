@@ -2,8 +2,12 @@
 //! random prompts, greedy, end-of-generation ignored so that each generates exactly
 //! --gen-tokens) go through the engine at once; reported per level: aggregate generated
 //! tokens/s over the wall time, time to first token and inter-token latency percentiles.
+//! With --runs R the levels run R times in turn (1, 16, 1, 16, ...): each level reports the
+//! median of its rates and, beside the first level, the median of its ratio to the first
+//! level's rate in the same round, so that a shared machine's slow spells weigh on both sides
+//! of a ratio alike.
 
-use crate::bench::bench_tokens;
+use crate::bench::{bench_tokens, median};
 use crate::cli::{BenchArgs, Format};
 use crate::loaded::Loaded;
 use crate::serving::with_engine;
@@ -25,6 +29,7 @@ struct Trace {
 pub fn run(args: BenchArgs) -> Result<()> {
     let levels = args.concurrency.clone();
     ensure!(levels.iter().all(|&n| n > 0), "--concurrency levels must be at least 1");
+    ensure!(args.runs > 0, "--runs must be at least 1");
     ensure!(
         args.prompt_tokens > 0 && args.gen_tokens > 0,
         "the serving test needs --prompt-tokens and --gen-tokens > 0"
@@ -45,30 +50,59 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Untimed: warms the page cache and the compute threads.
         let warm = Request { prompt: bench_tokens(vocab, 16, u64::MAX), ..request(Vec::new(), 4) };
         trace(&engine, warm).await?;
-        for (level_index, &n) in levels.iter().enumerate() {
-            let before = engine.stats(None).await?;
-            let started = Instant::now();
-            let tasks: Vec<_> = (0..n)
-                .map(|i| {
-                    let prompt = bench_tokens(vocab, args.prompt_tokens, (level_index * 1_000_003 + i) as u64);
-                    let engine = engine.clone();
-                    let request = request(prompt, args.gen_tokens);
-                    tokio::spawn(async move { trace(&engine, request).await })
-                })
-                .collect();
-            let mut traces = Vec::new();
-            for task in tasks {
-                traces.push(task.await??);
+        // rounds[r][level]; every request of every round has its own prompt, so that no round
+        // finds another's in the prefix cache.
+        let mut rounds: Vec<Vec<LevelRun>> = Vec::with_capacity(args.runs);
+        for round in 0..args.runs {
+            let mut runs = Vec::with_capacity(levels.len());
+            for (level_index, &n) in levels.iter().enumerate() {
+                let before = engine.stats(None).await?;
+                let started = Instant::now();
+                let seed = (round * levels.len() + level_index) * 1_000_003;
+                let tasks: Vec<_> = (0..n)
+                    .map(|i| {
+                        let prompt = bench_tokens(vocab, args.prompt_tokens, (seed + i) as u64);
+                        let engine = engine.clone();
+                        let request = request(prompt, args.gen_tokens);
+                        tokio::spawn(async move { trace(&engine, request).await })
+                    })
+                    .collect();
+                let mut traces = Vec::new();
+                for task in tasks {
+                    traces.push(task.await??);
+                }
+                let wall = started.elapsed().as_secs_f64();
+                let after = engine.stats(None).await?;
+                runs.push(LevelRun { traces, wall, before, after });
             }
-            let wall = started.elapsed().as_secs_f64();
-            let after = engine.stats(None).await?;
-            let report = level_report(n, &traces, wall, &before, &after);
+            rounds.push(runs);
+        }
+        for (level_index, &n) in levels.iter().enumerate() {
+            let runs: Vec<&LevelRun> = rounds.iter().map(|round| &round[level_index]).collect();
+            let ratios: Vec<f64> = rounds.iter().map(|round| round[level_index].rate() / round[0].rate()).collect();
+            let report = level_report(n, &runs, (level_index > 0).then_some(ratios));
             let report = json!({ "model": model_path, "device": device, "threads": threads,
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "level": report });
             print_level(&report, args.format);
         }
         Ok(())
     })
+}
+
+/// One run of one level: what its requests saw, its wall time, and the engine's counters
+/// around it.
+struct LevelRun {
+    traces: Vec<Trace>,
+    wall: f64,
+    before: SchedulerStats,
+    after: SchedulerStats,
+}
+
+impl LevelRun {
+    /// Generated tokens per second of wall time, all requests together.
+    fn rate(&self) -> f64 {
+        self.traces.iter().map(|t| t.tokens).sum::<usize>() as f64 / self.wall
+    }
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
@@ -98,29 +132,43 @@ async fn trace(engine: &Engine, request: Request) -> Result<Trace> {
     bail!("the engine stopped during the test")
 }
 
-/// The figures of one level as JSON, with the engine's counters from `before` to `after` it:
-/// steps, and the compute thread's mean time per step in the model's pass and in sampling (the
-/// rest of a token's latency is the engine's own work and the hand-offs).
-fn level_report(n: usize, traces: &[Trace], wall: f64, before: &SchedulerStats, after: &SchedulerStats) -> Value {
-    let generated: usize = traces.iter().map(|t| t.tokens).sum();
-    let steps = after.steps - before.steps;
-    let per_step = |total: std::time::Duration| (steps > 0).then(|| total.as_secs_f64() * 1e3 / steps as f64);
-    let mut ttft: Vec<f64> = traces.iter().map(|t| t.ttft * 1e3).collect();
-    let mut gaps: Vec<f64> = traces.iter().flat_map(|t| t.gaps.iter().map(|g| g * 1e3)).collect();
+/// The figures of one level over its runs as JSON: the median rate and each run's, the median
+/// ratio to the first level (each round's own) where given, latency percentiles over every
+/// run's requests, and the engine's counters: steps, and the compute thread's mean time per
+/// step in the model's pass and in sampling (the rest of a token's latency is the engine's own
+/// work and the hand-offs).
+fn level_report(n: usize, runs: &[&LevelRun], ratios: Option<Vec<f64>>) -> Value {
+    let traces = || runs.iter().flat_map(|r| &r.traces);
+    let mut rates: Vec<f64> = runs.iter().map(|r| r.rate()).collect();
+    let each_rate = rates.clone();
+    let mut walls: Vec<f64> = runs.iter().map(|r| r.wall).collect();
+    let counter = |f: fn(&SchedulerStats) -> u64| runs.iter().map(|r| f(&r.after) - f(&r.before)).sum::<u64>();
+    let steps = counter(|s| s.steps);
+    let time = |f: fn(&SchedulerStats) -> std::time::Duration| {
+        let total: std::time::Duration = runs.iter().map(|r| f(&r.after) - f(&r.before)).sum();
+        (steps > 0).then(|| total.as_secs_f64() * 1e3 / steps as f64)
+    };
+    let mut ttft: Vec<f64> = traces().map(|t| t.ttft * 1e3).collect();
+    let mut gaps: Vec<f64> = traces().flat_map(|t| t.gaps.iter().map(|g| g * 1e3)).collect();
+    let ratio = ratios.as_ref().and_then(|r| median(&mut r.clone()));
     json!({
         "concurrency": n,
-        "requests": traces.len(),
-        "generated_tokens": generated,
-        "wall_s": wall,
-        "aggregate_decode_tokens_per_s": generated as f64 / wall,
+        "requests": n,
+        "runs": runs.len(),
+        "generated_tokens": runs.first().map_or(0, |r| r.traces.iter().map(|t| t.tokens).sum::<usize>()),
+        "wall_s": median(&mut walls),
+        "aggregate_decode_tokens_per_s": median(&mut rates),
+        "aggregate_decode_tokens_per_s_runs": each_rate,
+        "ratio_to_first_level": ratio,
+        "ratio_to_first_level_runs": ratios,
         "ttft_ms_p50": percentile(&mut ttft, 50.0),
         "ttft_ms_p99": percentile(&mut ttft, 99.0),
         "itl_ms_p50": percentile(&mut gaps, 50.0),
         "itl_ms_p99": percentile(&mut gaps, 99.0),
-        "preemptions": after.preemptions - before.preemptions,
+        "preemptions": counter(|s| s.preemptions),
         "steps": steps,
-        "forward_ms_per_step": per_step(after.forward_time - before.forward_time),
-        "sampling_ms_per_step": per_step(after.sampling_time - before.sampling_time),
+        "forward_ms_per_step": time(|s| s.forward_time),
+        "sampling_ms_per_step": time(|s| s.sampling_time),
     })
 }
 
@@ -143,8 +191,10 @@ fn print_level(report: &Value, format: Format) {
         }
         Format::Text => {
             let f = |key: &str| level[key].as_f64().unwrap_or(f64::NAN);
+            let ratio =
+                level["ratio_to_first_level"].as_f64().map_or(String::new(), |r| format!(" ({r:.2}x the first level)"));
             println!(
-                "concurrency {:>3}: {:>8.1} tokens/s aggregate | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions | per step: pass {:.2} ms, sampling {:.2} ms",
+                "concurrency {:>3}: {:>8.1} tokens/s aggregate{ratio} | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions | per step: pass {:.2} ms, sampling {:.2} ms | median of {} runs",
                 level["concurrency"],
                 f("aggregate_decode_tokens_per_s"),
                 f("ttft_ms_p50"),
@@ -153,7 +203,8 @@ fn print_level(report: &Value, format: Format) {
                 f("itl_ms_p99"),
                 level["preemptions"],
                 f("forward_ms_per_step"),
-                f("sampling_ms_per_step")
+                f("sampling_ms_per_step"),
+                level["runs"]
             );
         }
     }

@@ -163,6 +163,8 @@ fn bench_concurrency_reports_every_level() {
         "8",
         "--gen-tokens",
         "4",
+        "--runs",
+        "2",
         "--format",
         "json",
     ]);
@@ -176,8 +178,23 @@ fn bench_concurrency_reports_every_level() {
             assert!(level[key].as_f64().unwrap() > 0.0, "{key}: {level}");
         }
         assert!(level["ttft_ms_p99"].as_f64() >= level["ttft_ms_p50"].as_f64());
+        // Two rounds, each level's rate in each; the median is one of them.
+        let rates: Vec<f64> = level["aggregate_decode_tokens_per_s_runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_f64().unwrap())
+            .collect();
+        assert_eq!((level["runs"].as_u64(), rates.len()), (Some(2), 2));
+        assert!(rates.contains(&level["aggregate_decode_tokens_per_s"].as_f64().unwrap()));
     }
+    // The ratio to the first level, per round, beside every later level.
+    assert!(levels[0]["ratio_to_first_level"].is_null());
+    let ratios = levels[1]["ratio_to_first_level_runs"].as_array().unwrap();
+    assert_eq!(ratios.len(), 2);
+    assert!(ratios.iter().all(|r| r.as_f64().unwrap() > 0.0));
     assert_fails(&["bench", "-m", &smollm2(), "--concurrency", "0"], "--concurrency levels must be at least 1");
+    assert_fails(&["bench", "-m", &smollm2(), "--concurrency", "1", "--runs", "0"], "--runs must be at least 1");
 }
 
 #[test]
