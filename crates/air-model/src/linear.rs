@@ -48,6 +48,7 @@ trait Blocks: Any + Send + Sync {
     fn matmul(&self, products: &mut [Product<'_>], x: &[f32], m: usize, k: usize, batched: &[bool]) -> bool;
     /// Dequantizes row `row` (k values) into `out`.
     fn row(&self, row: usize, k: usize, out: &mut [f32]);
+    /// The matrix as `Any`, for [`targets`] to find its type.
     fn as_any(&self) -> &dyn Any;
 }
 
