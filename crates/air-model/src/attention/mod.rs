@@ -101,10 +101,10 @@ pub fn causal_attention(q: &[f32], rows: usize, seqs: &[QueryRows<'_>], s: Atten
 
 /// The query heads of KV head `kv_head` (`q[g]`: head g's rows, (n, head_dim), at positions
 /// from `start`), generation path, each head's result row handed to `emit(head in the group,
-/// row, values)`. Per head as ggml's
-/// kernel: the query rounded to f16, scores by [`dot_f16`], the value accumulator kept in f16
-/// ([`accumulate`]), the result times 1/sum. With AVX-512 and head dimension 64, up to four
-/// heads go through one kernel that reads each key and value once for all of them.
+/// row, values)`. Per head as ggml's kernel: the query rounded to f16, scores by [`dot_f16`],
+/// the value accumulator kept in f16 ([`accumulate`]), the result times 1/sum. With AVX-512 and
+/// head dimension 64, up to four heads go through one kernel that reads each key and value once
+/// for all of them.
 fn group_attention(
     q: &[&[f32]],
     kv: LayerView<'_>,
