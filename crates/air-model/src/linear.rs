@@ -22,6 +22,11 @@ const MIN_COLUMNS_PER_TASK: usize = 32;
 /// Activation rows per parallel work item: with the task's weight rows, a tile of blocks that
 /// stays in the core's cache while the kernel works through it.
 const ROWS_PER_TASK: usize = 48;
+/// Output columns per kernel call: a task's outputs go through a compact tile of this many
+/// columns per row. A tile as wide as a task (thousands of columns for an output head) put the
+/// kernel's 16 rows of stores a multiple of 4 KiB apart, likely into one L1 cache set: the
+/// 16-row head ran a third slower (docs/benchmarks.md).
+pub(crate) const TILE_COLUMNS: usize = 96;
 /// Work items per thread to aim for: enough to balance the load, few enough that scheduling
 /// stays a small cost (a generation step runs hundreds of matmuls).
 const TASKS_PER_THREAD: usize = 8;
@@ -107,13 +112,16 @@ fn parallel_matmul<W: Sync, A: Sync>(
         let cols = first..(first + per_task).min(n);
         let rows =
             (task / column_tasks.len()) * ROWS_PER_TASK..((task / column_tasks.len() + 1) * ROWS_PER_TASK).min(m);
-        let width = cols.len();
-        let mut tile = vec![0f32; width * rows.len()];
-        dots(&w[cols.start * kb..cols.end * kb], &xq, rows.clone(), &mut tile, width);
-        for (r, values) in rows.zip(tile.chunks_exact(width)) {
-            // SAFETY: r < m and cols within n, so the range is inside the target's out (m ×
-            // n); tasks cover disjoint (rows, cols) tiles.
-            unsafe { dst.write(r * n + cols.start, values) };
+        let mut tile = vec![0f32; TILE_COLUMNS.min(cols.len()) * rows.len()];
+        for start in cols.clone().step_by(TILE_COLUMNS) {
+            let width = TILE_COLUMNS.min(cols.end - start);
+            let tile = &mut tile[..width * rows.len()];
+            dots(&w[start * kb..(start + width) * kb], &xq, rows.clone(), tile, width);
+            for (r, values) in rows.clone().zip(tile.chunks_exact(width)) {
+                // SAFETY: r < m and the columns within n, so the range is inside the target's
+                // out (m × n); tasks cover disjoint (rows, cols) tiles.
+                unsafe { dst.write(r * n + start, values) };
+            }
         }
     });
 }
@@ -386,6 +394,56 @@ mod tests {
             }
             let wrong = Tensor::zeros((2, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
             assert!(Linear::forward_many([&q, &k], &wrong, &[]).is_err());
+        }
+    }
+
+    /// Times every matmul of a SmolLM2 step (30 layers' Q/K/V, output, gate/up and down, then
+    /// the head) at 1, 16 and 512 rows, on one thread and on two; prints the best step of
+    /// several and its GMAC/s. `cargo test --release -p air-model --lib matmuls_of_a_step --
+    /// --ignored --nocapture`
+    #[test]
+    #[ignore = "a benchmark"]
+    fn matmuls_of_a_step() {
+        let file = smollm2();
+        let linear = |name: String| Linear::new(&file, file.tensor(&name).unwrap(), CpuNumerics::Fast).unwrap();
+        if !CpuNumerics::Fast.supported() {
+            return;
+        }
+        let layers: Vec<[Linear; 7]> = (0..30)
+            .map(|l| {
+                ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+                    .map(|n| linear(format!("blk.{l}.{n}.weight")))
+            })
+            .collect();
+        let head = linear("token_embd.weight".into());
+        let macs_per_row: usize = layers.iter().flatten().chain([&head]).map(|l| l.n * l.k).sum();
+        for (rows, steps) in [(1, 20), (16, 20), (512, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 576), &Device::Cpu).unwrap();
+            let x_down = Tensor::randn(0f32, 1.0, (rows, 1536), &Device::Cpu).unwrap();
+            let step = || {
+                for [q, k, v, o, gate, up, down] in &layers {
+                    Linear::forward_many([q, k, v], &x, &[]).unwrap();
+                    o.forward(&x, &[]).unwrap();
+                    Linear::forward_many([gate, up], &x, &[]).unwrap();
+                    down.forward(&x_down, &[]).unwrap();
+                }
+                head.forward_values(&x, &[]).unwrap();
+            };
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let best = pool.install(|| {
+                    step();
+                    (0..steps)
+                        .map(|_| {
+                            let t = std::time::Instant::now();
+                            step();
+                            t.elapsed().as_secs_f64()
+                        })
+                        .fold(f64::MAX, f64::min)
+                });
+                let gmacs = (rows * macs_per_row) as f64 / best / 1e9;
+                println!("{rows} rows, {threads} threads: {:.2} ms, {gmacs:.1} GMAC/s", best * 1e3);
+            }
         }
     }
 }

@@ -362,7 +362,7 @@ mod model_shapes {
         }
         // Timed as the pass calls them: a compact tile of outputs per slice of weight rows (a
         // whole row of outputs, at a stride of n, would time the scattered stores).
-        const COLUMNS: usize = 96;
+        const COLUMNS: usize = crate::linear::TILE_COLUMNS;
         let mut tile = vec![0f32; m * COLUMNS];
         let mut best = [f64::MAX; 2];
         for _ in 0..if cfg!(debug_assertions) { 1 } else { 20 } {
