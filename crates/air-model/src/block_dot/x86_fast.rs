@@ -36,6 +36,16 @@ const ROW_TILE_X: usize = 3;
 const MIN_BATCH_ROWS: usize = 7;
 /// Where [`row_tile`]'s lane-crossing reduction leaves weight row `ROW_OF_LANE[lane]`.
 const ROW_OF_LANE: [usize; LANES] = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15];
+/// The inverse of [`ROW_OF_LANE`]: the lane that holds weight row `row`.
+const LANE_OF_ROW: [i32; LANES] = {
+    let mut lanes = [0; LANES];
+    let mut lane = 0;
+    while lane < LANES {
+        lanes[ROW_OF_LANE[lane]] = lane as i32;
+        lane += 1;
+    }
+    lanes
+};
 
 /// Whether this CPU runs the kernels (AVX-512 F/BW/DQ/VL and VNNI).
 pub(super) fn supported() -> bool {
@@ -277,6 +287,45 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
     }
 }
 
+/// The 16 × 16 transpose: lane j of register i becomes lane i of register j, so that a full
+/// [`batch_tile`] leaves by 16 stores of 16 outputs. Its four rounds of 16 shuffles use a port
+/// the dot products leave free; storing the tile one value at a time, as partial tiles do, made
+/// the 16-row kernels about a tenth slower (`fast_kernels_at_model_shapes`).
+#[inline(always)]
+unsafe fn transpose(a: [__m512; LANES]) -> [__m512; LANES] {
+    unsafe {
+        // Within each 128-bit quarter c: t[2p] holds rows 2p, 2p + 1 of columns 4c, 4c + 1
+        // interleaved, t[2p + 1] those of columns 4c + 2, 4c + 3.
+        let mut t = [_mm512_setzero_ps(); LANES];
+        for p in 0..LANES / 2 {
+            t[2 * p] = _mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]);
+        }
+        // u[4q + s], quarter c: rows 4q..4q + 4 of column 4c + s.
+        let mut u = [_mm512_setzero_ps(); LANES];
+        for q in 0..LANES / 4 {
+            let pd = |i: usize| _mm512_castps_pd(t[4 * q + i]);
+            u[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(0), pd(2)));
+            u[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(0), pd(2)));
+            u[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(1), pd(3)));
+            u[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(1), pd(3)));
+        }
+        // Column 4c + s gathers quarter c of u[s], u[4 + s], u[8 + s] and u[12 + s].
+        let mut b = [_mm512_setzero_ps(); LANES];
+        for s in 0..4 {
+            let low01 = _mm512_shuffle_f32x4::<0x44>(u[s], u[4 + s]);
+            let high01 = _mm512_shuffle_f32x4::<0xEE>(u[s], u[4 + s]);
+            let low23 = _mm512_shuffle_f32x4::<0x44>(u[8 + s], u[12 + s]);
+            let high23 = _mm512_shuffle_f32x4::<0xEE>(u[8 + s], u[12 + s]);
+            b[s] = _mm512_shuffle_f32x4::<0x88>(low01, low23);
+            b[4 + s] = _mm512_shuffle_f32x4::<0xDD>(low01, low23);
+            b[8 + s] = _mm512_shuffle_f32x4::<0x88>(high01, high23);
+            b[12 + s] = _mm512_shuffle_f32x4::<0xDD>(high01, high23);
+        }
+        b
+    }
+}
+
 /// For weight rows `w` (each `kb` blocks) and activation rows `rows` of `x`, writes the dot
 /// product of activation row `rows.start + j` and weight row `i` to `out[j * stride + i]`.
 /// Panics when the CPU lacks the kernels' instructions ([`supported`]).
@@ -293,7 +342,8 @@ pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<u
 unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
     let kb = x.kb;
     let rows_w = w.len() / kb;
-    let mut values = [0f32; LANES];
+    // SAFETY: the table holds 16 i32.
+    let lane_of_row = unsafe { _mm512_loadu_si512(LANE_OF_ROW.as_ptr().cast()) };
     let mut first = rows.start;
     while first < rows.end {
         let group = first / LANES;
@@ -302,6 +352,17 @@ unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, o
             let mut i = 0;
             while i < rows_w {
                 let mut store = |tile: &[__m512]| {
+                    if let (Ok(&full), true) = (<&[__m512; LANES]>::try_from(tile), end - first == LANES) {
+                        // SAFETY: the CPU has AVX-512 F (this function's features).
+                        let by_row = unsafe { transpose(full) };
+                        for (r, v) in by_row.into_iter().enumerate() {
+                            // SAFETY: (first + r - rows.start) · stride + i + 16 ≤ (rows.len() - 1)
+                            // · stride + rows_w ≤ out.len() (asserted by `dots`).
+                            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((first + r - rows.start) * stride + i), v) };
+                        }
+                        return LANES;
+                    }
+                    let mut values = [0f32; LANES];
                     for (c, &acc) in tile.iter().enumerate() {
                         // SAFETY: `values` holds 16 f32.
                         unsafe { _mm512_storeu_ps(values.as_mut_ptr(), acc) };
@@ -331,11 +392,13 @@ unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, o
                 let valid = LANES.min(rows_w - i);
                 for j0 in (first..end).step_by(ROW_TILE_X) {
                     let mut store = |tile: &[__m512]| {
+                        let mask = (u32::MAX >> (32 - valid)) as __mmask16;
                         for (j, &acc) in tile.iter().enumerate() {
-                            // SAFETY: `values` holds 16 f32.
-                            unsafe { _mm512_storeu_ps(values.as_mut_ptr(), acc) };
-                            for (lane, &r) in ROW_OF_LANE.iter().enumerate().filter(|&(_, &r)| r < valid) {
-                                out[(j0 + j - rows.start) * stride + i + r] = values[lane];
+                            // SAFETY: (j0 + j - rows.start) · stride + i + valid ≤ (rows.len() - 1)
+                            // · stride + rows_w ≤ out.len() (asserted by `dots`).
+                            unsafe {
+                                let to = out.as_mut_ptr().add((j0 + j - rows.start) * stride + i);
+                                _mm512_mask_storeu_ps(to, mask, _mm512_permutexvar_ps(lane_of_row, acc));
                             }
                         }
                     };
