@@ -45,6 +45,43 @@ pub(crate) fn for_row_chunks<T: Send>(
     data.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(i, chunk)| f(i * rows_per_task, chunk));
 }
 
+/// Runs `f` on the compute pool with the pool's other workers kept polling for its parallel
+/// work until it returns. A pass has a dozen parallel regions per layer, tens of microseconds
+/// apart; between them rayon's idle workers go to sleep, and waking one costs a region about
+/// as much as its work at generation sizes (docs/benchmarks.md). The polling lasts one call,
+/// so an idle server burns no CPU.
+pub(crate) fn with_warm_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    thread_local! {
+        /// Whether this worker already polls for some call (a poller stolen by another).
+        static POLLING: Cell<bool> = const { Cell::new(false) };
+    }
+    let done = &AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let caller = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            scope.spawn(move |_| {
+                // The caller may run a poller itself while it waits inside `f`: it would then
+                // wait for its own end.
+                if rayon::current_thread_index() == caller || POLLING.get() {
+                    return;
+                }
+                POLLING.set(true);
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::thread::yield_now();
+                    }
+                }
+                POLLING.set(false);
+            });
+        }
+        let result = f();
+        done.store(true, Ordering::Release);
+        result
+    })
+}
+
 /// An output buffer shared by workers of a parallel region that each write their own
 /// disjoint elements.
 #[derive(Clone, Copy)]

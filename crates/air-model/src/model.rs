@@ -313,7 +313,8 @@ impl Model {
 
     /// The host pass over `tokens` (the sequences' rows, stacked), on the compute pool: one
     /// hand-off per pass, so its parallel regions (a dozen per layer) do not each wake the
-    /// calling thread.
+    /// calling thread, and the other workers kept polling for those regions' work meanwhile
+    /// ([`crate::host::with_warm_workers`]).
     fn forward_on_pool(
         &self,
         stores: &mut [&mut KvStore],
@@ -334,7 +335,7 @@ impl Model {
             local: self.local_rope.as_ref().map(|r| r.tables_for(positions(), &self.device)).transpose()?,
             batched,
         };
-        rayon::scope(|_| {
+        crate::host::with_warm_workers(|| {
             let mut x = self.weights.token_embd.rows(tokens)?;
             if let Some(scale) = self.config.embedding_scale {
                 x = (x * scale as f64)?;
