@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 /// Values per parallel work item: below this a hand-off to another thread costs more than it
 /// saves, so one generation step (one row) stays on the calling thread.
-const VALUES_PER_TASK: usize = 8192;
+pub(crate) const VALUES_PER_TASK: usize = 8192;
 
 /// Runs `f` on the values of `t` in row-major order, borrowing a contiguous f32 CPU tensor's
 /// storage; other tensors are copied first.

@@ -118,32 +118,39 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Quantizes `x`, rows of `k` values, for weights of type `W`.
+    /// Quantizes `x`, rows of `k` values, for weights of type `W`: each block once, into both
+    /// layouts, a group of 16 rows per parallel task where there are enough values to pay for
+    /// one.
     pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
+        use rayon::prelude::*;
         let (rows, kb) = (x.len() / k, k / 32);
         let mut blocks = vec![RowBlock::default(); rows * kb];
-        crate::host::for_row_chunks(&mut blocks, kb, k, |first, chunk| {
-            for (block, values) in chunk.iter_mut().zip(x[first * k..].chunks_exact(32)) {
-                let (d, q, sum) = quantize_q8_block(values);
-                let s = if W::ENCODING == Encoding::Min { q8_1_sum(d, sum).to_f32() } else { 0.0 };
-                *block = RowBlock { q, d: f16::from_f32(d).to_f32(), s, start: -lift::<W>() * sum };
-            }
-        });
-        let mut lanes = Vec::new();
-        if rows >= MIN_BATCH_ROWS {
-            lanes = vec![LaneBlock::ZERO; rows.div_ceil(LANES) * kb];
-            crate::host::for_row_chunks(&mut lanes, kb, LANES * k, |first, chunk| {
-                let rows = blocks[first * LANES * kb..].chunks_exact(kb).take(chunk.len() / kb * LANES);
-                for (r, row) in rows.enumerate() {
-                    let lane = r % LANES;
-                    for (block, to) in row.iter().zip(&mut chunk[r / LANES * kb..]) {
+        let mut lanes = vec![LaneBlock::ZERO; if rows >= MIN_BATCH_ROWS { rows.div_ceil(LANES) * kb } else { 0 }];
+        // Rows from `first` (at most 16): their blocks, and their lane group where there is one.
+        let group = |first: usize, blocks: &mut [RowBlock], lanes: &mut [LaneBlock]| {
+            for (lane, row) in blocks.chunks_exact_mut(kb).enumerate() {
+                for (b, (block, values)) in row.iter_mut().zip(x[(first + lane) * k..].chunks_exact(32)).enumerate() {
+                    let (d, q, sum) = quantize_q8_block(values);
+                    let s = if W::ENCODING == Encoding::Min { q8_1_sum(d, sum).to_f32() } else { 0.0 };
+                    *block = RowBlock { q, d: f16::from_f32(d).to_f32(), s, start: -lift::<W>() * sum };
+                    if let Some(to) = lanes.get_mut(b) {
                         for (g, group) in to.groups.iter_mut().enumerate() {
                             group[4 * lane..4 * lane + 4].copy_from_slice(&block.q[4 * g..4 * g + 4]);
                         }
                         (to.start[lane], to.d[lane], to.s[lane]) = (block.start, block.d, block.s);
                     }
                 }
-            });
+            }
+        };
+        if lanes.is_empty() {
+            group(0, &mut blocks, &mut []);
+        } else if x.len() < 2 * crate::host::VALUES_PER_TASK {
+            for (i, (blocks, lanes)) in blocks.chunks_mut(LANES * kb).zip(lanes.chunks_mut(kb)).enumerate() {
+                group(i * LANES, blocks, lanes);
+            }
+        } else {
+            let groups = blocks.par_chunks_mut(LANES * kb).zip(lanes.par_chunks_mut(kb));
+            groups.enumerate().for_each(|(i, (blocks, lanes))| group(i * LANES, blocks, lanes));
         }
         Self { kb, blocks, lanes }
     }
@@ -450,7 +457,8 @@ mod tests {
     /// Both kernels, over row ranges that mix them and weight row counts that leave partial
     /// tiles, give the scalar arithmetic's bits; and the result stays near the f32 dot product.
     fn same_bits_as_scalar<W: Weight>() {
-        let (k, rows_x) = (384, 37);
+        // 45 rows of 384: enough values for the quantization's parallel path.
+        let (k, rows_x) = (384, 45);
         let kb = k / 32;
         for rows_w in [37, 16, 5, 1] {
             let values = data(rows_w * k, 11);
@@ -460,7 +468,8 @@ mod tests {
             W::to_float(&w, &mut dequantized);
             let xf = data(rows_x * k, 5);
             let x = Activations::new::<W>(&xf, k);
-            for rows in [0..37, 0..1, 3..5, 14..19, 16..20, 5..37, 33..37, 36..37, 3..15, 20..32, 0..7] {
+            for rows in [0..45, 0..1, 3..5, 14..19, 16..20, 5..37, 33..37, 36..37, 3..15, 20..32, 0..7, 32..45, 40..45]
+            {
                 let stride = rows_w + 2;
                 let mut out = vec![f32::NAN; rows.len() * stride];
                 dots(kb, &w, &x, rows.clone(), &mut out, stride);
