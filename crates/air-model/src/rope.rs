@@ -152,40 +152,67 @@ impl Rope {
         scale: f32,
     ) -> candle_core::Result<Vec<f32>> {
         let rows = x.len() / (heads * head_dim).max(1);
-        let mut out = heads_first(x, rows, heads, head_dim);
-        self.rotate_on_host(&mut out, rows, head_dim, t)?;
-        if scale != 1.0 {
-            out.iter_mut().for_each(|v| *v = *v * scale + 0.0);
-        }
-        Ok(out)
+        self.with_angles(t, rows, |cos, sin| {
+            let mut out = vec![0f32; x.len()];
+            // Row o of the result is head o / rows of input row o % rows; each is copied,
+            // rotated and scaled while in cache, rows spread over the compute pool.
+            crate::host::for_row_chunks(&mut out, head_dim, head_dim, |first, chunk| {
+                for (o, dst) in chunk.chunks_exact_mut(head_dim).enumerate() {
+                    let (h, r) = ((first + o) / rows, (first + o) % rows);
+                    dst.copy_from_slice(&x[(r * heads + h) * head_dim..][..head_dim]);
+                    self.rotate_row(dst, cos, sin, r);
+                    if scale != 1.0 {
+                        dst.iter_mut().for_each(|v| *v = *v * scale + 0.0);
+                    }
+                }
+            });
+            out
+        })
     }
 
     /// Rotates `rows` (rows of head_dim, row r at the tables' position r mod `seq`) in place,
     /// with ggml's rounding (see [`Self::apply_on_host`]).
     fn rotate_on_host(&self, rows: &mut [f32], seq: usize, head_dim: usize, t: &RopeTables) -> candle_core::Result<()> {
+        self.with_angles(t, seq, |cos, sin| {
+            for (r, row) in rows.chunks_exact_mut(head_dim).enumerate() {
+                self.rotate_row(row, cos, sin, r % seq);
+            }
+        })
+    }
+
+    /// Calls `f` with the tables' cos and sin values (`rope_dim / 2` per position), after
+    /// checking that they hold `seq` positions.
+    fn with_angles<R>(
+        &self,
+        t: &RopeTables,
+        seq: usize,
+        f: impl FnOnce(&[f32], &[f32]) -> R,
+    ) -> candle_core::Result<R> {
         let half = self.dim / 2;
-        let (offset, stride) = match self.style {
-            RopeStyle::Interleaved => (1, 2),
-            RopeStyle::Neox => (half, 1),
-        };
         with_f32(&t.cos, |cos| {
             with_f32(&t.sin, |sin| {
                 if cos.len() != seq * half {
                     candle_core::bail!("rope tables hold {} angles, {seq} positions of {half} pairs need", cos.len());
                 }
-                for (r, row) in rows.chunks_exact_mut(head_dim).enumerate() {
-                    let at = (r % seq) * half;
-                    let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
-                    for i in 0..half {
-                        let j = i * stride;
-                        let (x0, x1) = (row[j], row[j + offset]);
-                        row[j] = x0.mul_add(cos[i], -(x1 * sin[i]));
-                        row[j + offset] = x0.mul_add(sin[i], x1 * cos[i]);
-                    }
-                }
-                Ok(())
+                Ok(f(cos, sin))
             })?
         })?
+    }
+
+    /// Rotates one head's values by the angles of the tables' position `p`.
+    fn rotate_row(&self, row: &mut [f32], cos: &[f32], sin: &[f32], p: usize) {
+        let half = self.dim / 2;
+        let (offset, stride) = match self.style {
+            RopeStyle::Interleaved => (1, 2),
+            RopeStyle::Neox => (half, 1),
+        };
+        let (cos, sin) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+            let j = i * stride;
+            let (x0, x1) = (row[j], row[j + offset]);
+            row[j] = x0.mul_add(c, -(x1 * s));
+            row[j + offset] = x0.mul_add(s, x1 * c);
+        }
     }
 }
 
