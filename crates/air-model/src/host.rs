@@ -37,11 +37,13 @@ pub(crate) fn for_row_chunks<T: Send>(
     f: impl Fn(usize, &mut [T]) + Sync,
 ) {
     let rows = data.len() / row_len.max(1);
-    let rows_per_task = VALUES_PER_TASK.div_ceil(values_per_row.max(1)).max(1);
-    if rows <= rows_per_task {
+    let tasks = rows.div_ceil(VALUES_PER_TASK.div_ceil(values_per_row.max(1)).max(1));
+    if tasks <= 1 {
         f(0, data);
         return;
     }
+    // Even chunks: 16 rows of 576 values go as 8 and 8, not 15 and 1.
+    let rows_per_task = rows.div_ceil(tasks);
     data.par_chunks_mut(rows_per_task * row_len).enumerate().for_each(|(i, chunk)| f(i * rows_per_task, chunk));
 }
 
