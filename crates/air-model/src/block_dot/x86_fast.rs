@@ -457,7 +457,6 @@ mod tests {
     /// Both kernels, over row ranges that mix them and weight row counts that leave partial
     /// tiles, give the scalar arithmetic's bits; and the result stays near the f32 dot product.
     fn same_bits_as_scalar<W: Weight>() {
-        // 45 rows of 384: enough values for the quantization's parallel path.
         let (k, rows_x) = (384, 45);
         let kb = k / 32;
         for rows_w in [37, 16, 5, 1] {
@@ -493,6 +492,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Many rows quantized at once (across the pool) give each 16-row group the blocks and
+    /// lanes it gets alone (on the calling thread).
+    #[test]
+    fn quantizing_all_rows_at_once_equals_each_group_alone() {
+        let (k, rows) = (384, 200);
+        assert!(rows * k >= 2 * crate::host::VALUES_PER_TASK, "the parallel path");
+        let x = data(rows * k, 3);
+        let bytes = |v: &[u8]| v.to_vec();
+        // SAFETY: both block types are plain old data of integers and floats.
+        let as_bytes = |a: &Activations| unsafe {
+            (
+                bytes(std::slice::from_raw_parts(a.blocks.as_ptr().cast(), std::mem::size_of_val(&a.blocks[..]))),
+                bytes(std::slice::from_raw_parts(a.lanes.as_ptr().cast(), std::mem::size_of_val(&a.lanes[..]))),
+            )
+        };
+        let (blocks, lanes) = as_bytes(&Activations::new::<BlockQ4_1>(&x, k));
+        let (mut want_blocks, mut want_lanes) = (Vec::new(), Vec::new());
+        for group in x.chunks(LANES * k) {
+            let (b, l) = as_bytes(&Activations::new::<BlockQ4_1>(group, k));
+            want_blocks.extend(b);
+            want_lanes.extend(l);
+        }
+        assert!(blocks == want_blocks && lanes == want_lanes);
     }
 
     #[test]
