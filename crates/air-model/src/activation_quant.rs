@@ -247,11 +247,16 @@ mod tests {
     #[test]
     fn q8_block_quantizers_agree() {
         let mut seed = 3u32;
-        for scale in [0.0, 1e-3, 1.0, 300.0] {
+        let scales = [0.0, 1e-3, 1.0, 300.0].into_iter().cycle().take(4000);
+        // With 127 the largest value the scale is 1 and the others lie half way between
+        // integers: ties, rounded to even.
+        let halves: [f32; 32] = std::array::from_fn(|i| if i == 0 { 127.0 } else { (i as f32 - 16.0) + 0.5 });
+        for (i, scale) in scales.enumerate() {
             let x: [f32; 32] = std::array::from_fn(|_| {
                 seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
                 ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
             });
+            let x = if i == 0 { halves } else { x };
             let (d, q, sum) = quantize_q8_block(&x);
             let (d0, q0, sum0) = quantize_q8_block_scalar(&x);
             assert_eq!((d.to_bits(), q, sum), (d0.to_bits(), q0, sum0));
