@@ -1,5 +1,5 @@
 use crate::Linear;
-use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, causal_attention};
+use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, ValueSums, causal_attention};
 use crate::device::{ComputeDevice, DeviceModel, DeviceNumerics, DeviceOptions, UploadStats};
 use crate::host::with_f32;
 use crate::kv_cache::WHOLE;
@@ -128,6 +128,8 @@ pub struct Model {
     /// The weights on the device and the pass over them, when not computing on the host.
     pub(crate) on_device: Option<DeviceModel>,
     compute_device: ComputeDevice,
+    /// How the host's generation attention sums values: in f32 with `--cpu-numerics fast`.
+    attention_values: ValueSums,
 }
 
 impl Model {
@@ -164,7 +166,22 @@ impl Model {
         let host_options = if on_device.is_some() { LoadOptions::default() } else { options };
         let streamer = layer_streamer(file, config.n_layer, host_options)?;
         let compute_device = options.device;
-        Ok(Self { rope, local_rope, config, weights, vocab_size, device, streamer, on_device, compute_device })
+        let attention_values = match options.cpu_numerics {
+            CpuNumerics::Ggml => ValueSums::F16,
+            CpuNumerics::Fast => ValueSums::F32,
+        };
+        Ok(Self {
+            rope,
+            local_rope,
+            config,
+            weights,
+            vocab_size,
+            device,
+            streamer,
+            on_device,
+            compute_device,
+            attention_values,
+        })
     }
 
     /// Where the model computes.
@@ -415,7 +432,14 @@ impl Model {
                 stores[part.store].write(index, part.table, kv, part.start, &k[span.clone()], &v[span]);
             }
         }
-        let shape = AttentionShape { heads: c.n_head, kv_heads: c.n_head_kv, head_dim: d, scale: score_scale, window };
+        let shape = AttentionShape {
+            heads: c.n_head,
+            kv_heads: c.n_head_kv,
+            head_dim: d,
+            scale: score_scale,
+            window,
+            values: self.attention_values,
+        };
         let seqs: Vec<QueryRows<'_>> = parts
             .iter()
             .map(|p| QueryRows {

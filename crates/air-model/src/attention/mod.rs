@@ -29,6 +29,19 @@ pub struct AttentionShape {
     pub scale: f32,
     /// Sliding window: a query sees only the last `window` positions (itself included).
     pub window: Option<usize>,
+    /// How the generation path keeps its weighted sum of values.
+    pub values: ValueSums,
+}
+
+/// The generation path's running weighted sum of values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ValueSums {
+    /// In f16, rounded after every update, as ggml keeps it (llama.cpp's bits).
+    #[default]
+    F16,
+    /// In f32 (`--cpu-numerics fast`): no rounding to f16 between updates, which took about
+    /// two fifths of generation attention's time (docs/numerics.md).
+    F32,
 }
 
 impl AttentionShape {
@@ -102,9 +115,9 @@ pub fn causal_attention(q: &[f32], rows: usize, seqs: &[QueryRows<'_>], s: Atten
 /// The query heads of KV head `kv_head` (`q[g]`: head g's rows, (n, head_dim), at positions
 /// from `start`), generation path, each head's result row handed to `emit(head in the group,
 /// row, values)`. Per head as ggml's kernel: the query rounded to f16, scores by [`dot_f16`],
-/// the value accumulator kept in f16 ([`accumulate`]), the result times 1/sum. With AVX-512 and
-/// head dimension 64, up to four heads go through one kernel that reads each key and value once
-/// for all of them.
+/// the value accumulator kept in f16 ([`accumulate`]; in f32 for [`ValueSums::F32`]), the
+/// result times 1/sum. With AVX-512 and head dimension 64, up to four heads go through one
+/// kernel that reads each key and value once for all of them.
 fn group_attention(
     q: &[&[f32]],
     kv: LayerView<'_>,
@@ -118,9 +131,13 @@ fn group_attention(
     let n = q.first().map_or(0, |rows| rows.len() / d);
     let mut row = vec![0f32; d];
     let mut q_rows = vec![0f32; heads * d];
-    let (mut q16, mut acc16) = (vec![f16::ZERO; d], vec![f16::ZERO; heads * d]);
+    let mut q16 = vec![f16::ZERO; d];
+    // Each head's sum of values; the f16 path's values are f16 numbers, held here in f32.
+    let mut acc = vec![0f32; heads * d];
+    let mut acc16 = vec![f16::ZERO; d];
     let mut sums = vec![0f32; heads];
     let mut scratch = Vec::new();
+    let exact = s.values == ValueSums::F16;
     #[cfg(target_arch = "x86_64")]
     let avx512 = d.is_multiple_of(EXP_LANES) && std::is_x86_feature_detected!("avx512f");
     for i in 0..n {
@@ -128,47 +145,84 @@ fn group_attention(
             q16.convert_from_f32_slice(&rows[i * d..(i + 1) * d]);
             q16.convert_to_f32_slice(&mut q_rows[g * d..(g + 1) * d]);
         }
-        acc16.fill(f16::ZERO);
         let range = s.visible(start + i);
         let mut g = 0;
         while g < heads {
-            let (q_g, acc_g, sums_g) = (&q_rows[g * d..], &mut acc16[g * d..], &mut sums[g..]);
+            let (q_g, acc_g, sums_g) = (&q_rows[g * d..], &mut acc[g * d..], &mut sums[g..]);
             #[cfg(target_arch = "x86_64")]
             if avx512 && d == avx512::D64 {
                 let together = (heads - g).min(4);
                 let (q_g, acc_g, sums_g) = (&q_g[..together * d], &mut acc_g[..together * d], &mut sums_g[..together]);
                 let r = range.clone();
                 // SAFETY: AVX-512F is present; the slices hold `together` heads of 64.
-                unsafe {
-                    match together {
-                        4 => avx512::accumulate_heads::<4>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
-                        3 => avx512::accumulate_heads::<3>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
-                        2 => avx512::accumulate_heads::<2>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
-                        _ => avx512::accumulate_heads::<1>(q_g, kv, kv_head, r, s.scale, acc_g, sums_g),
-                    }
-                }
+                unsafe { avx512::heads_kernel(together, exact)(q_g, kv, kv_head, r, s.scale, acc_g, sums_g) };
                 g += together;
                 continue;
             }
             let (q_g, acc_g) = (&q_g[..d], &mut acc_g[..d]);
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // SAFETY: AVX-512F is present; `d` is a multiple of 16.
-                sums_g[0] = unsafe { avx512::accumulate(q_g, kv, kv_head, range.clone(), s.scale, acc_g) };
+            if !exact {
+                sums_g[0] = accumulate_f32(q_g, kv, kv_head, range.clone(), s.scale, acc_g, &mut scratch);
                 g += 1;
                 continue;
             }
-            sums_g[0] = accumulate(q_g, kv, kv_head, range.clone(), s.scale, acc_g, &mut scratch);
+            acc16.fill(f16::ZERO);
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512F is present; `d` is a multiple of 16.
+                sums_g[0] = unsafe { avx512::accumulate(q_g, kv, kv_head, range.clone(), s.scale, &mut acc16) };
+                acc16.convert_to_f32_slice(acc_g);
+                g += 1;
+                continue;
+            }
+            sums_g[0] = accumulate(q_g, kv, kv_head, range.clone(), s.scale, &mut acc16, &mut scratch);
+            acc16.convert_to_f32_slice(acc_g);
             g += 1;
         }
         for (g, &sum) in sums.iter().enumerate() {
             let inverse = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-            for (o, a) in row.iter_mut().zip(&acc16[g * d..(g + 1) * d]) {
-                *o = a.to_f32() * inverse;
+            for (o, &a) in row.iter_mut().zip(&acc[g * d..(g + 1) * d]) {
+                *o = a * inverse;
             }
             emit(g, i, &row);
         }
     }
+}
+
+/// [`accumulate`] with the sum of values in f32 ([`ValueSums::F32`]): the same scores,
+/// maxima and weights, each update one fused multiply-add per lane, never rounded to f16.
+/// `acc` receives the sum; `scratch` is working space, kept by the caller across rows.
+fn accumulate_f32(
+    q: &[f32],
+    kv: LayerView<'_>,
+    kv_head: usize,
+    range: std::ops::Range<usize>,
+    scale: f32,
+    acc: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> f32 {
+    let d = q.len();
+    scratch.resize(2 * d, 0.0);
+    let (v_row, k_row) = scratch.split_at_mut(d);
+    acc.fill(0.0);
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for j in range {
+        kv.key(kv_head, j).convert_to_f32_slice(k_row);
+        let score = dot_f16(k_row, q) * scale;
+        let (rescale, weight) = if score > max {
+            let r = (max - score).exp();
+            max = score;
+            acc.iter_mut().for_each(|a| *a *= r);
+            (r, 1.0)
+        } else {
+            (1.0, (score - max).exp())
+        };
+        kv.value(kv_head, j).convert_to_f32_slice(v_row);
+        for (a, &v) in acc.iter_mut().zip(v_row.iter()) {
+            *a = v.mul_add(weight, *a);
+        }
+        sum = sum.mul_add(rescale, weight);
+    }
+    sum
 }
 
 /// The online softmax of one query row over the cached positions `range` of KV head `kv_head`:
@@ -374,26 +428,45 @@ mod avx512 {
     /// Head dimension of [`accumulate_heads`]' specialized kernel.
     pub(super) const D64: usize = 64;
 
+    /// [`accumulate_heads`]' signature.
+    pub(super) type HeadsKernel =
+        unsafe fn(&[f32], LayerView<'_>, usize, std::ops::Range<usize>, f32, &mut [f32], &mut [f32]);
+
+    /// [`accumulate_heads`] for `heads` heads (1 to 4) at once, rounding to f16 when `round`.
+    pub(super) fn heads_kernel(heads: usize, round: bool) -> HeadsKernel {
+        fn of<const ROUND: bool>(heads: usize) -> HeadsKernel {
+            match heads {
+                4 => accumulate_heads::<4, ROUND>,
+                3 => accumulate_heads::<3, ROUND>,
+                2 => accumulate_heads::<2, ROUND>,
+                _ => accumulate_heads::<1, ROUND>,
+            }
+        }
+        if round { of::<true>(heads) } else { of::<false>(heads) }
+    }
+
     /// `super::accumulate` for `G` query heads of head dimension 64 at once (the dimension ggml
-    /// updates entirely in the f32-then-f16 tail): `q` holds their rows (G × 64), `acc16` receives
-    /// their accumulators, `sums` their sums of weights. The accumulators stay in registers, each
-    /// key and value is widened once for all the heads, and 16 positions' scores, running maxima
-    /// and exponentials are computed as vectors; each head's arithmetic is the per-head loop's.
+    /// updates entirely in the f32-then-f16 tail), or `super::accumulate_f32` when not
+    /// `ROUND`: `q` holds their rows (G × 64), `acc` receives their accumulators, `sums` their
+    /// sums of weights. The accumulators stay in registers, each key and value is widened once
+    /// for all the heads, and 16 positions' scores, running maxima and exponentials are
+    /// computed as vectors; each head's arithmetic is the per-head loop's.
     // A position indexes several per-head arrays.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn accumulate_heads<const G: usize>(
+    pub(super) unsafe fn accumulate_heads<const G: usize, const ROUND: bool>(
         q: &[f32],
         kv: LayerView<'_>,
         kv_head: usize,
         range: std::ops::Range<usize>,
         scale: f32,
-        acc16: &mut [f16],
+        out: &mut [f32],
         sums: &mut [f32],
     ) {
         const N: usize = libm_exp::LANES;
         const CH: usize = D64 / EXP_LANES;
-        assert!(q.len() == G * D64 && acc16.len() == G * D64 && sums.len() == G);
+        assert!(q.len() == G * D64 && out.len() == G * D64 && sums.len() == G);
+        let keep = |x: __m512| if ROUND { round16(x) } else { x };
         // SAFETY (all loads and stores below): every slice holds the 16 values read or written.
         let q: [[__m512; CH]; G] = std::array::from_fn(|g| {
             std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q[g * D64 + c * EXP_LANES..].as_ptr()) })
@@ -439,14 +512,14 @@ mod avx512 {
                 for g in 0..G {
                     let (rescale, weight) = if grows[g] >> t & 1 == 1 {
                         let r = _mm512_set1_ps(e[g][t]);
-                        acc[g] = acc[g].map(|a| round16(_mm512_mul_ps(a, r)));
+                        acc[g] = acc[g].map(|a| keep(_mm512_mul_ps(a, r)));
                         (e[g][t], 1.0)
                     } else {
                         (1.0, e[g][t])
                     };
                     let w = _mm512_set1_ps(weight);
                     for c in 0..CH {
-                        acc[g][c] = round16(_mm512_fmadd_ps(v[c], w, acc[g][c]));
+                        acc[g][c] = keep(_mm512_fmadd_ps(v[c], w, acc[g][c]));
                     }
                     sum[g] = sum[g].mul_add(rescale, weight);
                 }
@@ -455,7 +528,7 @@ mod avx512 {
         }
         for g in 0..G {
             for c in 0..CH {
-                unsafe { store(&mut acc16[g * D64 + c * EXP_LANES..], acc[g][c]) };
+                unsafe { _mm512_storeu_ps(out[g * D64 + c * EXP_LANES..].as_mut_ptr(), acc[g][c]) };
             }
         }
         sums.copy_from_slice(&sum);
@@ -568,21 +641,32 @@ mod tests {
         let view = store.layer(0, &table);
         let q: Vec<f32> = (0..4 * d).map(|_| half::f16::from_f32(rnd() * 3.0).to_f32()).collect();
         for range in [0..1, 0..16, 0..75, 13..47, 30..31] {
-            let mut together = [vec![half::f16::ZERO; 4 * d], vec![half::f16::ZERO; 3 * d]];
-            let mut sums = [vec![0f32; 4], vec![0f32; 3]];
-            unsafe {
-                avx512::accumulate_heads::<4>(&q, view, 1, range.clone(), 0.125, &mut together[0], &mut sums[0]);
-                avx512::accumulate_heads::<3>(&q[d..], view, 1, range.clone(), 0.125, &mut together[1], &mut sums[1]);
-            }
-            for g in 0..4 {
-                let mut portable = vec![half::f16::ZERO; d];
-                let sum =
-                    accumulate(&q[g * d..(g + 1) * d], view, 1, range.clone(), 0.125, &mut portable, &mut Vec::new());
-                assert_eq!(sum.to_bits(), sums[0][g].to_bits(), "{range:?} head {g} of 4");
-                assert_eq!(portable, together[0][g * d..(g + 1) * d], "{range:?} head {g} of 4");
-                if g > 0 {
-                    assert_eq!(sum.to_bits(), sums[1][g - 1].to_bits(), "{range:?} head {g} of 3");
-                    assert_eq!(portable, together[1][(g - 1) * d..g * d], "{range:?} head {g} of 3");
+            for exact in [true, false] {
+                let mut together = [vec![0f32; 4 * d], vec![0f32; 3 * d]];
+                let mut sums = [vec![0f32; 4], vec![0f32; 3]];
+                unsafe {
+                    let r = range.clone();
+                    avx512::heads_kernel(4, exact)(&q, view, 1, r.clone(), 0.125, &mut together[0], &mut sums[0]);
+                    avx512::heads_kernel(3, exact)(&q[d..], view, 1, r, 0.125, &mut together[1], &mut sums[1]);
+                }
+                for g in 0..4 {
+                    let q_g = &q[g * d..(g + 1) * d];
+                    let mut portable = vec![0f32; d];
+                    let sum = if exact {
+                        let mut acc16 = vec![half::f16::ZERO; d];
+                        let sum = accumulate(q_g, view, 1, range.clone(), 0.125, &mut acc16, &mut Vec::new());
+                        acc16.convert_to_f32_slice(&mut portable);
+                        sum
+                    } else {
+                        accumulate_f32(q_g, view, 1, range.clone(), 0.125, &mut portable, &mut Vec::new())
+                    };
+                    let case = format!("{range:?} head {g}, f16 sums {exact}");
+                    assert_eq!(sum.to_bits(), sums[0][g].to_bits(), "{case} of 4");
+                    assert_eq!(portable, together[0][g * d..(g + 1) * d], "{case} of 4");
+                    if g > 0 {
+                        assert_eq!(sum.to_bits(), sums[1][g - 1].to_bits(), "{case} of 3");
+                        assert_eq!(portable, together[1][(g - 1) * d..g * d], "{case} of 3");
+                    }
                 }
             }
         }
@@ -590,7 +674,14 @@ mod tests {
 
     #[test]
     fn matches_plain_softmax_attention_and_rows_do_not_depend_on_the_call() {
-        let s = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8, scale: 1.0 / 8f32.sqrt(), window: None };
+        let s = AttentionShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            scale: 1.0 / 8f32.sqrt(),
+            window: None,
+            values: ValueSums::F16,
+        };
         let mut seed = 1u32;
         let mut rnd = move || {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
@@ -622,32 +713,38 @@ mod tests {
             }
             let kv = store.layer(0, &table);
             let q: Vec<f32> = (0..s.heads * n * s.head_dim).map(|_| rnd() * 4.0).collect();
-            let want = naive(&q, kv, start, n, s);
-            let d = s.head_dim;
-            // Rows of head h, rows..: (heads, n, d) -> (heads, rows, d).
-            let rows_of = |range: std::ops::Range<usize>| -> Vec<f32> {
-                (0..s.heads).flat_map(|h| q[(h * n + range.start) * d..(h * n + range.end) * d].to_vec()).collect()
-            };
-            let call = |q: &[f32], start: usize, n: usize, tiled_rows: usize| {
-                causal_attention(q, n, &[QueryRows { kv, row: 0, n, start, tiled_rows }], s)
-            };
-            for (tiled_rows, tolerance) in [(0, 2e-2), (n, 1e-5)] {
-                let got = call(&q, start, n, tiled_rows);
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() < tolerance, "start {start} n {n} tiled {tiled_rows}: {g} vs {w}");
+            for values in [ValueSums::F16, ValueSums::F32] {
+                let s = AttentionShape { values, ..s };
+                let want = naive(&q, kv, start, n, s);
+                let d = s.head_dim;
+                // Rows of head h, rows..: (heads, n, d) -> (heads, rows, d).
+                let rows_of = |range: std::ops::Range<usize>| -> Vec<f32> {
+                    (0..s.heads).flat_map(|h| q[(h * n + range.start) * d..(h * n + range.end) * d].to_vec()).collect()
+                };
+                let call = |q: &[f32], start: usize, n: usize, tiled_rows: usize| {
+                    causal_attention(q, n, &[QueryRows { kv, row: 0, n, start, tiled_rows }], s)
+                };
+                for (tiled_rows, tolerance) in [(0, 2e-2), (n, 1e-5)] {
+                    let got = call(&q, start, n, tiled_rows);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() < tolerance,
+                            "start {start} n {n} tiled {tiled_rows} {values:?}: {g} vs {w}"
+                        );
+                    }
+                    // The same rows split in two calls give the same bits...
+                    let cut = n / 3;
+                    let mut split = call(&rows_of(0..cut), start, cut, tiled_rows.min(cut));
+                    let rest = tiled_rows.saturating_sub(cut);
+                    split.extend(call(&rows_of(cut..n), start + cut, n - cut, rest));
+                    assert_eq!(split, got, "start {start} n {n} tiled {tiled_rows} split at {cut}");
+                    // ...and so do they as two sequences of one call.
+                    let two = [
+                        QueryRows { kv, row: 0, n: cut, start, tiled_rows: tiled_rows.min(cut) },
+                        QueryRows { kv, row: cut, n: n - cut, start: start + cut, tiled_rows: rest },
+                    ];
+                    assert_eq!(causal_attention(&q, n, &two, s), got);
                 }
-                // The same rows split in two calls give the same bits...
-                let cut = n / 3;
-                let mut split = call(&rows_of(0..cut), start, cut, tiled_rows.min(cut));
-                let rest = tiled_rows.saturating_sub(cut);
-                split.extend(call(&rows_of(cut..n), start + cut, n - cut, rest));
-                assert_eq!(split, got, "start {start} n {n} tiled {tiled_rows} split at {cut}");
-                // ...and so do they as two sequences of one call.
-                let two = [
-                    QueryRows { kv, row: 0, n: cut, start, tiled_rows: tiled_rows.min(cut) },
-                    QueryRows { kv, row: cut, n: n - cut, start: start + cut, tiled_rows: rest },
-                ];
-                assert_eq!(causal_attention(&q, n, &two, s), got);
             }
         }
     }

@@ -4,7 +4,7 @@
 //! cuda --no-run`), with `AIR_MODELS_DIR` naming where SmolLM2's file is for the whole-model test.
 
 use super::*;
-use crate::attention::{AttentionShape, QueryRows, causal_attention};
+use crate::attention::{AttentionShape, QueryRows, ValueSums, causal_attention};
 use crate::block_dot::BlockDot;
 use crate::kv_cache::WHOLE;
 use crate::{ComputeDevice, DeviceNumerics, KvCache, LoadOptions, Logits, Model, RopeScaling, RopeStyle};
@@ -170,7 +170,7 @@ fn check_attention(c: ModelConfig, window: Option<usize>, chunks: &[usize], dev:
             let span = kv * n * d..(kv + 1) * n * d;
             store.write(0, &WHOLE, kv, start, &k[span.clone()], &v[span]);
         }
-        let shape = AttentionShape { heads, kv_heads, head_dim: d, scale: score_scale, window };
+        let shape = AttentionShape { heads, kv_heads, head_dim: d, scale: score_scale, window, values: ValueSums::F16 };
         let tiled_rows = if tiled { n } else { 0 };
         let rows = [QueryRows { kv: store.layer(0, &WHOLE), row: 0, n, start, tiled_rows }];
         let want = causal_attention(&values(&q), n, &rows, shape);
