@@ -204,6 +204,31 @@ fn accumulate_f32(
     scratch.resize(2 * d, 0.0);
     let (v_row, k_row) = scratch.split_at_mut(d);
     acc.fill(0.0);
+    online_softmax(q, kv, kv_head, range, scale, k_row, |rescale, value, weight| {
+        if let Some(r) = rescale {
+            acc.iter_mut().for_each(|a| *a *= r);
+        }
+        value.convert_to_f32_slice(v_row);
+        for (a, &v) in acc.iter_mut().zip(v_row.iter()) {
+            *a = v.mul_add(weight, *a);
+        }
+    })
+}
+
+/// The online softmax of one query row over the cached positions `range` of KV head `kv_head`,
+/// as ggml's generation kernel runs it: position after position, the score by [`dot_f16`]
+/// times `scale`; on a new maximum `update(Some(e^(old − new maximum)), value, 1)`, otherwise
+/// `update(None, value, e^(score − maximum))`. Returns the sum of the weights, each added by
+/// one FMA after the rescale. `k_row` is working space of the query's length.
+fn online_softmax(
+    q: &[f32],
+    kv: LayerView<'_>,
+    kv_head: usize,
+    range: std::ops::Range<usize>,
+    scale: f32,
+    k_row: &mut [f32],
+    mut update: impl FnMut(Option<f32>, &[half::f16], f32),
+) -> f32 {
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in range {
         kv.key(kv_head, j).convert_to_f32_slice(k_row);
@@ -211,15 +236,13 @@ fn accumulate_f32(
         let (rescale, weight) = if score > max {
             let r = (max - score).exp();
             max = score;
-            acc.iter_mut().for_each(|a| *a *= r);
+            update(Some(r), kv.value(kv_head, j), 1.0);
             (r, 1.0)
         } else {
-            (1.0, (score - max).exp())
+            let weight = (score - max).exp();
+            update(None, kv.value(kv_head, j), weight);
+            (1.0, weight)
         };
-        kv.value(kv_head, j).convert_to_f32_slice(v_row);
-        for (a, &v) in acc.iter_mut().zip(v_row.iter()) {
-            *a = v.mul_add(weight, *a);
-        }
         sum = sum.mul_add(rescale, weight);
     }
     sum
@@ -244,23 +267,14 @@ fn accumulate(
     let (acc, rest) = scratch.split_at_mut(d);
     let (v_row, k_row) = rest.split_at_mut(d);
     let (acc, v_row) = (&mut acc[native..], &mut v_row[native..]);
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-    for j in range {
-        kv.key(kv_head, j).convert_to_f32_slice(k_row);
-        let score = dot_f16(k_row, q) * scale;
+    online_softmax(q, kv, kv_head, range, scale, k_row, |rescale, value, weight| {
         // On a new maximum rescale the accumulator, then add the weighted value.
-        let (rescale, weight) = if score > max {
-            let r = (max - score).exp();
-            max = score;
+        if let Some(r) = rescale {
             f16_lanes::scale(&mut acc16[..native], r);
             acc16[native..].convert_to_f32_slice(acc);
             acc.iter_mut().for_each(|a| *a *= r);
             acc16[native..].convert_from_f32_slice(acc);
-            (r, 1.0)
-        } else {
-            (1.0, (score - max).exp())
-        };
-        let value = kv.value(kv_head, j);
+        }
         f16_lanes::mad(&mut acc16[..native], value, weight);
         value[native..].convert_to_f32_slice(v_row);
         acc16[native..].convert_to_f32_slice(acc);
@@ -268,9 +282,7 @@ fn accumulate(
             *a = v.mul_add(weight, *a);
         }
         acc16[native..].convert_from_f32_slice(acc);
-        sum = sum.mul_add(rescale, weight);
-    }
-    sum
+    })
 }
 
 /// [`accumulate`] with AVX-512 conversions and FMAs, lane for lane the same arithmetic (the
