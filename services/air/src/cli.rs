@@ -83,11 +83,12 @@ pub struct ComputeArgs {
     /// slower; Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights).
     #[arg(long, env = "AIR_GPU_NUMERICS", default_value = "fast", value_name = "fast|cpu")]
     pub gpu_numerics: DeviceNumerics,
-    /// How the CPU rounds the matmuls of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights: ggml
-    /// (llama.cpp's CPU order: its logits bit for bit) or fast (each block summed in integers,
-    /// 16 outputs per AVX-512 register: faster matmuls, most of all on batches, for serving
-    /// many requests; perplexity as llama.cpp's, but greedy text may part from llama.cpp's
-    /// sooner; needs AVX-512 VNNI).
+    /// How the CPU rounds the matmuls of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights and
+    /// generation attention: ggml (llama.cpp's CPU order: its logits bit for bit) or fast (each
+    /// block summed in integers, 16 outputs per AVX-512 register, and attention's sums of values
+    /// kept in f32 rather than f16: faster, most of all on batches, for serving many requests;
+    /// perplexity as llama.cpp's, but greedy text may part from llama.cpp's sooner; needs
+    /// AVX-512 VNNI).
     #[arg(long, env = "AIR_CPU_NUMERICS", default_value = "ggml", value_name = "ggml|fast")]
     pub cpu_numerics: CpuNumerics,
 }
