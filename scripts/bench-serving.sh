@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Continuous batching in one run: `air bench --concurrency 1,16` on the default model (CPU,
 # resident), then on a synthetic model larger than RAM streamed under a 1 GiB budget
-# (S.L.I.P.), each printing the aggregate tokens/s ratio of concurrency 16 to 1.
+# (S.L.I.P.), each printing the aggregate tokens/s ratios of concurrency 16 to 1 (decode phase,
+# and overall with the prompt pass).
 #
 # Usage: scripts/bench-serving.sh [-d DIR] [-t THREADS] [-s]   (-s: skip the streamed model)
 # DIR (default models/synth) needs ~33 GB free for the synthetic file, written once and kept.
@@ -31,11 +32,13 @@ levels() {
 import json, sys
 rows = [json.loads(line) for line in sys.stdin]
 for r in rows:
-    print("%-22s c=%-3d %9.3f tok/s aggregate  TTFT p50 %8.0f ms p99 %8.0f ms  ITL p50 %8.1f ms p99 %8.1f ms  preemptions %d"
-          % (sys.argv[1], r["concurrency"], r["aggregate_decode_tokens_per_s"], r["ttft_ms_p50"], r["ttft_ms_p99"],
-             r["itl_ms_p50"] or 0, r["itl_ms_p99"] or 0, r["preemptions"]))
-print("%-22s concurrency 16 / 1: %.2fx (median of %d rounds: %s)" % (sys.argv[1], rows[1]["ratio_to_first_level"], rows[1]["runs"],
-      ", ".join("%.2fx" % r for r in rows[1]["ratio_to_first_level_runs"])))
+    print("%-22s c=%-3d decode %9.3f tok/s, overall %9.3f tok/s  TTFT p50 %8.0f ms p99 %8.0f ms  ITL p50 %8.1f ms p99 %8.1f ms  preemptions %d"
+          % (sys.argv[1], r["concurrency"], r["aggregate_decode_tokens_per_s"], r["aggregate_tokens_per_s"],
+             r["ttft_ms_p50"], r["ttft_ms_p99"], r["itl_ms_p50"] or 0, r["itl_ms_p99"] or 0, r["preemptions"]))
+for kind in ["decode", "overall"]:
+    print("%-22s concurrency 16 / 1, %s: %.2fx (median of %d rounds: %s)" % (sys.argv[1], kind,
+          rows[1][kind + "_ratio_to_first_level"], rows[1]["runs"],
+          ", ".join("%.2fx" % r for r in rows[1][kind + "_ratio_to_first_level_runs"])))
 ' "$name"
 }
 

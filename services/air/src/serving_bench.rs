@@ -1,10 +1,10 @@
 //! `air bench --concurrency N,...`: the serving test. For each level N, N requests (distinct
 //! random prompts, greedy, end-of-generation ignored so that each generates exactly
-//! --gen-tokens) go through the engine at once; reported per level: aggregate generated
-//! tokens/s over the wall time, time to first token and inter-token latency percentiles.
+//! --gen-tokens) go through the engine at once; reported per level: the aggregate rates of
+//! [`Throughput`], time to first token and inter-token latency percentiles.
 //! With --runs R the levels run R times in turn (1, 16, 1, 16, ...): each level reports the
-//! median of its rates and, beside the first level, the median of its ratio to the first
-//! level's rate in the same round, so that a shared machine's slow spells weigh on both sides
+//! median of its rates and, beside the first level, the median of their ratios to the first
+//! level's rates in the same round, so that a shared machine's slow spells weigh on both sides
 //! of a ratio alike.
 
 use crate::bench::{bench_tokens, median};
@@ -21,9 +21,49 @@ use std::time::Instant;
 struct Trace {
     /// Seconds from submission to the first token.
     ttft: f64,
+    /// When each token came.
+    arrivals: Vec<Instant>,
+}
+
+impl Trace {
     /// Seconds between consecutive tokens.
-    gaps: Vec<f64>,
-    tokens: usize,
+    fn gaps(&self) -> impl Iterator<Item = f64> + '_ {
+        self.arrivals.windows(2).map(|w| (w[1] - w[0]).as_secs_f64())
+    }
+}
+
+/// The aggregate rates a level reports, all requests together.
+#[derive(Clone, Copy)]
+enum Throughput {
+    /// Generated tokens over the level's wall time, prompt processing included (what vLLM's
+    /// serving benchmark calls output token throughput).
+    Overall,
+    /// The decode phase, as llama-batched-bench's S_TG counts it: from the moment every request
+    /// has its first token (all prompts processed) to the level's last token, the tokens that
+    /// follow one of their request's tokens of that phase. A request whose token of the step that
+    /// gave the last first token came a moment before that one does not count its next token:
+    /// this errs low, by at most one token per request. Undefined with one token per request.
+    Decode,
+}
+
+impl Throughput {
+    const ALL: [Self; 2] = [Self::Decode, Self::Overall];
+
+    /// The JSON key of the rate.
+    fn key(self) -> &'static str {
+        match self {
+            Self::Overall => "aggregate_tokens_per_s",
+            Self::Decode => "aggregate_decode_tokens_per_s",
+        }
+    }
+
+    /// The JSON key of its ratio to the first level's rate.
+    fn ratio_key(self) -> &'static str {
+        match self {
+            Self::Overall => "overall_ratio_to_first_level",
+            Self::Decode => "decode_ratio_to_first_level",
+        }
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -79,8 +119,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         for (level_index, &n) in levels.iter().enumerate() {
             let runs: Vec<&LevelRun> = rounds.iter().map(|round| &round[level_index]).collect();
-            let ratios: Vec<f64> = rounds.iter().map(|round| round[level_index].rate() / round[0].rate()).collect();
-            let report = level_report(n, &runs, (level_index > 0).then_some(ratios));
+            let firsts: Vec<&LevelRun> = rounds.iter().map(|round| &round[0]).collect();
+            let report = level_report(n, &runs, (level_index > 0).then_some(&firsts));
             let report = json!({ "model": model_path, "device": device, "threads": threads,
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "level": report });
             print_level(&report, args.format);
@@ -99,9 +139,24 @@ struct LevelRun {
 }
 
 impl LevelRun {
-    /// Generated tokens per second of wall time, all requests together.
-    fn rate(&self) -> f64 {
-        self.traces.iter().map(|t| t.tokens).sum::<usize>() as f64 / self.wall
+    /// Tokens generated, all requests together.
+    fn tokens(&self) -> usize {
+        self.traces.iter().map(|t| t.arrivals.len()).sum()
+    }
+
+    /// Tokens per second, all requests together.
+    fn rate(&self, throughput: Throughput) -> Option<f64> {
+        match throughput {
+            Throughput::Overall => Some(self.tokens() as f64 / self.wall),
+            Throughput::Decode => {
+                let start = self.traces.iter().map(|t| t.arrivals.first()).max()??;
+                let end = self.traces.iter().filter_map(|t| t.arrivals.last()).max()?;
+                let decoded: usize =
+                    self.traces.iter().map(|t| t.arrivals.windows(2).filter(|w| w[0] >= *start).count()).sum();
+                let seconds = (*end - *start).as_secs_f64();
+                (decoded > 0 && seconds > 0.0).then(|| decoded as f64 / seconds)
+            }
+        }
     }
 }
 
@@ -113,34 +168,27 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
 async fn trace(engine: &Engine, request: Request) -> Result<Trace> {
     let started = Instant::now();
     let mut stream = engine.submit(request).await?;
-    let (mut last, mut ttft, mut gaps, mut tokens) = (None::<Instant>, 0.0, Vec::new(), 0);
+    let mut arrivals = Vec::new();
     while let Some(event) = stream.next().await {
         match event {
-            Event::Token { .. } => {
-                let now = Instant::now();
-                match last {
-                    None => ttft = (now - started).as_secs_f64(),
-                    Some(t) => gaps.push((now - t).as_secs_f64()),
-                }
-                last = Some(now);
-                tokens += 1;
-            }
+            Event::Token { .. } => arrivals.push(Instant::now()),
             Event::Finished { reason: FinishReason::Error(e), .. } => bail!("a request failed: {e}"),
-            Event::Finished { .. } => return Ok(Trace { ttft, gaps, tokens }),
+            Event::Finished { .. } => {
+                let ttft = arrivals.first().map_or(0.0, |first| (*first - started).as_secs_f64());
+                return Ok(Trace { ttft, arrivals });
+            }
         }
     }
     bail!("the engine stopped during the test")
 }
 
-/// The figures of one level over its runs as JSON: the median rate and each run's, the median
-/// ratio to the first level (each round's own) where given, latency percentiles over every
-/// run's requests, and the engine's counters: steps, and the compute thread's mean time per
-/// step in the model's pass and in sampling (the rest of a token's latency is the engine's own
-/// work and the hand-offs).
-fn level_report(n: usize, runs: &[&LevelRun], ratios: Option<Vec<f64>>) -> Value {
+/// The figures of one level over its runs as JSON: per [`Throughput`], the median rate and
+/// each run's, and where the first level's runs are given, the median ratio to its rate (each
+/// round's own) and each round's; latency percentiles over every run's requests, and the
+/// engine's counters: steps, and the compute thread's mean time per step in the model's pass
+/// and in sampling (the rest of a token's latency is the engine's own work and the hand-offs).
+fn level_report(n: usize, runs: &[&LevelRun], firsts: Option<&[&LevelRun]>) -> Value {
     let traces = || runs.iter().flat_map(|r| &r.traces);
-    let mut rates: Vec<f64> = runs.iter().map(|r| r.rate()).collect();
-    let each_rate = rates.clone();
     let mut walls: Vec<f64> = runs.iter().map(|r| r.wall).collect();
     let counter = |f: fn(&SchedulerStats) -> u64| runs.iter().map(|r| f(&r.after) - f(&r.before)).sum::<u64>();
     let steps = counter(|s| s.steps);
@@ -149,18 +197,13 @@ fn level_report(n: usize, runs: &[&LevelRun], ratios: Option<Vec<f64>>) -> Value
         (steps > 0).then(|| total.as_secs_f64() * 1e3 / steps as f64)
     };
     let mut ttft: Vec<f64> = traces().map(|t| t.ttft * 1e3).collect();
-    let mut gaps: Vec<f64> = traces().flat_map(|t| t.gaps.iter().map(|g| g * 1e3)).collect();
-    let ratio = ratios.as_ref().and_then(|r| median(&mut r.clone()));
-    json!({
+    let mut gaps: Vec<f64> = traces().flat_map(|t| t.gaps().map(|g| g * 1e3)).collect();
+    let mut report = json!({
         "concurrency": n,
         "requests": n,
         "runs": runs.len(),
-        "generated_tokens": runs.first().map_or(0, |r| r.traces.iter().map(|t| t.tokens).sum::<usize>()),
+        "generated_tokens": runs.first().map_or(0, |r| r.tokens()),
         "wall_s": median(&mut walls),
-        "aggregate_decode_tokens_per_s": median(&mut rates),
-        "aggregate_decode_tokens_per_s_runs": each_rate,
-        "ratio_to_first_level": ratio,
-        "ratio_to_first_level_runs": ratios,
         "ttft_ms_p50": percentile(&mut ttft, 50.0),
         "ttft_ms_p99": percentile(&mut ttft, 99.0),
         "itl_ms_p50": percentile(&mut gaps, 50.0),
@@ -169,7 +212,22 @@ fn level_report(n: usize, runs: &[&LevelRun], ratios: Option<Vec<f64>>) -> Value
         "steps": steps,
         "forward_ms_per_step": time(|s| s.forward_time),
         "sampling_ms_per_step": time(|s| s.sampling_time),
-    })
+    });
+    for throughput in Throughput::ALL {
+        let each: Vec<Option<f64>> = runs.iter().map(|r| r.rate(throughput)).collect();
+        report[throughput.key()] = json!(median(&mut each.iter().flatten().copied().collect::<Vec<_>>()));
+        report[format!("{}_runs", throughput.key())] = json!(each);
+        if let Some(firsts) = firsts {
+            let ratios: Vec<Option<f64>> = runs
+                .iter()
+                .zip(firsts)
+                .map(|(run, first)| Some(run.rate(throughput)? / first.rate(throughput)?))
+                .collect();
+            report[throughput.ratio_key()] = json!(median(&mut ratios.iter().flatten().copied().collect::<Vec<_>>()));
+            report[format!("{}_runs", throughput.ratio_key())] = json!(ratios);
+        }
+    }
+    report
 }
 
 /// Nearest-rank percentile.
@@ -191,12 +249,15 @@ fn print_level(report: &Value, format: Format) {
         }
         Format::Text => {
             let f = |key: &str| level[key].as_f64().unwrap_or(f64::NAN);
-            let ratio =
-                level["ratio_to_first_level"].as_f64().map_or(String::new(), |r| format!(" ({r:.2}x the first level)"));
+            let rate = |throughput: Throughput| {
+                let ratio = level[throughput.ratio_key()].as_f64().map_or(String::new(), |r| format!(" ({r:.2}x)"));
+                format!("{:.1} tokens/s{ratio}", f(throughput.key()))
+            };
             println!(
-                "concurrency {:>3}: {:>8.1} tokens/s aggregate{ratio} | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions | per step: pass {:.2} ms, sampling {:.2} ms | median of {} runs",
+                "concurrency {:>3}: decode {} | overall {} | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions | per step: pass {:.2} ms, sampling {:.2} ms | median of {} runs",
                 level["concurrency"],
-                f("aggregate_decode_tokens_per_s"),
+                rate(Throughput::Decode),
+                rate(Throughput::Overall),
                 f("ttft_ms_p50"),
                 f("ttft_ms_p99"),
                 f("itl_ms_p50"),

@@ -174,25 +174,32 @@ fn bench_concurrency_reports_every_level() {
     assert_eq!(levels.iter().map(|l| l["concurrency"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 3]);
     for level in &levels {
         assert_eq!(level["generated_tokens"].as_u64(), Some(4 * level["concurrency"].as_u64().unwrap()));
-        for key in ["aggregate_decode_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"] {
+        for key in [
+            "aggregate_decode_tokens_per_s",
+            "aggregate_tokens_per_s",
+            "ttft_ms_p50",
+            "ttft_ms_p99",
+            "itl_ms_p50",
+            "itl_ms_p99",
+        ] {
             assert!(level[key].as_f64().unwrap() > 0.0, "{key}: {level}");
         }
         assert!(level["ttft_ms_p99"].as_f64() >= level["ttft_ms_p50"].as_f64());
-        // Two rounds, each level's rate in each; the median is one of them.
-        let rates: Vec<f64> = level["aggregate_decode_tokens_per_s_runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_f64().unwrap())
-            .collect();
-        assert_eq!((level["runs"].as_u64(), rates.len()), (Some(2), 2));
-        assert!(rates.contains(&level["aggregate_decode_tokens_per_s"].as_f64().unwrap()));
+        // Two rounds, each level's rates in each; the median is one of them.
+        for key in ["aggregate_decode_tokens_per_s", "aggregate_tokens_per_s"] {
+            let rates: Vec<f64> =
+                level[format!("{key}_runs")].as_array().unwrap().iter().map(|r| r.as_f64().unwrap()).collect();
+            assert_eq!((level["runs"].as_u64(), rates.len()), (Some(2), 2));
+            assert!(rates.contains(&level[key].as_f64().unwrap()));
+        }
     }
-    // The ratio to the first level, per round, beside every later level.
-    assert!(levels[0]["ratio_to_first_level"].is_null());
-    let ratios = levels[1]["ratio_to_first_level_runs"].as_array().unwrap();
-    assert_eq!(ratios.len(), 2);
-    assert!(ratios.iter().all(|r| r.as_f64().unwrap() > 0.0));
+    // The ratios to the first level, per round, beside every later level.
+    for key in ["decode_ratio_to_first_level", "overall_ratio_to_first_level"] {
+        assert!(levels[0][key].is_null());
+        let ratios = levels[1][format!("{key}_runs")].as_array().unwrap();
+        assert_eq!(ratios.len(), 2);
+        assert!(ratios.iter().all(|r| r.as_f64().unwrap() > 0.0));
+    }
     assert_fails(&["bench", "-m", &smollm2(), "--concurrency", "0"], "--concurrency levels must be at least 1");
     assert_fails(&["bench", "-m", &smollm2(), "--concurrency", "1", "--runs", "0"], "--runs must be at least 1");
 }
