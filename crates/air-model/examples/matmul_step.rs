@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     if !CpuNumerics::Fast.supported() {
-        return Err("the fast CPU numerics need AVX-512 VNNI".into());
+        return Err("the fast CPU numerics need an x86-64 CPU with AVX2".into());
     }
     let file = GgufFile::open(&path)?;
     let layers = file.tensors().iter().filter(|t| t.name.ends_with(".attn_q.weight")).count();

@@ -156,7 +156,8 @@ pub enum CpuNumerics {
     #[default]
     Ggml,
     /// Each block's dot product summed in integers, then one rounding per block: 16 outputs
-    /// per AVX-512 register, matmuls 1.9-2.6x faster (needs AVX-512 VNNI; docs/benchmarks.md).
+    /// per AVX-512 register (8 per AVX2 one), matmuls on 16 rows 2.4-2.6x faster (needs an x86-64
+    /// CPU with AVX2; docs/benchmarks.md).
     /// Logits differ from llama.cpp's, on small models by tenths (docs/numerics.md). The
     /// K-quants keep ggml's order.
     Fast,
@@ -249,7 +250,7 @@ impl Linear {
     pub fn new(file: &GgufFile, info: &TensorInfo, numerics: CpuNumerics) -> Result<Self, ModelError> {
         use k_quants::*;
         if !numerics.supported() {
-            return Err(ModelError::Config("CPU numerics \"fast\" need a CPU with AVX-512 VNNI".into()));
+            return Err(ModelError::Config("CPU numerics \"fast\" need an x86-64 CPU with AVX2".into()));
         }
         let (k, n) = match info.dims[..] {
             [k, n] => (k as usize, n as usize),

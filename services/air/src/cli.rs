@@ -85,10 +85,10 @@ pub struct ComputeArgs {
     pub gpu_numerics: DeviceNumerics,
     /// How the CPU rounds the matmuls of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights and
     /// generation attention: ggml (llama.cpp's CPU order: its logits bit for bit) or fast (each
-    /// block summed in integers, 16 outputs per AVX-512 register, and attention's sums of values
-    /// kept in f32 rather than f16: faster, most of all on batches, for serving many requests;
-    /// perplexity as llama.cpp's, but greedy text may part from llama.cpp's sooner; needs
-    /// AVX-512 VNNI).
+    /// block summed in integers, 16 outputs per AVX-512 register or 8 per AVX2 one, and
+    /// attention's sums of values kept in f32 rather than f16: faster, most of all on batches,
+    /// for serving many requests; perplexity as llama.cpp's, but greedy text may part from
+    /// llama.cpp's sooner; needs an x86-64 CPU with AVX2).
     #[arg(long, env = "AIR_CPU_NUMERICS", default_value = "ggml", value_name = "ggml|fast")]
     pub cpu_numerics: CpuNumerics,
 }

@@ -40,7 +40,7 @@ impl Loaded {
         );
         anyhow::ensure!(
             args.cpu_numerics.supported(),
-            "--cpu-numerics fast needs a CPU with AVX-512 VNNI, which this one lacks (use --cpu-numerics ggml)"
+            "--cpu-numerics fast needs an x86-64 CPU with AVX2, which this build is not for (use --cpu-numerics ggml)"
         );
         let options = LoadOptions {
             memory_budget: budget.map(ByteSize::bytes),

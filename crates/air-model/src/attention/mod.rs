@@ -8,6 +8,8 @@
 //! depend on how a prompt was split into chunks or batched with others. Keys and values are read
 //! through the sequence's block table ([`LayerView`]).
 
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+mod avx2;
 mod f16_lanes;
 mod tiled;
 
@@ -204,7 +206,14 @@ fn accumulate_f32(
     scratch.resize(2 * d, 0.0);
     let (v_row, k_row) = scratch.split_at_mut(d);
     acc.fill(0.0);
-    online_softmax(q, kv, kv_head, range, scale, k_row, |rescale, value, weight| {
+    online_softmax(kv, kv_head, range, scale, score(q, k_row), |rescale, value, weight| {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        if d.is_multiple_of(8) {
+            // SAFETY: the build has AVX2, FMA and F16C (cfg); `acc` and the value hold `d`
+            // values, a multiple of 8.
+            unsafe { avx2::add_value(acc, rescale, value, weight) };
+            return;
+        }
         if let Some(r) = rescale {
             acc.iter_mut().for_each(|a| *a *= r);
         }
@@ -215,24 +224,38 @@ fn accumulate_f32(
     })
 }
 
+/// A key's score against `q` by [`dot_f16`]'s arithmetic: in AVX2 registers where the build and
+/// the length allow, else converted into `k_row` (of `q`'s length) first.
+fn score<'a>(q: &'a [f32], k_row: &'a mut [f32]) -> impl FnMut(&[half::f16]) -> f32 + 'a {
+    move |key| {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+        if q.len().is_multiple_of(avx2::DOT_STEP) {
+            // SAFETY: the build has AVX2, FMA and F16C (cfg); the key holds `q.len()` values, a
+            // multiple of the kernel's step.
+            return unsafe { avx2::dot(key, q) };
+        }
+        key.convert_to_f32_slice(k_row);
+        dot_f16(k_row, q)
+    }
+}
+
 /// The online softmax of one query row over the cached positions `range` of KV head `kv_head`,
-/// as ggml's generation kernel runs it: position after position, the score by [`dot_f16`]
-/// times `scale`; on a new maximum `update(Some(e^(old − new maximum)), value, 1)`, otherwise
+/// as ggml's generation kernel runs it: position after position, the score by `dot` (the key's
+/// [`dot_f16`] with the query) times `scale`; on a new maximum
+/// `update(Some(e^(old − new maximum)), value, 1)`, otherwise
 /// `update(None, value, e^(score − maximum))`. Returns the sum of the weights, each added by
-/// one FMA after the rescale. `k_row` is working space of the query's length.
+/// one FMA after the rescale.
 fn online_softmax(
-    q: &[f32],
     kv: LayerView<'_>,
     kv_head: usize,
     range: std::ops::Range<usize>,
     scale: f32,
-    k_row: &mut [f32],
+    mut dot: impl FnMut(&[half::f16]) -> f32,
     mut update: impl FnMut(Option<f32>, &[half::f16], f32),
 ) -> f32 {
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in range {
-        kv.key(kv_head, j).convert_to_f32_slice(k_row);
-        let score = dot_f16(k_row, q) * scale;
+        let score = dot(kv.key(kv_head, j)) * scale;
         let (rescale, weight) = if score > max {
             let r = (max - score).exp();
             max = score;
@@ -267,7 +290,7 @@ fn accumulate(
     let (acc, rest) = scratch.split_at_mut(d);
     let (v_row, k_row) = rest.split_at_mut(d);
     let (acc, v_row) = (&mut acc[native..], &mut v_row[native..]);
-    online_softmax(q, kv, kv_head, range, scale, k_row, |rescale, value, weight| {
+    online_softmax(kv, kv_head, range, scale, score(q, k_row), |rescale, value, weight| {
         // On a new maximum rescale the accumulator, then add the weighted value.
         if let Some(r) = rescale {
             f16_lanes::scale(&mut acc16[..native], r);
@@ -623,6 +646,38 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The AVX2 score and value update against the portable arithmetic, bit for bit, over
+    /// values of mixed magnitudes (so that the order of the sums matters).
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    #[test]
+    fn the_avx2_lanes_give_the_portable_bits() {
+        use half::f16;
+        let mut seed = 11u32;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * [1.0, 30.0, 0.01][(seed % 3) as usize]
+        };
+        for d in [64, 128, 256] {
+            for _ in 0..50 {
+                let q: Vec<f32> = (0..d).map(|_| rnd()).collect();
+                let key: Vec<f16> = (0..d).map(|_| f16::from_f32(rnd())).collect();
+                let mut k_row = vec![0f32; d];
+                key.convert_to_f32_slice(&mut k_row);
+                // SAFETY: the build has the features (cfg); both hold d values, a multiple of 64.
+                let simd = unsafe { avx2::dot(&key, &q) };
+                assert_eq!(simd.to_bits(), dot_f16(&k_row, &q).to_bits(), "d = {d}");
+                let (weight, rescale) = (rnd(), [None, Some(rnd().abs())][d % 3 % 2]);
+                let mut acc = q.clone();
+                // SAFETY: as above.
+                unsafe { avx2::add_value(&mut acc, rescale, &key, weight) };
+                for ((a, &q), k) in acc.iter().zip(&q).zip(&k_row) {
+                    let want = k.mul_add(weight, q * rescale.unwrap_or(1.0));
+                    assert_eq!(a.to_bits(), want.to_bits());
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -66,6 +66,9 @@ pub(super) struct Unpacked {
 /// A weight block type the kernels read.
 pub(super) trait Weight: BlockDot + Sized {
     const ENCODING: Encoding;
+    /// Bits per value: the unsigned values of [`Encoding::Offset`] and [`Encoding::Min`] are
+    /// below `1 << BITS`.
+    const BITS: u32;
     /// Unpacks the block at `p`.
     /// SAFETY (caller): `p` points to a whole block.
     unsafe fn unpack(p: *const Self) -> Unpacked;
@@ -103,6 +106,7 @@ unsafe fn fifth_bits(p: *const u8) -> __m256i {
 
 impl Weight for BlockQ8_0 {
     const ENCODING: Encoding = Encoding::Signed;
+    const BITS: u32 = 8;
     #[inline(always)]
     unsafe fn unpack(p: *const Self) -> Unpacked {
         let p = p as *const u8; // d: f16, qs: [i8; 32]
@@ -112,6 +116,7 @@ impl Weight for BlockQ8_0 {
 
 impl Weight for BlockQ4_0 {
     const ENCODING: Encoding = Encoding::Offset(8);
+    const BITS: u32 = 4;
     #[inline(always)]
     unsafe fn unpack(p: *const Self) -> Unpacked {
         let p = p as *const u8; // d: f16, qs: [u8; 16]
@@ -121,6 +126,7 @@ impl Weight for BlockQ4_0 {
 
 impl Weight for BlockQ4_1 {
     const ENCODING: Encoding = Encoding::Min;
+    const BITS: u32 = 4;
     #[inline(always)]
     unsafe fn unpack(p: *const Self) -> Unpacked {
         let p = p as *const u8; // d: f16, m: f16, qs: [u8; 16]
@@ -130,6 +136,7 @@ impl Weight for BlockQ4_1 {
 
 impl Weight for BlockQ5_0 {
     const ENCODING: Encoding = Encoding::Offset(16);
+    const BITS: u32 = 5;
     #[inline(always)]
     unsafe fn unpack(p: *const Self) -> Unpacked {
         let p = p as *const u8; // d: f16, qh: 32 fifth bits, qs: [u8; 16]
@@ -139,6 +146,7 @@ impl Weight for BlockQ5_0 {
 
 impl Weight for BlockQ5_1 {
     const ENCODING: Encoding = Encoding::Min;
+    const BITS: u32 = 5;
     #[inline(always)]
     unsafe fn unpack(p: *const Self) -> Unpacked {
         let p = p as *const u8; // d: f16, m: f16, qh: 32 fifth bits, qs: [u8; 16]

@@ -1,5 +1,5 @@
 //! Per-block integer dot products for the 32-value block types ([`crate::CpuNumerics::Fast`]),
-//! on x86 CPUs with AVX-512 VNNI.
+//! on x86 CPUs with AVX-512 VNNI (this module's kernels) or AVX2 ([`avx2`], the same bits).
 //!
 //! The arithmetic, for each output: over the blocks in order, the block's exact integer dot
 //! product of weight and activation values, converted to f32 and added by one fused
@@ -47,8 +47,11 @@ const LANE_OF_ROW: [i32; LANES] = {
     lanes
 };
 
-/// Whether this CPU runs the kernels (AVX-512 F/BW/DQ/VL and VNNI).
-pub(super) fn supported() -> bool {
+mod avx2;
+
+/// Whether this CPU runs the 512-bit kernels (AVX-512 F/BW/DQ/VL and VNNI); others run the
+/// same arithmetic on AVX2 ([`avx2`]).
+fn avx512() -> bool {
     static DETECTED: OnceLock<bool> = OnceLock::new();
     *DETECTED.get_or_init(|| {
         is_x86_feature_detected!("avx512f")
@@ -335,14 +338,27 @@ unsafe fn transpose(a: [__m512; LANES]) -> [__m512; LANES] {
 
 /// For weight rows `w` (each `kb` blocks) and activation rows `rows` of `x`, writes the dot
 /// product of activation row `rows.start + j` and weight row `i` to `out[j * stride + i]`.
-/// Panics when the CPU lacks the kernels' instructions ([`supported`]).
 pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
-    assert!(supported(), "the per-block integer kernels need AVX-512 VNNI");
+    dots_on(avx512(), kb, w, x, rows, out, stride)
+}
+
+/// [`dots`] by the 512-bit kernels where `avx512` (the CPU must have them), else by [`avx2`].
+fn dots_on<W: Weight>(
+    avx512: bool,
+    kb: usize,
+    w: &[W],
+    x: &Activations,
+    rows: Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(!avx512 || self::avx512(), "the 512-bit kernels need AVX-512 VNNI");
     assert_eq!(kb, x.kb);
     let rows_w = w.len() / kb;
     assert!(rows.end * kb <= x.blocks.len() && (rows.is_empty() || out.len() >= (rows.len() - 1) * stride + rows_w));
-    // SAFETY: the CPU has the instructions (asserted); the bounds are checked above.
-    unsafe { dots_avx512(w, x, rows, out, stride) }
+    // SAFETY: the CPU has the instructions (asserted, and AVX2 and FMA for the whole build: this
+    // module's cfg); the bounds are checked above.
+    unsafe { if avx512 { dots_avx512(w, x, rows, out, stride) } else { avx2::dots(w, x, rows, out, stride) } }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
@@ -456,7 +472,7 @@ mod tests {
 
     /// Both kernels, over row ranges that mix them and weight row counts that leave partial
     /// tiles, give the scalar arithmetic's bits; and the result stays near the f32 dot product.
-    fn same_bits_as_scalar<W: Weight>() {
+    fn same_bits_as_scalar<W: Weight>(avx512: bool) {
         let (k, rows_x) = (384, 45);
         let kb = k / 32;
         for rows_w in [37, 16, 5, 1] {
@@ -471,7 +487,7 @@ mod tests {
             {
                 let stride = rows_w + 2;
                 let mut out = vec![f32::NAN; rows.len() * stride];
-                dots(kb, &w, &x, rows.clone(), &mut out, stride);
+                dots_on(avx512, kb, &w, &x, rows.clone(), &mut out, stride);
                 for (j, row) in rows.clone().enumerate() {
                     for i in 0..rows_w {
                         let got = out[j * stride + i];
@@ -479,7 +495,7 @@ mod tests {
                         assert_eq!(
                             got.to_bits(),
                             want.to_bits(),
-                            "{:?} {rows:?} ({row}, {i}): {got} vs {want}",
+                            "{:?} {rows:?} ({row}, {i}), AVX-512 {avx512}: {got} vs {want}",
                             W::DTYPE
                         );
                         let exact: f32 = dequantized[i * k..(i + 1) * k]
@@ -519,15 +535,15 @@ mod tests {
         assert!(blocks == want_blocks && lanes == want_lanes);
     }
 
+    /// Both instruction sets where the CPU has AVX-512, else the AVX2 kernels.
     #[test]
     fn kernels_give_the_scalar_arithmetic_bits() {
-        if !supported() {
-            return;
+        for avx512 in [false, true].into_iter().filter(|&wide| !wide || avx512()) {
+            same_bits_as_scalar::<BlockQ4_0>(avx512);
+            same_bits_as_scalar::<BlockQ4_1>(avx512);
+            same_bits_as_scalar::<BlockQ5_0>(avx512);
+            same_bits_as_scalar::<BlockQ5_1>(avx512);
+            same_bits_as_scalar::<BlockQ8_0>(avx512);
         }
-        same_bits_as_scalar::<BlockQ4_0>();
-        same_bits_as_scalar::<BlockQ4_1>();
-        same_bits_as_scalar::<BlockQ5_0>();
-        same_bits_as_scalar::<BlockQ5_1>();
-        same_bits_as_scalar::<BlockQ8_0>();
     }
 }
