@@ -210,7 +210,7 @@ pub struct BenchArgs {
     /// Serving test instead of the single-stream one: for each level N (comma-separated, e.g.
     /// 1,4,16), N requests of --prompt-tokens distinct tokens each generate --gen-tokens
     /// through the engine at once; reports per level the aggregate tokens/s of the decode phase
-    /// (from the first token to the last) and overall (prompt processing included), time to
+    /// (after every prompt is processed) and overall (prompt processing included), time to
     /// first token and inter-token latency percentiles.
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub concurrency: Vec<usize>,

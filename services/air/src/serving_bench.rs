@@ -39,10 +39,10 @@ enum Throughput {
     /// serving benchmark calls output token throughput).
     Overall,
     /// The decode phase, as llama-batched-bench's S_TG counts it: from the moment every request
-    /// has its first token (all prompts processed) to the level's last token, the tokens that
-    /// follow one of their request's tokens of that phase. A request whose token of the step that
-    /// gave the last first token came a moment before that one does not count its next token:
-    /// this errs low, by at most one token per request. Undefined with one token per request.
+    /// has its first token (the step that completed the prompts) to the level's last token, the
+    /// tokens of the steps after that one. A step's tokens come out together, steps apart, so a
+    /// request's token of that step is the one that came nearest that moment, and the tokens
+    /// after it are the phase's. Undefined with one token per request.
     Decode,
 }
 
@@ -151,8 +151,15 @@ impl LevelRun {
             Throughput::Decode => {
                 let start = self.traces.iter().map(|t| t.arrivals.first()).max()??;
                 let end = self.traces.iter().filter_map(|t| t.arrivals.last()).max()?;
-                let decoded: usize =
-                    self.traces.iter().map(|t| t.arrivals.windows(2).filter(|w| w[0] >= *start).count()).sum();
+                let decoded: usize = self
+                    .traces
+                    .iter()
+                    .filter_map(|t| {
+                        let distance = |a: &Instant| a.max(start).duration_since(*a.min(start));
+                        let nearest = (0..t.arrivals.len()).min_by_key(|&k| distance(&t.arrivals[k]))?;
+                        Some(t.arrivals.len() - 1 - nearest)
+                    })
+                    .sum();
                 let seconds = (*end - *start).as_secs_f64();
                 (decoded > 0 && seconds > 0.0).then(|| decoded as f64 / seconds)
             }
@@ -251,7 +258,10 @@ fn print_level(report: &Value, format: Format) {
             let f = |key: &str| level[key].as_f64().unwrap_or(f64::NAN);
             let rate = |throughput: Throughput| {
                 let ratio = level[throughput.ratio_key()].as_f64().map_or(String::new(), |r| format!(" ({r:.2}x)"));
-                format!("{:.1} tokens/s{ratio}", f(throughput.key()))
+                // Streamed models larger than memory make tenths of a token per second.
+                let rate = f(throughput.key());
+                let digits = if rate < 10.0 { 3 } else { 1 };
+                format!("{rate:.digits$} tokens/s{ratio}")
             };
             println!(
                 "concurrency {:>3}: decode {} | overall {} | TTFT p50 {:.0} ms p99 {:.0} ms | ITL p50 {:.1} ms p99 {:.1} ms | {} preemptions | per step: pass {:.2} ms, sampling {:.2} ms | median of {} runs",
