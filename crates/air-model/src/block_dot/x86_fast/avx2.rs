@@ -5,7 +5,7 @@
 //! - batches ([`batch_tile`]): a lane group's 16 activation rows as two halves of 8, one
 //!   register per weight row and half; each weight block's 4-value groups are broadcast against
 //!   the rows' groups ([`super::LaneBlock`]), and for the 4- and 5-bit types several groups' i16 sums
-//!   add up before they widen ([`i16_groups`]), which halves the multiply instructions;
+//!   add up before they widen ([`i16_groups`]): 9 multiply instructions per 8 groups instead of 16;
 //! - one to three rows ([`row_tile`]): 8 weight rows' blocks, each row's 8 partial sums reduced
 //!   across lanes in integers ([`reduce_rows`]).
 //!
