@@ -4,19 +4,21 @@
 # (S.L.I.P.), each printing the aggregate tokens/s ratios of concurrency 16 to 1 (decode phase,
 # and overall with the prompt pass).
 #
-# Usage: scripts/bench-serving.sh [-d DIR] [-t THREADS] [-s]   (-s: skip the streamed model)
+# Usage: scripts/bench-serving.sh [-d DIR] [-t THREADS] [-n ggml|fast] [-s]
+#   -s: skip the streamed model; -n: the CPU numerics (--cpu-numerics, default ggml)
 # DIR (default models/synth) needs ~33 GB free for the synthetic file, written once and kept.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 dir=models/synth
 threads=$(nproc)
 streamed=1
-while getopts "d:t:s" opt; do
+while getopts "d:t:n:s" opt; do
   case $opt in
     d) dir=$OPTARG ;;
     t) threads=$OPTARG ;;
+    n) export AIR_CPU_NUMERICS=$OPTARG ;;
     s) streamed=0 ;;
-    *) echo "usage: $0 [-d DIR] [-t THREADS] [-s]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-d DIR] [-t THREADS] [-n ggml|fast] [-s]" >&2; exit 2 ;;
   esac
 done
 cargo build --release --quiet
@@ -42,7 +44,7 @@ for kind in ["decode", "overall"]:
 ' "$name"
 }
 
-echo "== default model, resident, CPU ($threads threads)"
+echo "== default model, resident, CPU ($threads threads, ${AIR_CPU_NUMERICS:-ggml} numerics)"
 levels SmolLM2-135M-Q4_1 -m models/SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 32 --gen-tokens 64
 
 if [ "$streamed" = 1 ]; then
