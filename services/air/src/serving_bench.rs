@@ -283,7 +283,38 @@ fn print_level(report: &Value, format: Format) {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::*;
+    use std::time::Duration;
+
+    /// The first request's prompt runs alone (its first token at 10 ms); the next step
+    /// completes the second's prompt (100 ms: the first's second token, then the second's
+    /// first), and two decode steps follow (130 and 160 ms). The decode phase is those two
+    /// steps: 4 tokens in 60 ms, whichever of a step's tokens came first.
+    #[test]
+    fn the_decode_phase_is_the_steps_after_the_last_prompt() {
+        let zero = Instant::now();
+        let at = |ms: f64| zero + Duration::from_secs_f64(ms / 1e3);
+        let trace = |times: &[f64]| Trace { ttft: 0.0, arrivals: times.iter().map(|&t| at(t)).collect() };
+        for (first, second) in [(100.0, 100.001), (100.001, 100.0)] {
+            let run = LevelRun {
+                traces: vec![trace(&[10.0, first, 130.0, 160.0]), trace(&[second, 130.001, 160.001])],
+                wall: 0.2,
+                before: SchedulerStats::default(),
+                after: SchedulerStats::default(),
+            };
+            let phase = (160.001 - second) / 1e3;
+            assert!((run.rate(Throughput::Decode).unwrap() - 4.0 / phase).abs() < 1e-6);
+            assert!((run.rate(Throughput::Overall).unwrap() - 7.0 / 0.2).abs() < 1e-9);
+        }
+        // One token per request: no decode phase.
+        let single = LevelRun {
+            traces: vec![trace(&[10.0]), trace(&[20.0])],
+            wall: 0.1,
+            before: SchedulerStats::default(),
+            after: SchedulerStats::default(),
+        };
+        assert_eq!(single.rate(Throughput::Decode), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
