@@ -155,8 +155,8 @@ impl LevelRun {
                     .traces
                     .iter()
                     .filter_map(|t| {
-                        let distance = |a: &Instant| a.max(start).duration_since(*a.min(start));
-                        let nearest = (0..t.arrivals.len()).min_by_key(|&k| distance(&t.arrivals[k]))?;
+                        let (nearest, _) =
+                            t.arrivals.iter().enumerate().min_by_key(|&(_, &a)| a.max(*start) - a.min(*start))?;
                         Some(t.arrivals.len() - 1 - nearest)
                     })
                     .sum();

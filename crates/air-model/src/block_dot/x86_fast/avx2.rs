@@ -51,11 +51,10 @@ unsafe fn products<W: Weight>(u: __m256i, x: __m256i) -> __m256i {
     }
 }
 
-/// Where the integer sum of an activation block starts: its `start` (the offset encodings'
-/// correction), or 0 for signed weights, which go in unlifted.
-#[inline(always)]
-fn start<W: Weight>(start: i32) -> i32 {
-    if W::ENCODING == Encoding::Signed { 0 } else { start }
+/// Whether the integer sums start from the activation block's `start` (the lifted encodings'
+/// correction); signed weights go in unlifted, from 0.
+const fn lifted<W: Weight>() -> bool {
+    !matches!(W::ENCODING, Encoding::Signed)
 }
 
 /// `RM` weight rows from `w` × the 16 activation rows of lane group `group`, over all blocks:
@@ -98,8 +97,11 @@ unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, g
             for h in 0..2 {
                 let xs: [__m256i; 8] =
                     std::array::from_fn(|g| _mm256_load_si256(lane.groups[g].as_ptr().add(32 * h).cast()));
-                let begin = _mm256_load_si256(lane.start.as_ptr().add(HALF * h).cast());
-                let begin = if W::ENCODING == Encoding::Signed { _mm256_setzero_si256() } else { begin };
+                let begin = if lifted::<W>() {
+                    _mm256_load_si256(lane.start.as_ptr().add(HALF * h).cast())
+                } else {
+                    _mm256_setzero_si256()
+                };
                 let dx = _mm256_load_ps(lane.d.as_ptr().add(HALF * h));
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let mut sums = begin;
@@ -164,31 +166,14 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
                 }
             }
             let blocks: [_; HALF] = std::array::from_fn(|i| W::unpack(row(i).add(b)));
-            let dw = _mm256_setr_ps(
-                blocks[0].d,
-                blocks[1].d,
-                blocks[2].d,
-                blocks[3].d,
-                blocks[4].d,
-                blocks[5].d,
-                blocks[6].d,
-                blocks[7].d,
-            );
-            let mw = _mm256_setr_ps(
-                blocks[0].m,
-                blocks[1].m,
-                blocks[2].m,
-                blocks[3].m,
-                blocks[4].m,
-                blocks[5].m,
-                blocks[6].m,
-                blocks[7].m,
-            );
+            let dw = _mm256_loadu_ps(blocks.map(|block| block.d).as_ptr());
+            let mw = _mm256_loadu_ps(blocks.map(|block| block.m).as_ptr());
             for (j, acc) in acc.iter_mut().enumerate() {
                 let xb = x.blocks.get_unchecked((j0 + j) * kb + b);
                 let xq = _mm256_loadu_si256(xb.q.as_ptr().cast());
                 let partial = blocks.map(|block| _mm256_madd_epi16(products::<W>(block.q, xq), ones));
-                let sums = _mm256_add_epi32(reduce_rows(partial), _mm256_set1_epi32(start::<W>(xb.start)));
+                let sums =
+                    _mm256_add_epi32(reduce_rows(partial), _mm256_set1_epi32(if lifted::<W>() { xb.start } else { 0 }));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, _mm256_set1_ps(xb.d)), *acc);
                 if W::ENCODING == Encoding::Min {
                     *acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb.s), *acc);
