@@ -258,8 +258,9 @@ fn print_level(report: &Value, format: Format) {
             let f = |key: &str| level[key].as_f64().unwrap_or(f64::NAN);
             let rate = |throughput: Throughput| {
                 let ratio = level[throughput.ratio_key()].as_f64().map_or(String::new(), |r| format!(" ({r:.2}x)"));
-                // Streamed models larger than memory make tenths of a token per second.
-                let rate = f(throughput.key());
+                // Streamed models larger than memory make tenths of a token per second; one
+                // token per request has no decode phase.
+                let Some(rate) = level[throughput.key()].as_f64() else { return "n/a".to_string() };
                 let digits = if rate < 10.0 { 3 } else { 1 };
                 format!("{rate:.digits$} tokens/s{ratio}")
             };
