@@ -21,8 +21,8 @@ const LANES: usize = 8;
 /// single activation row (generation streams the weights from memory: 128 rather than 16 gave
 /// +12..52% decode speed on the three real models, alternating runs), near for wider tiles (whose
 /// weights are mostly in cache already).
-pub(super) const STREAM_PREFETCH_BLOCKS: usize = 128;
-pub(super) const PREFETCH_BLOCKS: usize = 16;
+const STREAM_PREFETCH_BLOCKS: usize = 128;
+const PREFETCH_BLOCKS: usize = 16;
 /// Blocks between two weight prefetches of a row: about one per 64-byte cache line.
 pub(super) const fn blocks_per_prefetch<W>() -> usize {
     let per_line = 64 / size_of::<W>();

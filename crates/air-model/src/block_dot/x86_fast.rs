@@ -18,7 +18,7 @@
 
 mod avx2;
 
-use super::x86::{Encoding, PREFETCH_BLOCKS, STREAM_PREFETCH_BLOCKS, Weight, blocks_per_prefetch};
+use super::x86::{Encoding, Weight, blocks_per_prefetch};
 use crate::activation_quant::{q8_1_sum, quantize_q8_block};
 use half::f16;
 use std::arch::x86_64::*;
@@ -188,14 +188,7 @@ unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, g
         let gather = |b: usize| _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
         let mut next = gather(0);
         for b in 0..kb {
-            // The next tile's rows, a tile ahead: a row of a model's matrix is a few hundred
-            // bytes, so blocks ahead on the same row would mostly be the next row's, already
-            // being read.
-            if b % blocks_per_prefetch::<W>() == 0 {
-                for i in RM..2 * RM {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b) as *const i8);
-                }
-            }
+            prefetch_next_tile::<W, _MM_HINT_T0>(w, RM, kb, b);
             let heads = next;
             if b + 1 < kb {
                 next = gather(b + 1);
@@ -262,17 +255,12 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
         let offsets: [i32; LANES] =
             std::array::from_fn(|lane| (ROW_OF_LANE[lane].min(valid - 1) * kb * size_of::<W>()) as i32);
         let offsets = _mm512_loadu_si512(offsets.as_ptr().cast());
-        let ahead = if XR == 1 { STREAM_PREFETCH_BLOCKS } else { PREFETCH_BLOCKS };
         let mut acc = [_mm512_setzero_ps(); XR];
         // The blocks' d and m, a block ahead as in [`batch_tile`].
         let gather = |b: usize| _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
         let mut next = gather(0);
         for b in 0..kb {
-            if b % blocks_per_prefetch::<W>() == 0 {
-                for i in 0..valid {
-                    _mm_prefetch::<_MM_HINT_T0>(row(i).wrapping_add(b + ahead) as *const i8);
-                }
-            }
+            prefetch_next_tile::<W, _MM_HINT_T1>(w, LANES, kb, b);
             let heads = next;
             if b + 1 < kb {
                 next = gather(b + 1);
@@ -296,6 +284,23 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
             }
         }
         acc
+    }
+}
+
+/// Asks for block `b` of the `rows` weight rows after those from `w`: the next tile's, a tile
+/// ahead. A row of a model's matrix is a few hundred bytes (SmolLM2's are 18 blocks), so a
+/// distance ahead within each row, as ggml's order uses (x86.rs), lands in rows of the same
+/// tile that the kernel is already reading side by side. [`row_tile`] did that and waited on
+/// memory: a single sequence decoded at half the speed of ggml's order on a Zen 4 core, and at
+/// 1.2-1.3x its speed with the next tile in the second-level cache (`HINT` [`_MM_HINT_T1`];
+/// docs/benchmarks.md). [`batch_tile`], compute-bound, takes its smaller tiles into the first
+/// level. A prefetch never faults: past the matrix is harmless.
+#[inline(always)]
+unsafe fn prefetch_next_tile<W: Weight, const HINT: i32>(w: *const W, rows: usize, kb: usize, b: usize) {
+    if b % blocks_per_prefetch::<W>() == 0 {
+        for i in rows..2 * rows {
+            unsafe { _mm_prefetch::<HINT>(w.wrapping_add(i * kb + b) as *const i8) };
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 //! would leave i16), so they go in as |w| against the activations carrying w's sign, from an
 //! integer sum of 0 rather than the activation block's `start`.
 
-use super::super::x86::{Encoding, PREFETCH_BLOCKS, STREAM_PREFETCH_BLOCKS, Weight, blocks_per_prefetch};
+use super::super::x86::{Encoding, Weight};
 use super::{Activations, LANES};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -80,12 +80,7 @@ unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, g
         let mut rows = Rows::<RM> { values: [[0; 8]; RM], d: [0.0; RM], m: [0.0; RM] };
         let mut acc = [[_mm256_setzero_ps(); 2]; RM];
         for b in 0..kb {
-            // The next tile's rows, a tile ahead (as in the AVX-512 kernel).
-            if b % blocks_per_prefetch::<W>() == 0 {
-                for i in RM..2 * RM {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b) as *const i8);
-                }
-            }
+            super::prefetch_next_tile::<W, _MM_HINT_T0>(w, RM, kb, b);
             for i in 0..RM {
                 let block = W::unpack(w.add(i * kb + b));
                 (rows.d[i], rows.m[i]) = (block.d, block.m);
@@ -155,16 +150,11 @@ unsafe fn reduce_rows(v: [__m256i; 8]) -> __m256i {
 unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Activations, j0: usize) -> [__m256; XR] {
     let kb = x.kb;
     let row = |i: usize| w.wrapping_add(i.min(valid - 1) * kb);
-    let ahead = if XR == 1 { STREAM_PREFETCH_BLOCKS } else { PREFETCH_BLOCKS };
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); XR];
         for b in 0..kb {
-            if b % blocks_per_prefetch::<W>() == 0 {
-                for i in 0..valid {
-                    _mm_prefetch::<_MM_HINT_T0>(row(i).wrapping_add(b + ahead) as *const i8);
-                }
-            }
+            super::prefetch_next_tile::<W, _MM_HINT_T1>(w, HALF, kb, b);
             let blocks: [_; HALF] = std::array::from_fn(|i| W::unpack(row(i).add(b)));
             let dw = _mm256_loadu_ps(blocks.map(|block| block.d).as_ptr());
             let mw = _mm256_loadu_ps(blocks.map(|block| block.m).as_ptr());
