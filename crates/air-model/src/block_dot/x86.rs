@@ -17,11 +17,14 @@ use std::sync::OnceLock;
 
 /// f32 lanes of a register: the padding of the transposed scale arrays.
 const LANES: usize = 8;
-/// How far ahead of the block being read the kernel prefetches weights, in blocks: far for a
-/// single activation row (generation streams the weights from memory: 128 rather than 16 gave
-/// +12..52% decode speed on the three real models, alternating runs), near for wider tiles (whose
-/// weights are mostly in cache already).
-const STREAM_PREFETCH_BLOCKS: usize = 128;
+/// How far ahead the kernel prefetches weights. A single activation row (generation) streams
+/// them from memory: the same block [`STREAM_PREFETCH_ROWS`] rows later, into the second-level
+/// cache (a row of a model's matrix is a few hundred bytes to a few KiB, and the tile reads its
+/// rows side by side). On a Zen 4 core that decoded SmolLM2 14-27% faster than 128 blocks ahead
+/// within each row into the first level, and a model with 4096-wide rows 40% faster
+/// (docs/benchmarks.md). Wider tiles, mostly cache-resident, take the block
+/// [`PREFETCH_BLOCKS`] ahead in their row.
+const STREAM_PREFETCH_ROWS: usize = 24;
 const PREFETCH_BLOCKS: usize = 16;
 /// Blocks between two weight prefetches of a row: about one per 64-byte cache line.
 pub(super) const fn blocks_per_prefetch<W>() -> usize {
@@ -278,14 +281,17 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
         let mut mins = [_mm256_setzero_ps(); RM];
         let mut scales = [[0f32; LANES]; RM];
         for b in 0..kb {
-            // Ask for the weights a few blocks ahead: generation streams them from memory, and
-            // the hardware prefetcher alone leaves the kernel waiting (+8% on Qwen2.5's decode).
-            // A prefetch never faults, so running past the tensor's end is harmless. One per
-            // cache line is enough: blocks of 18 to 34 bytes, every [`blocks_per_prefetch`]-th.
+            // Ask for weights ahead (see [`STREAM_PREFETCH_ROWS`]): the hardware prefetcher
+            // alone leaves the kernel waiting (+8% on Qwen2.5's decode). A prefetch never
+            // faults, so running past the tensor's end is harmless. One per cache line is
+            // enough: blocks of 18 to 34 bytes, every [`blocks_per_prefetch`]-th.
             if b % blocks_per_prefetch::<W>() == 0 {
                 for i in 0..RM {
-                    let ahead = if RN == 1 { STREAM_PREFETCH_BLOCKS } else { PREFETCH_BLOCKS };
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + ahead) as *const i8);
+                    if RN == 1 {
+                        _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((i + STREAM_PREFETCH_ROWS) * kb + b) as *const i8);
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + b + PREFETCH_BLOCKS) as *const i8);
+                    }
                 }
             }
             let ws: [Unpacked; RM] = std::array::from_fn(|i| W::unpack(w.add(i * kb + b)));

@@ -297,7 +297,7 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
 /// level. A prefetch never faults: past the matrix is harmless.
 #[inline(always)]
 unsafe fn prefetch_next_tile<W: Weight, const HINT: i32>(w: *const W, rows: usize, kb: usize, b: usize) {
-    if b % blocks_per_prefetch::<W>() == 0 {
+    if b.is_multiple_of(blocks_per_prefetch::<W>()) {
         for i in rows..2 * rows {
             unsafe { _mm_prefetch::<HINT>(w.wrapping_add(i * kb + b) as *const i8) };
         }
