@@ -289,10 +289,10 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
 
 /// Asks for block `b` of the `rows` weight rows after those from `w`: the next tile's, a tile
 /// ahead. A row of a model's matrix is a few hundred bytes (SmolLM2's are 18 blocks), so a
-/// distance ahead within each row, as ggml's order uses (x86.rs), lands in rows of the same
-/// tile that the kernel is already reading side by side. [`row_tile`] did that and waited on
-/// memory: a single sequence decoded at half the speed of ggml's order on a Zen 4 core, and at
-/// 1.2-1.3x its speed with the next tile in the second-level cache (`HINT` [`_MM_HINT_T1`];
+/// distance ahead within each row lands in rows of the same tile, which the kernel is already
+/// reading side by side. [`row_tile`] used one (128 blocks) and waited on memory: a single
+/// sequence decoded at 0.6-0.85x the speed of ggml's order on a Zen 4 core, and at 1.28-1.31x
+/// its speed with the next tile in the second-level cache (`HINT` [`_MM_HINT_T1`];
 /// docs/benchmarks.md). [`batch_tile`], compute-bound, takes its smaller tiles into the first
 /// level. A prefetch never faults: past the matrix is harmless.
 #[inline(always)]

@@ -235,9 +235,9 @@ fn q4k_scales_and_mins(bytes: &[u8; 12]) -> [u8; 16] {
 
 /// Weight rows ahead of a tile's that it asks for (into the second-level cache) while it reads
 /// its own: generation streams the weights from memory, and without it the kernel waited on
-/// them. On a Zen 4 core, decoding Qwen2.5 and Gemma 3 ran 7-25% faster with it (4 to 24 rows
-/// ahead gave the same within noise; docs/benchmarks.md). The batched arithmetic's tiles are
-/// compute-bound.
+/// them. On a Zen 4 core one Qwen2.5 sequence decoded 20-44% faster with it, Gemma 3 at 56-66
+/// tok/s instead of 42-58 (4 to 24 rows ahead gave the same within noise; docs/benchmarks.md).
+/// The batched arithmetic's tiles are compute-bound.
 const PREFETCH_ROWS: usize = 8;
 
 /// Asks for the super-block `w` points to, [`PREFETCH_ROWS`] rows of `kb` super-blocks later,
