@@ -189,17 +189,21 @@ mod tests {
         assert_eq!(round(1e-9), f16::ZERO);
     }
 
-    /// `mad` and `scale` (native, or the vector emulation) against [`round`] lane by lane, over
-    /// f16 values of every exponent, subnormals included.
-    #[test]
-    fn every_exponent_rounds_as_the_scalar_emulation() {
-        let mut state = 0x9e37_79b9u32;
-        let mut bits = move || {
+    /// A xorshift generator of 32-bit values from `state` (nonzero).
+    fn xorshift(mut state: u32) -> impl FnMut() -> u32 {
+        move || {
             state ^= state << 13;
             state ^= state >> 17;
             state ^= state << 5;
             state
-        };
+        }
+    }
+
+    /// `mad` and `scale` (native, or the vector emulation) against [`round`] lane by lane, over
+    /// f16 values of every exponent, subnormals included.
+    #[test]
+    fn every_exponent_rounds_as_the_scalar_emulation() {
+        let mut bits = xorshift(0x9e37_79b9);
         let mut finite = || loop {
             let v = f16::from_bits(bits() as u16);
             if v.is_finite() {
@@ -231,13 +235,8 @@ mod tests {
 
     #[test]
     fn native_and_emulated_arithmetic_agree() {
-        let mut state = 0x2545_f491u32;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            f16::from_f32((state as f32 / u32::MAX as f32 - 0.5) * 40.0)
-        };
+        let mut bits = xorshift(0x2545_f491);
+        let mut next = || f16::from_f32((bits() as f32 / u32::MAX as f32 - 0.5) * 40.0);
         let v: Vec<f16> = (0..256).map(|_| next()).collect();
         let start: Vec<f16> = (0..256).map(|_| next()).collect();
         for w in [0.0791f32, 1.0, 3.7e-3, 0.9999] {
