@@ -22,8 +22,7 @@ const LANES: usize = 8;
 /// cache (a row of a model's matrix is a few hundred bytes to a few KiB, and the tile reads its
 /// rows side by side). On a Zen 4 core that decoded SmolLM2 14-27% faster than 128 blocks ahead
 /// within each row into the first level (4 of 5 alternations), and a model with 4096-wide rows
-/// 41-51% faster
-/// (docs/benchmarks.md). Wider tiles, mostly cache-resident, take the block
+/// 41-51% faster (docs/benchmarks.md). Wider tiles, mostly cache-resident, take the block
 /// [`PREFETCH_BLOCKS`] ahead in their row.
 const STREAM_PREFETCH_ROWS: usize = 24;
 const PREFETCH_BLOCKS: usize = 16;
