@@ -18,7 +18,7 @@
 
 mod avx2;
 
-use super::x86::{Encoding, Weight, blocks_per_prefetch};
+use super::x86::{Encoding, Weight, prefetch_rows};
 use crate::activation_quant::{q8_1_sum, quantize_q8_block};
 use half::f16;
 use std::arch::x86_64::*;
@@ -188,7 +188,9 @@ unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, g
         let gather = |b: usize| _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
         let mut next = gather(0);
         for b in 0..kb {
-            prefetch_next_tile::<W, _MM_HINT_T0>(w, RM, kb, b);
+            // The next tile's rows, a tile ahead: a row of a model's matrix is a few hundred
+            // bytes, so blocks ahead on the same row would mostly be this tile's.
+            prefetch_rows::<W, _MM_HINT_T0>(w, RM..2 * RM, kb, b);
             let heads = next;
             if b + 1 < kb {
                 next = gather(b + 1);
@@ -260,7 +262,11 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
         let gather = |b: usize| _mm512_i32gather_epi32::<1>(offsets, w.add(b).cast());
         let mut next = gather(0);
         for b in 0..kb {
-            prefetch_next_tile::<W, _MM_HINT_T1>(w, LANES, kb, b);
+            // The next tile's rows into L2. 128 blocks ahead within each row, as before,
+            // mostly landed in this tile's rows (SmolLM2's are 18 blocks), and one sequence
+            // decoded at 0.6-0.85x the speed of ggml's order on a Zen 4 core; a tile ahead, at
+            // 1.28-1.31x (docs/benchmarks.md).
+            prefetch_rows::<W, _MM_HINT_T1>(w, LANES..2 * LANES, kb, b);
             let heads = next;
             if b + 1 < kb {
                 next = gather(b + 1);
@@ -284,23 +290,6 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
             }
         }
         acc
-    }
-}
-
-/// Asks for block `b` of the `rows` weight rows after those from `w`: the next tile's, a tile
-/// ahead. A row of a model's matrix is a few hundred bytes (SmolLM2's are 18 blocks), so a
-/// distance ahead within each row lands in rows of the same tile, which the kernel is already
-/// reading side by side. [`row_tile`] used one (128 blocks) and waited on memory: a single
-/// sequence decoded at 0.6-0.85x the speed of ggml's order on a Zen 4 core, and at 1.28-1.31x
-/// its speed with the next tile in the second-level cache (`HINT` [`_MM_HINT_T1`];
-/// docs/benchmarks.md). [`batch_tile`], compute-bound, takes its smaller tiles into the first
-/// level. A prefetch never faults: past the matrix is harmless.
-#[inline(always)]
-unsafe fn prefetch_next_tile<W: Weight, const HINT: i32>(w: *const W, rows: usize, kb: usize, b: usize) {
-    if b.is_multiple_of(blocks_per_prefetch::<W>()) {
-        for i in rows..2 * rows {
-            unsafe { _mm_prefetch::<HINT>(w.wrapping_add(i * kb + b) as *const i8) };
-        }
     }
 }
 

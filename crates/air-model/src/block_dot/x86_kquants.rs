@@ -9,7 +9,7 @@
 //! f32 and times the weight's scale (for Q4_K minus the scaled minimums' total, fused), then
 //! fused into one f32 sum with the activation's scale.
 
-use super::x86::{half_at, hsum};
+use super::x86::{half_at, hsum, prefetch_rows};
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -240,19 +240,6 @@ fn q4k_scales_and_mins(bytes: &[u8; 12]) -> [u8; 16] {
 /// The batched arithmetic's tiles are compute-bound.
 const PREFETCH_ROWS: usize = 8;
 
-/// Asks for the super-block `w` points to, [`PREFETCH_ROWS`] rows of `kb` super-blocks later,
-/// for each row of a tile. A prefetch never faults: past the matrix is harmless.
-#[inline(always)]
-fn prefetch_ahead<W>(w: *const W, kb: usize) {
-    for i in 0..TILE_W {
-        let block = w.wrapping_add((i + PREFETCH_ROWS) * kb) as *const i8;
-        for line in (0..size_of::<W>()).step_by(64) {
-            // SAFETY: a prefetch reads nothing the program sees and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(block.wrapping_add(line)) };
-        }
-    }
-}
-
 /// Runs `tile(i, rm, j, rn)` over the (weight rows × activation rows) tiles of a matmul, with
 /// `rm` ≤ [`TILE_W`] and `rn` ≤ `height`.
 fn for_each_tile(rows_w: usize, rows: Range<usize>, height: usize, mut tile: impl FnMut(usize, usize, usize, usize)) {
@@ -366,7 +353,8 @@ fn tiles<W: KTiles, M: MaddAdd, const BATCHED: bool>(
             // i0..i0 + rm and activation rows j..j + rn exist; AVX2 is enabled for the build.
             unsafe {
                 if !BATCHED {
-                    prefetch_ahead(w.as_ptr().wrapping_add(i0 * kb + b), kb);
+                    let ahead = i0 + PREFETCH_ROWS;
+                    prefetch_rows::<W, _MM_HINT_T1>(w.as_ptr(), ahead..ahead + TILE_W, kb, b);
                 }
                 let ws: [W::Unpacked; TILE_W] =
                     std::array::from_fn(|i| W::unpack(w.as_ptr().add((i0 + i.min(rm - 1)) * kb + b)));

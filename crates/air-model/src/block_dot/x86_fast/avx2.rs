@@ -13,7 +13,7 @@
 //! would leave i16), so they go in as |w| against the activations carrying w's sign, from an
 //! integer sum of 0 rather than the activation block's `start`.
 
-use super::super::x86::{Encoding, Weight};
+use super::super::x86::{Encoding, Weight, prefetch_rows};
 use super::{Activations, LANES};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -80,7 +80,8 @@ unsafe fn batch_tile<W: Weight, const RM: usize>(w: *const W, x: &Activations, g
         let mut rows = Rows::<RM> { values: [[0; 8]; RM], d: [0.0; RM], m: [0.0; RM] };
         let mut acc = [[_mm256_setzero_ps(); 2]; RM];
         for b in 0..kb {
-            super::prefetch_next_tile::<W, _MM_HINT_T0>(w, RM, kb, b);
+            // As in the 512-bit kernels.
+            prefetch_rows::<W, _MM_HINT_T0>(w, RM..2 * RM, kb, b);
             for i in 0..RM {
                 let block = W::unpack(w.add(i * kb + b));
                 (rows.d[i], rows.m[i]) = (block.d, block.m);
@@ -154,7 +155,7 @@ unsafe fn row_tile<W: Weight, const XR: usize>(w: *const W, valid: usize, x: &Ac
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); XR];
         for b in 0..kb {
-            super::prefetch_next_tile::<W, _MM_HINT_T1>(w, HALF, kb, b);
+            prefetch_rows::<W, _MM_HINT_T1>(w, HALF..2 * HALF, kb, b);
             let blocks: [_; HALF] = std::array::from_fn(|i| W::unpack(row(i).add(b)));
             let dw = _mm256_loadu_ps(blocks.map(|block| block.d).as_ptr());
             let mw = _mm256_loadu_ps(blocks.map(|block| block.m).as_ptr());
