@@ -15,8 +15,10 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-/// f32 lanes of a register: the padding of the transposed scale arrays.
+/// f32 lanes of a 256-bit register.
 const LANES: usize = 8;
+/// The padding of the transposed scale arrays: [`tile_columns`] reads 16 rows' scales at once.
+const SCALE_PADDING: usize = 16;
 /// How far ahead the kernel prefetches weights. A single activation row (generation) streams
 /// them from memory: the same block [`STREAM_PREFETCH_ROWS`] rows later, into the second-level
 /// cache (a row of a model's matrix is a few hundred bytes to a few KiB, and the tile reads its
@@ -52,14 +54,11 @@ pub(super) fn prefetch_rows<W, const HINT: i32>(w: *const W, rows: Range<usize>,
 
 /// Weight rows per tile.
 const TILE_W: usize = 4;
-/// Activation rows per tile with 16 vector registers (AVX2), and with 32 (AVX-512VL). Each
-/// unpacked weight block serves every row of the tile, so wider tiles amortise the unpacking:
-/// 4 × 8 runs Q5_0 at twice the speed of 4 × 3 here, although its 32 accumulators spill
-/// (`kernels_at_model_shapes` in block_dot/mod.rs). At most [`LANES`]: a tile reads its rows' scales as
-/// one vector.
-const TILE_X_16: usize = 3;
-const TILE_X_32: usize = 8;
-const _: () = assert!(TILE_X_16 <= LANES && TILE_X_32 <= LANES);
+/// Activation rows per tile on CPUs without AVX-512 (16 vector registers): 4 × 3 leaves room
+/// for the unpacked weights beside the 12 accumulators. At most [`LANES`]: a tile reads its
+/// rows' scales as one vector. AVX-512 CPUs run [`tile_columns`] instead.
+const TILE_X: usize = 3;
+const _: () = assert!(TILE_X <= LANES);
 
 /// How a weight type's values enter the u8 × i8 products.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -184,10 +183,13 @@ impl Weight for BlockQ5_1 {
 /// Activation rows quantized as ggml's Q8_0 (or Q8_1 for [`Encoding::Min`]) in the tiles' layout.
 pub struct Activations {
     kb: usize,
-    /// Rows plus [`LANES`]: the row stride of the transposed arrays.
+    /// Rows plus [`SCALE_PADDING`]: the row stride of the transposed arrays.
     padded: usize,
     /// The blocks, (row, block).
     blocks: Vec<QuantizedBlock>,
+    /// Rows 2p and 2p + 1 side by side for [`tile_columns`], (p, block); empty where it does not
+    /// run (no AVX-512, a single row).
+    pairs: Vec<PairBlock>,
     /// Each block's scale (ggml's f16, widened), (block, padded row).
     d: Vec<f32>,
     /// [`Encoding::Min`]: each block's s (d · Σq as ggml's f16, widened), (block, padded row).
@@ -210,7 +212,7 @@ impl Activations {
     /// Quantizes `x`, rows of `k` values, for weights of type `W`, rows spread over the pool.
     pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
         let (rows, kb) = (x.len() / k, k / 32);
-        let padded = rows + LANES;
+        let padded = rows + SCALE_PADDING;
         let mut blocks = vec![QuantizedBlock::default(); rows * kb];
         crate::host::for_row_chunks(&mut blocks, kb, k, |first, chunk| {
             for (block, values) in chunk.iter_mut().zip(x[first * k..].chunks_exact(32)) {
@@ -238,7 +240,51 @@ impl Activations {
                 }
             }
         }
-        Self { kb, padded, blocks, d, s }
+        let pairs = if matches!(instructions(), Instructions::Avx512Vnni) && rows >= 2 {
+            PairBlock::interleave::<W>(&blocks, kb)
+        } else {
+            Vec::new()
+        };
+        Self { kb, padded, blocks, d, s, pairs }
+    }
+}
+
+/// One block of two activation rows as [`tile_columns`] reads it: 32-bit lane 2g + c holds
+/// values 4g..4g + 4 of row c.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct PairBlock {
+    q: [i8; 64],
+    /// Where each lane's integer sum starts: −offset × the lane's 4 values, with Q8_0's signed
+    /// weights lifted by 128 (see [`column_values`]).
+    start: [i32; 2 * LANES],
+}
+
+impl PairBlock {
+    /// The pairs of rows 2p, 2p + 1 of `blocks` ((row, block), `kb` blocks a row).
+    fn interleave<W: Weight>(blocks: &[QuantizedBlock], kb: usize) -> Vec<Self> {
+        let offset = match W::ENCODING {
+            Encoding::Signed => 128,
+            Encoding::Offset(offset) => offset,
+            Encoding::Min => 0,
+        };
+        let rows = blocks.len() / kb;
+        let mut pairs = Vec::with_capacity(rows / 2 * kb);
+        for p in 0..rows / 2 {
+            for b in 0..kb {
+                let mut pair = Self { q: [0; 64], start: [0; 2 * LANES] };
+                for c in 0..2 {
+                    let q = &blocks[(2 * p + c) * kb + b].q;
+                    for g in 0..LANES {
+                        let group = &q[4 * g..4 * g + 4];
+                        pair.q[8 * g + 4 * c..][..4].copy_from_slice(group);
+                        pair.start[2 * g + c] = -offset * group.iter().map(|&v| v as i32).sum::<i32>();
+                    }
+                }
+                pairs.push(pair);
+            }
+        }
+        pairs
     }
 }
 
@@ -367,75 +413,105 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
     }
 }
 
-/// [`tile`] with two weight rows per 512-bit register: the low 8 lanes carry weight row `2p`,
-/// the high 8 row `2p + 1`, each exactly the 8 lanes (and the same operations) of [`tile`], so
-/// the results are the same bits. One `dpbusd`, conversion, scale product and FMA serve 64
-/// products instead of 32 (the 32-lane registers of AVX-512 run on two ports, as do the 8-lane
-/// ones), and the `RN` × `RP` accumulators fit in the 32 registers. For the encodings without a
-/// minimum term (Q4_0, Q5_0, Q8_0).
-/// SAFETY (caller): as [`tile`] with `2 * RP` weight rows; the CPU has AVX512-F/BW/VNNI.
+/// A weight block's values for [`tile_columns`]: each 4-value group in two adjacent 32-bit
+/// lanes (one per activation row of a pair), as the unsigned operand: Q8_0's signed values
+/// lifted by 128, whose products the pair's `start` takes back out (the integer sums are exact,
+/// so they equal ggml's).
 #[inline(always)]
-unsafe fn tile_pairs<W: Weight, const RP: usize, const RN: usize>(
-    w: *const W,
-    x: &Activations,
-    j0: usize,
-) -> [[[f32; 2]; RP]; RN] {
-    debug_assert!(!matches!(W::ENCODING, Encoding::Min));
-    let kb = x.kb;
+unsafe fn column_values<W: Weight>(q: __m256i) -> __m512i {
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); RP]; RN];
-        for b in 0..kb {
-            prefetch_rows::<W, _MM_HINT_T0>(w, 0..2 * RP, kb, b + PREFETCH_BLOCKS);
-            let mut values = [_mm512_setzero_si512(); RP];
-            let mut negative = [0 as __mmask64; RP];
-            let mut dw = [_mm512_setzero_ps(); RP];
-            for p in 0..RP {
-                let pair = [W::unpack(w.add(2 * p * kb + b)), W::unpack(w.add((2 * p + 1) * kb + b))];
-                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(pair[0].q), pair[1].q);
-                values[p] = match W::ENCODING {
-                    Encoding::Signed => {
-                        negative[p] = _mm512_movepi8_mask(q);
-                        _mm512_abs_epi8(q)
-                    }
-                    _ => q,
-                };
-                dw[p] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(pair[0].d), _mm512_set1_ps(pair[1].d));
-            }
-            for (j, acc_j) in acc.iter_mut().enumerate() {
-                let at = (j0 + j) * kb + b;
-                let xq =
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x.blocks.get_unchecked(at).q.as_ptr() as *const __m256i));
-                let start = match W::ENCODING {
-                    Encoding::Offset(_) => _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                        x.blocks.get_unchecked(at).offset_sums.as_ptr() as *const __m256i,
-                    )),
-                    _ => _mm512_setzero_si512(),
-                };
-                let dx = _mm512_set1_ps(*x.d.get_unchecked(b * x.padded + j0 + j));
-                for p in 0..RP {
-                    // Signed weights: the activations negated where the weight is negative
-                    // (`sign` of AVX2, whose zeroing does not matter against |w| = 0).
-                    let s = match W::ENCODING {
-                        Encoding::Signed => _mm512_mask_sub_epi8(xq, negative[p], _mm512_setzero_si512(), xq),
-                        _ => xq,
-                    };
-                    let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, values[p], s));
-                    acc_j[p] = _mm512_fmadd_ps(_mm512_mul_ps(dw[p], dx), sums, acc_j[p]);
-                }
-            }
-        }
-        std::array::from_fn(|j| {
-            std::array::from_fn(|p| {
-                [hsum(_mm512_castps512_ps256(acc[j][p])), hsum(_mm512_extractf32x8_ps::<1>(acc[j][p]))]
-            })
-        })
+        let q = match W::ENCODING {
+            Encoding::Signed => _mm256_xor_si256(q, _mm256_set1_epi8(-128)),
+            _ => q,
+        };
+        let twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(q))
     }
 }
 
-/// [`BlockDot::dots`] by tiles of up to `TILE_W` × `TX`.
+/// One tile: `RM` weight rows from `w` × `RP` pairs of activation rows from `j0` (even), over
+/// all blocks, two outputs per 512-bit register: lane 2g + c carries lane g of [`tile`]'s
+/// register for activation row j0 + 2p + c, with the same operations, so the results are the
+/// same bits ([`pair_hsum`] finishes them). The `RM` × `RP` accumulators stay in registers,
+/// where 4 × 8 tiles of [`tile`]'s 256-bit accumulators spilled. Returns them and, for [`Encoding::Min`], each weight row's
+/// minimum terms (lane: activation row j0 + lane).
+/// SAFETY (caller): `w` points to `RM` rows of `x.kb` blocks; rows `j0..j0 + 2 * RP` exist in
+/// `x` and `x.pairs` holds them; the CPU has AVX512-F/BW/VNNI.
+#[inline(always)]
+unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
+    w: *const W,
+    x: &Activations,
+    j0: usize,
+) -> ([[__m512; RP]; RM], [__m512; RM]) {
+    debug_assert!(j0.is_multiple_of(2) && 2 * RP <= SCALE_PADDING);
+    let kb = x.kb;
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); RP]; RM];
+        let mut mins = [_mm512_setzero_ps(); RM];
+        let pairs = x.pairs.as_ptr().add(j0 / 2 * kb);
+        #[repr(align(64))]
+        struct Scales([f32; SCALE_PADDING]);
+        // d_w · d_x for the tile's outputs, (weight row, activation row), a block ahead and
+        // through memory: each pair's two are then one broadcast load, where a product per
+        // register would take the FMA ports from the sums.
+        let store_scales = |scales: &mut [Scales; RM], b: usize| {
+            let dx = _mm512_loadu_ps(x.d.as_ptr().add(b * x.padded + j0));
+            for (i, scales) in scales.iter_mut().enumerate() {
+                let dw = half_at(w.add(i * kb + b).cast());
+                _mm512_store_ps(scales.0.as_mut_ptr(), _mm512_mul_ps(_mm512_set1_ps(dw), dx));
+            }
+        };
+        let mut scales = [const { [const { Scales([0.0; SCALE_PADDING]) }; RM] }; 2];
+        store_scales(&mut scales[0], 0);
+        for b in 0..kb {
+            prefetch_rows::<W, _MM_HINT_T0>(w, 0..RM, kb, b + PREFETCH_BLOCKS);
+            let ws: [Unpacked; RM] = std::array::from_fn(|i| W::unpack(w.add(i * kb + b)));
+            if b + 1 < kb {
+                store_scales(&mut scales[(b + 1) % 2], b + 1);
+            }
+            // Opaque to the optimiser, which would otherwise forward the stores as shuffles.
+            let scales = &std::hint::black_box(&scales)[b % 2];
+            if W::ENCODING == Encoding::Min {
+                let sx = _mm512_loadu_ps(x.s.as_ptr().add(b * x.padded + j0));
+                for (min, u) in mins.iter_mut().zip(&ws) {
+                    *min = _mm512_fmadd_ps(_mm512_set1_ps(u.m), sx, *min);
+                }
+            }
+            let values = ws.map(|u| column_values::<W>(u.q));
+            for p in 0..RP {
+                let pair = &*pairs.add(p * kb + b);
+                let xq = _mm512_load_si512(pair.q.as_ptr().cast());
+                let start = match W::ENCODING {
+                    Encoding::Min => _mm512_setzero_si512(),
+                    _ => _mm512_load_si512(pair.start.as_ptr().cast()),
+                };
+                for (row, (scales, values)) in acc.iter_mut().zip(scales.iter().zip(&values)) {
+                    let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, *values, xq));
+                    // The pair's two scales, alternating.
+                    let scale = _mm512_castpd_ps(_mm512_set1_pd((scales.0.as_ptr().add(2 * p) as *const f64).read()));
+                    row[p] = _mm512_fmadd_ps(scale, sums, row[p]);
+                }
+            }
+        }
+        (acc, mins)
+    }
+}
+
+/// [`hsum`] of a [`tile_columns`] register's two outputs at once: lanes 0 and 1 of the result.
+#[inline(always)]
+unsafe fn pair_hsum(a: __m512) -> __m128 {
+    unsafe {
+        // The partial sums 8, 4 and 2 lanes apart, as [`hsum`] adds them.
+        let t = _mm256_add_ps(_mm512_extractf32x8_ps::<1>(a), _mm512_castps512_ps256(a));
+        let u = _mm_add_ps(_mm256_extractf128_ps::<1>(t), _mm256_castps256_ps128(t));
+        _mm_add_ps(u, _mm_movehl_ps(u, u))
+    }
+}
+
+/// [`BlockDot::dots`] by tiles of up to `TILE_W` × `TILE_X`.
 /// SAFETY (caller): the CPU has the features `D` needs.
 #[inline(always)]
-unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize, const PAIRS: bool>(
+unsafe fn tiled_dots<W: Weight, D: Dot>(
     w: &[W],
     x: &Activations,
     rows: Range<usize>,
@@ -454,62 +530,11 @@ unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize, const PAIRS: bool>(
             }
         }};
     }
-    macro_rules! pairs {
-        ($i:expr, $j:expr, $rp:literal, $rn:literal) => {{
-            // SAFETY: as in run!; the caller checked the AVX-512 features (PAIRS).
-            let t = unsafe { tile_pairs::<W, $rp, $rn>(w.as_ptr().add($i * kb), x, $j) };
-            for (r, values) in t.iter().enumerate() {
-                out[($j - rows.start + r) * stride + $i..][..2 * $rp].copy_from_slice(values.as_flattened());
-            }
-        }};
-    }
     for i in (0..rows_w).step_by(TILE_W) {
         let rm = TILE_W.min(rows_w - i);
-        for j in rows.clone().step_by(TX) {
-            let rn = TX.min(rows.end - j);
-            // Q4_1 and Q5_1 ran 10-28% slower in pairs (`kernels_at_model_shapes`): their minimum
-            // terms add ALU work per pair that the single-row tiles spread over 8 lanes.
-            if PAIRS && !matches!(W::ENCODING, Encoding::Min) && rm.is_multiple_of(2) && rn > 1 {
-                match (rm / 2, rn) {
-                    (2, 8) => pairs!(i, j, 2, 8),
-                    (2, 7) => pairs!(i, j, 2, 7),
-                    (2, 6) => pairs!(i, j, 2, 6),
-                    (2, 5) => pairs!(i, j, 2, 5),
-                    (2, 4) => pairs!(i, j, 2, 4),
-                    (2, 3) => pairs!(i, j, 2, 3),
-                    (2, 2) => pairs!(i, j, 2, 2),
-                    (1, 8) => pairs!(i, j, 1, 8),
-                    (1, 7) => pairs!(i, j, 1, 7),
-                    (1, 6) => pairs!(i, j, 1, 6),
-                    (1, 5) => pairs!(i, j, 1, 5),
-                    (1, 4) => pairs!(i, j, 1, 4),
-                    (1, 3) => pairs!(i, j, 1, 3),
-                    (1, 2) => pairs!(i, j, 1, 2),
-                    _ => unreachable!("pair tiles are bounded by TILE_W and TILE_X_32"),
-                }
-                continue;
-            }
+        for j in rows.clone().step_by(TILE_X) {
+            let rn = TILE_X.min(rows.end - j);
             match (rm, rn) {
-                (4, 8) => run!(i, j, 4, 8),
-                (3, 8) => run!(i, j, 3, 8),
-                (2, 8) => run!(i, j, 2, 8),
-                (1, 8) => run!(i, j, 1, 8),
-                (4, 7) => run!(i, j, 4, 7),
-                (3, 7) => run!(i, j, 3, 7),
-                (2, 7) => run!(i, j, 2, 7),
-                (1, 7) => run!(i, j, 1, 7),
-                (4, 6) => run!(i, j, 4, 6),
-                (3, 6) => run!(i, j, 3, 6),
-                (2, 6) => run!(i, j, 2, 6),
-                (1, 6) => run!(i, j, 1, 6),
-                (4, 5) => run!(i, j, 4, 5),
-                (3, 5) => run!(i, j, 3, 5),
-                (2, 5) => run!(i, j, 2, 5),
-                (1, 5) => run!(i, j, 1, 5),
-                (4, 4) => run!(i, j, 4, 4),
-                (3, 4) => run!(i, j, 3, 4),
-                (2, 4) => run!(i, j, 2, 4),
-                (1, 4) => run!(i, j, 1, 4),
                 (4, 3) => run!(i, j, 4, 3),
                 (4, 2) => run!(i, j, 4, 2),
                 (4, 1) => run!(i, j, 4, 1),
@@ -522,20 +547,106 @@ unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize, const PAIRS: bool>(
                 (1, 3) => run!(i, j, 1, 3),
                 (1, 2) => run!(i, j, 1, 2),
                 (1, 1) => run!(i, j, 1, 1),
-                _ => unreachable!("tile sizes are bounded by TILE_W and TILE_X_32"),
+                _ => unreachable!("tile sizes are bounded by TILE_W and TILE_X"),
             }
+        }
+    }
+}
+
+/// Weight rows and activation row pairs per [`tile_columns`].
+const COLUMN_TILE_W: usize = 2;
+const COLUMN_TILE_P: usize = 8;
+
+/// [`BlockDot::dots`] by [`tile_columns`] tiles, an activation row without a pair (the last of
+/// an odd count, or the first of an odd start) by [`tile`].
+/// SAFETY (caller): the CPU has AVX512-F/BW/VNNI/VL; `x.pairs` is built.
+#[inline(always)]
+unsafe fn column_pair_dots<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
+    let kb = x.kb;
+    let rows_w = w.len() / kb;
+    assert!(rows.end * kb <= x.blocks.len() && (rows.is_empty() || out.len() >= (rows.len() - 1) * stride + rows_w));
+    assert!(x.pairs.len() >= rows.end / 2 * kb);
+    macro_rules! single {
+        ($i:expr, $j:expr, $rm:literal) => {{
+            // SAFETY: weight rows i..i + rm and activation row j exist (loop bounds).
+            let t = unsafe { tile::<W, Avx512Vnni, $rm, 1>(w.as_ptr().add($i * kb), x, $j) };
+            out[($j - rows.start) * stride + $i..][..$rm].copy_from_slice(&t[0]);
+        }};
+    }
+    macro_rules! columns {
+        ($i:expr, $j:expr, $rm:literal, $rp:literal) => {{
+            // SAFETY: weight rows i..i + rm and activation rows j..j + 2 rp exist (loop bounds),
+            // j is even and the caller built the pairs.
+            let (acc, mins) = unsafe { tile_columns::<W, $rm, $rp>(w.as_ptr().add($i * kb), x, $j) };
+            for (r, (pairs, mins)) in acc.into_iter().zip(mins).enumerate() {
+                let mut min_sums = [0f32; SCALE_PADDING];
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(min_sums.as_mut_ptr(), mins) };
+                for (p, pair) in pairs.into_iter().enumerate() {
+                    let mut dots = [0f32; 4];
+                    // SAFETY: as above.
+                    unsafe { _mm_storeu_ps(dots.as_mut_ptr(), pair_hsum(pair)) };
+                    for c in 0..2 {
+                        let min = if W::ENCODING == Encoding::Min { min_sums[2 * p + c] } else { 0.0 };
+                        out[($j + 2 * p + c - rows.start) * stride + $i + r] = dots[c] + min;
+                    }
+                }
+            }
+        }};
+    }
+    for i in (0..rows_w).step_by(COLUMN_TILE_W) {
+        let rm = COLUMN_TILE_W.min(rows_w - i);
+        let mut j = rows.start;
+        while j < rows.end {
+            if j % 2 == 1 || j + 1 == rows.end {
+                match rm {
+                    2 => single!(i, j, 2),
+                    1 => single!(i, j, 1),
+                    _ => unreachable!("column tiles are bounded by COLUMN_TILE_W"),
+                }
+                j += 1;
+                continue;
+            }
+            let rp = COLUMN_TILE_P.min((rows.end - j) / 2);
+            macro_rules! pairs {
+                ($rm:literal) => {
+                    match rp {
+                        8 => columns!(i, j, $rm, 8),
+                        7 => columns!(i, j, $rm, 7),
+                        6 => columns!(i, j, $rm, 6),
+                        5 => columns!(i, j, $rm, 5),
+                        4 => columns!(i, j, $rm, 4),
+                        3 => columns!(i, j, $rm, 3),
+                        2 => columns!(i, j, $rm, 2),
+                        1 => columns!(i, j, $rm, 1),
+                        _ => unreachable!("column tiles are bounded by COLUMN_TILE_P"),
+                    }
+                };
+            }
+            match rm {
+                2 => pairs!(2),
+                1 => pairs!(1),
+                _ => unreachable!("column tiles are bounded by COLUMN_TILE_W"),
+            }
+            j += 2 * rp;
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vl")]
 unsafe fn dots_avx512vnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
-    unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_32, true>(w, x, rows, out, stride) }
+    // One row (generation) streams the weights through [`tile`]'s single-row tiles, which
+    // prefetch them rows ahead.
+    if rows.len() == 1 {
+        unsafe { tiled_dots::<W, Avx512Vnni>(w, x, rows, out, stride) }
+    } else {
+        unsafe { column_pair_dots::<W>(w, x, rows, out, stride) }
+    }
 }
 
 #[target_feature(enable = "avxvnni")]
 unsafe fn dots_avxvnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
-    unsafe { tiled_dots::<W, AvxVnni, TILE_X_16, false>(w, x, rows, out, stride) }
+    unsafe { tiled_dots::<W, AvxVnni>(w, x, rows, out, stride) }
 }
 
 /// The dot-product instruction this CPU has.
@@ -572,7 +683,7 @@ pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<u
         match instructions() {
             Instructions::Avx512Vnni => dots_avx512vnni(w, x, rows, out, stride),
             Instructions::AvxVnni => dots_avxvnni(w, x, rows, out, stride),
-            Instructions::Avx2 => tiled_dots::<W, Maddubs, TILE_X_16, false>(w, x, rows, out, stride),
+            Instructions::Avx2 => tiled_dots::<W, Maddubs>(w, x, rows, out, stride),
         }
     }
 }
@@ -581,15 +692,16 @@ pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<u
 mod tests {
     use super::*;
 
+    /// The 256-bit tiles of the CPUs without AVX-512, here with its dot-product instruction.
     #[target_feature(enable = "avx512vnni,avx512vl")]
-    unsafe fn single_row_tiles<W: Weight>(
+    unsafe fn ymm_tiles<W: Weight>(
         w: &[W],
         x: &Activations,
         rows: Range<usize>,
         out: &mut [f32],
         stride: usize,
     ) {
-        unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_32, false>(w, x, rows, out, stride) }
+        unsafe { tiled_dots::<W, Avx512Vnni>(w, x, rows, out, stride) }
     }
 
     fn same_bits<W: Weight>() {
@@ -607,26 +719,30 @@ mod tests {
         let mut w = vec![W::zeros(); rows_w * kb];
         W::from_float(&data(rows_w * k), &mut w);
         let x = Activations::new::<W>(&data(rows_x * k), k);
-        for rows in [0..14, 3..12, 0..1, 5..7, 0..9] {
-            let mut pairs = vec![0f32; rows.len() * rows_w];
-            let mut single = vec![0f32; rows.len() * rows_w];
+        // Odd starts and ends leave rows without a pair; 0..1 is the single-row path.
+        for rows in [0..14, 3..12, 0..1, 5..7, 0..9, 2..4] {
+            let mut columns = vec![0f32; rows.len() * rows_w];
+            let mut ymm = vec![0f32; rows.len() * rows_w];
             // SAFETY: the caller checked the CPU's features.
             unsafe {
-                dots_avx512vnni(&w, &x, rows.clone(), &mut pairs, rows_w);
-                single_row_tiles(&w, &x, rows.clone(), &mut single, rows_w);
+                dots_avx512vnni(&w, &x, rows.clone(), &mut columns, rows_w);
+                ymm_tiles(&w, &x, rows.clone(), &mut ymm, rows_w);
             }
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&pairs), bits(&single), "{:?} rows {rows:?}", W::DTYPE);
+            assert_eq!(bits(&columns), bits(&ymm), "{:?} rows {rows:?}", W::DTYPE);
         }
     }
 
     #[test]
-    fn pair_tiles_give_the_bits_of_single_row_tiles() {
+    fn column_tiles_give_the_bits_of_256_bit_tiles() {
         if !matches!(instructions(), Instructions::Avx512Vnni) {
             return;
         }
         same_bits::<BlockQ4_0>();
         same_bits::<BlockQ5_0>();
         same_bits::<BlockQ8_0>();
+        same_bits::<BlockQ4_1>();
+        same_bits::<BlockQ5_1>();
     }
 }
+
