@@ -386,7 +386,7 @@ mod model_shapes {
     #[test]
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     fn fast_kernels_at_model_shapes() {
-        for m in [1, 2, 3, 6, 7, 16, 48] {
+        for m in [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 48] {
             compare_fast::<BlockQ4_1>(576, 1536, m);
         }
         compare_fast::<BlockQ4_1>(1536, 576, 16);

@@ -54,11 +54,13 @@ pub(super) fn prefetch_rows<W, const HINT: i32>(w: *const W, rows: Range<usize>,
 
 /// Weight rows per tile.
 const TILE_W: usize = 4;
-/// Activation rows per tile on CPUs without AVX-512 (16 vector registers): 4 × 3 leaves room
-/// for the unpacked weights beside the 12 accumulators. At most [`LANES`]: a tile reads its
-/// rows' scales as one vector. AVX-512 CPUs run [`tile_columns`] instead.
-const TILE_X: usize = 3;
-const _: () = assert!(TILE_X <= LANES);
+/// Activation rows per tile with 16 vector registers (AVX2), and with 32 (AVX-512VL, which runs
+/// these tiles on fewer than [`MIN_COLUMN_ROWS`] rows). Each unpacked weight block serves every
+/// row of the tile, so wider tiles amortise the unpacking, although 4 × 8's 32 accumulators
+/// spill. At most [`LANES`]: a tile reads its rows' scales as one vector.
+const TILE_X_16: usize = 3;
+const TILE_X_32: usize = 8;
+const _: () = assert!(TILE_X_16 <= LANES && TILE_X_32 <= LANES);
 
 /// How a weight type's values enter the u8 × i8 products.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -188,7 +190,7 @@ pub struct Activations {
     /// The blocks, (row, block).
     blocks: Vec<QuantizedBlock>,
     /// Rows 2p and 2p + 1 side by side for [`tile_columns`], (p, block); empty where it does not
-    /// run (no AVX-512, a single row).
+    /// run (no AVX-512, fewer than [`MIN_COLUMN_ROWS`] rows).
     pairs: Vec<PairBlock>,
     /// Each block's scale (ggml's f16, widened), (block, padded row).
     d: Vec<f32>,
@@ -240,7 +242,7 @@ impl Activations {
                 }
             }
         }
-        let pairs = if matches!(instructions(), Instructions::Avx512Vnni) && rows >= 2 {
+        let pairs = if matches!(instructions(), Instructions::Avx512Vnni) && rows >= MIN_COLUMN_ROWS {
             PairBlock::interleave::<W>(&blocks, kb)
         } else {
             Vec::new()
@@ -469,8 +471,7 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
             if b + 1 < kb {
                 store_scales(&mut scales[(b + 1) % 2], b + 1);
             }
-            // Opaque to the optimiser, which would otherwise forward the stores as shuffles.
-            let scales = &std::hint::black_box(&scales)[b % 2];
+            let scales = &scales[b % 2];
             if W::ENCODING == Encoding::Min {
                 let sx = _mm512_loadu_ps(x.s.as_ptr().add(b * x.padded + j0));
                 for (min, u) in mins.iter_mut().zip(&ws) {
@@ -487,14 +488,36 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
                 };
                 for (row, (scales, values)) in acc.iter_mut().zip(scales.iter().zip(&values)) {
                     let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, *values, xq));
-                    // The pair's two scales, alternating.
-                    let scale = _mm512_castpd_ps(_mm512_set1_pd((scales.0.as_ptr().add(2 * p) as *const f64).read()));
-                    row[p] = _mm512_fmadd_ps(scale, sums, row[p]);
+                    row[p] = fmadd_pair_scale(scales.0.as_ptr().add(2 * p), sums, row[p]);
                 }
             }
         }
         (acc, mins)
     }
+}
+
+/// `acc` + the two scales at `scales`, alternating across the lanes, × `sums`: one broadcast
+/// load and one FMA, in assembly. As intrinsics, the optimiser either forwarded the scales'
+/// stores as shuffles or hoisted a tile's 16 broadcasts to the top of the block and spilled
+/// half of them.
+/// SAFETY (caller): two readable f32 at `scales`; the CPU has AVX512-F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn fmadd_pair_scale(scales: *const f32, sums: __m512, acc: __m512) -> __m512 {
+    let mut acc = acc;
+    let _scale: __m512;
+    unsafe {
+        std::arch::asm!(
+            "vbroadcastsd {scale}, qword ptr [{scales}]",
+            "vfmadd231ps {acc}, {scale}, {sums}",
+            scales = in(reg) scales,
+            scale = out(zmm_reg) _scale,
+            sums = in(zmm_reg) sums,
+            acc = inout(zmm_reg) acc,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    acc
 }
 
 /// [`hsum`] of a [`tile_columns`] register's two outputs at once: lanes 0 and 1 of the result.
@@ -508,10 +531,10 @@ unsafe fn pair_hsum(a: __m512) -> __m128 {
     }
 }
 
-/// [`BlockDot::dots`] by tiles of up to `TILE_W` × `TILE_X`.
+/// [`BlockDot::dots`] by tiles of up to `TILE_W` × `TX`.
 /// SAFETY (caller): the CPU has the features `D` needs.
 #[inline(always)]
-unsafe fn tiled_dots<W: Weight, D: Dot>(
+unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize>(
     w: &[W],
     x: &Activations,
     rows: Range<usize>,
@@ -532,9 +555,29 @@ unsafe fn tiled_dots<W: Weight, D: Dot>(
     }
     for i in (0..rows_w).step_by(TILE_W) {
         let rm = TILE_W.min(rows_w - i);
-        for j in rows.clone().step_by(TILE_X) {
-            let rn = TILE_X.min(rows.end - j);
+        for j in rows.clone().step_by(TX) {
+            let rn = TX.min(rows.end - j);
             match (rm, rn) {
+                (4, 8) => run!(i, j, 4, 8),
+                (3, 8) => run!(i, j, 3, 8),
+                (2, 8) => run!(i, j, 2, 8),
+                (1, 8) => run!(i, j, 1, 8),
+                (4, 7) => run!(i, j, 4, 7),
+                (3, 7) => run!(i, j, 3, 7),
+                (2, 7) => run!(i, j, 2, 7),
+                (1, 7) => run!(i, j, 1, 7),
+                (4, 6) => run!(i, j, 4, 6),
+                (3, 6) => run!(i, j, 3, 6),
+                (2, 6) => run!(i, j, 2, 6),
+                (1, 6) => run!(i, j, 1, 6),
+                (4, 5) => run!(i, j, 4, 5),
+                (3, 5) => run!(i, j, 3, 5),
+                (2, 5) => run!(i, j, 2, 5),
+                (1, 5) => run!(i, j, 1, 5),
+                (4, 4) => run!(i, j, 4, 4),
+                (3, 4) => run!(i, j, 3, 4),
+                (2, 4) => run!(i, j, 2, 4),
+                (1, 4) => run!(i, j, 1, 4),
                 (4, 3) => run!(i, j, 4, 3),
                 (4, 2) => run!(i, j, 4, 2),
                 (4, 1) => run!(i, j, 4, 1),
@@ -547,12 +590,18 @@ unsafe fn tiled_dots<W: Weight, D: Dot>(
                 (1, 3) => run!(i, j, 1, 3),
                 (1, 2) => run!(i, j, 1, 2),
                 (1, 1) => run!(i, j, 1, 1),
-                _ => unreachable!("tile sizes are bounded by TILE_W and TILE_X"),
+                _ => unreachable!("tile sizes are bounded by TILE_W and TILE_X_32"),
             }
         }
     }
 }
 
+/// Fewest activation rows that [`tile_columns`] multiplies; fewer go through [`tile`], whose
+/// single-row tiles also prefetch a generation step's weights rows ahead. Single-thread, Q4_1
+/// at k = 576, n = 1536, GMAC/s on 4 to 7 rows: column tiles 39, 34, 48, 42; [`tile`]'s 4 × 4
+/// to 4 × 7 tiles 51, 56, 57, 58; on 8, 12 and 16 rows column tiles 55, 63, 67
+/// (`fast_kernels_at_model_shapes` in block_dot/mod.rs), 4 × 8 tiles 45-58.
+const MIN_COLUMN_ROWS: usize = 8;
 /// Weight rows and activation row pairs per [`tile_columns`].
 const COLUMN_TILE_W: usize = 2;
 const COLUMN_TILE_P: usize = 8;
@@ -635,10 +684,8 @@ unsafe fn column_pair_dots<W: Weight>(w: &[W], x: &Activations, rows: Range<usiz
 
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vl")]
 unsafe fn dots_avx512vnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
-    // One row (generation) streams the weights through [`tile`]'s single-row tiles, which
-    // prefetch them rows ahead.
-    if rows.len() == 1 {
-        unsafe { tiled_dots::<W, Avx512Vnni>(w, x, rows, out, stride) }
+    if rows.len() < MIN_COLUMN_ROWS {
+        unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_32>(w, x, rows, out, stride) }
     } else {
         unsafe { column_pair_dots::<W>(w, x, rows, out, stride) }
     }
@@ -646,7 +693,7 @@ unsafe fn dots_avx512vnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize
 
 #[target_feature(enable = "avxvnni")]
 unsafe fn dots_avxvnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
-    unsafe { tiled_dots::<W, AvxVnni>(w, x, rows, out, stride) }
+    unsafe { tiled_dots::<W, AvxVnni, TILE_X_16>(w, x, rows, out, stride) }
 }
 
 /// The dot-product instruction this CPU has.
@@ -683,7 +730,7 @@ pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<u
         match instructions() {
             Instructions::Avx512Vnni => dots_avx512vnni(w, x, rows, out, stride),
             Instructions::AvxVnni => dots_avxvnni(w, x, rows, out, stride),
-            Instructions::Avx2 => tiled_dots::<W, Maddubs>(w, x, rows, out, stride),
+            Instructions::Avx2 => tiled_dots::<W, Maddubs, TILE_X_16>(w, x, rows, out, stride),
         }
     }
 }
@@ -701,7 +748,7 @@ mod tests {
         out: &mut [f32],
         stride: usize,
     ) {
-        unsafe { tiled_dots::<W, Avx512Vnni>(w, x, rows, out, stride) }
+        unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_16>(w, x, rows, out, stride) }
     }
 
     fn same_bits<W: Weight>() {
@@ -719,7 +766,8 @@ mod tests {
         let mut w = vec![W::zeros(); rows_w * kb];
         W::from_float(&data(rows_w * k), &mut w);
         let x = Activations::new::<W>(&data(rows_x * k), k);
-        // Odd starts and ends leave rows without a pair; 0..1 is the single-row path.
+        // Odd starts and ends leave rows without a pair; ranges of fewer than MIN_COLUMN_ROWS
+        // rows take the 4 × 8 tiles.
         for rows in [0..14, 3..12, 0..1, 5..7, 0..9, 2..4] {
             let mut columns = vec![0f32; rows.len() * rows_w];
             let mut ymm = vec![0f32; rows.len() * rows_w];
@@ -745,4 +793,5 @@ mod tests {
         same_bits::<BlockQ5_1>();
     }
 }
+
 
