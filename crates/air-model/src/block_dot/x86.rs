@@ -520,6 +520,62 @@ unsafe fn fmadd_pair_scale(scales: *const f32, sums: __m512, acc: __m512) -> __m
     acc
 }
 
+/// [`hsum`] of two [`tile_columns`] registers of one row pair, weight rows 0 (`a0`) and 1
+/// (`a1`): (row 0, activation row 0), (1, 0), (0, 1), (1, 1) in the result's four lanes.
+#[inline(always)]
+unsafe fn row_pair_hsums(a0: __m512, a1: __m512) -> __m128 {
+    unsafe {
+        // The partial sums 8, 4 and 2 lanes apart, as [`hsum`] adds them, both registers at
+        // once: a0's in the low half, a1's in the high half.
+        let t = _mm512_add_ps(_mm512_shuffle_f32x4::<0xEE>(a0, a1), _mm512_shuffle_f32x4::<0x44>(a0, a1));
+        let u = _mm512_add_ps(_mm512_shuffle_f32x4::<0xDD>(t, t), _mm512_shuffle_f32x4::<0x88>(t, t));
+        let v = _mm512_add_ps(u, _mm512_permute_ps::<0xEE>(u));
+        let order = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 1, 4, 0);
+        _mm512_castps512_ps128(_mm512_permutexvar_ps(order, v))
+    }
+}
+
+/// Writes a [`tile_columns`] result: output (weight row r, activation row 2p + c) at
+/// `first + (2p + c) · stride + r`, its dot product plus, for [`Encoding::Min`], its minimum term.
+/// SAFETY (caller): those `RM` × `2 * RP` places are writable; the CPU has AVX512-F.
+#[inline(always)]
+unsafe fn store_columns<W: Weight, const RM: usize, const RP: usize>(
+    acc: [[__m512; RP]; RM],
+    mins: [__m512; RM],
+    first: *mut f32,
+    stride: usize,
+) {
+    unsafe {
+        if RM == 2 {
+            // Both rows' outputs of an activation row side by side: one 64-bit store.
+            let mut min_pairs = [[0f32; SCALE_PADDING]; 2];
+            _mm512_storeu_ps(min_pairs[0].as_mut_ptr(), _mm512_unpacklo_ps(mins[0], mins[1]));
+            _mm512_storeu_ps(min_pairs[1].as_mut_ptr(), _mm512_unpackhi_ps(mins[0], mins[1]));
+            for p in 0..RP {
+                let mut dots = row_pair_hsums(acc[0][p], acc[1][p]);
+                if W::ENCODING == Encoding::Min {
+                    dots = _mm_add_ps(dots, _mm_loadu_ps(min_pairs[p % 2].as_ptr().add(4 * (p / 2))));
+                }
+                _mm_storel_pd(first.add(2 * p * stride).cast(), _mm_castps_pd(dots));
+                _mm_storeh_pd(first.add((2 * p + 1) * stride).cast(), _mm_castps_pd(dots));
+            }
+        } else {
+            for (r, (pairs, mins)) in acc.into_iter().zip(mins).enumerate() {
+                let mut min_sums = [0f32; SCALE_PADDING];
+                _mm512_storeu_ps(min_sums.as_mut_ptr(), mins);
+                for (p, pair) in pairs.into_iter().enumerate() {
+                    let mut dots = [0f32; 4];
+                    _mm_storeu_ps(dots.as_mut_ptr(), pair_hsum(pair));
+                    for (c, dot) in dots[..2].iter().enumerate() {
+                        let min = if W::ENCODING == Encoding::Min { min_sums[2 * p + c] } else { 0.0 };
+                        *first.add((2 * p + c) * stride + r) = dot + min;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// [`hsum`] of a [`tile_columns`] register's two outputs at once: lanes 0 and 1 of the result.
 #[inline(always)]
 unsafe fn pair_hsum(a: __m512) -> __m128 {
@@ -627,20 +683,10 @@ unsafe fn column_pair_dots<W: Weight>(w: &[W], x: &Activations, rows: Range<usiz
             // SAFETY: weight rows i..i + rm and activation rows j..j + 2 rp exist (loop bounds),
             // j is even and the caller built the pairs.
             let (acc, mins) = unsafe { tile_columns::<W, $rm, $rp>(w.as_ptr().add($i * kb), x, $j) };
-            for (r, (pairs, mins)) in acc.into_iter().zip(mins).enumerate() {
-                let mut min_sums = [0f32; SCALE_PADDING];
-                // SAFETY: as above.
-                unsafe { _mm512_storeu_ps(min_sums.as_mut_ptr(), mins) };
-                for (p, pair) in pairs.into_iter().enumerate() {
-                    let mut dots = [0f32; 4];
-                    // SAFETY: as above.
-                    unsafe { _mm_storeu_ps(dots.as_mut_ptr(), pair_hsum(pair)) };
-                    for c in 0..2 {
-                        let min = if W::ENCODING == Encoding::Min { min_sums[2 * p + c] } else { 0.0 };
-                        out[($j + 2 * p + c - rows.start) * stride + $i + r] = dots[c] + min;
-                    }
-                }
-            }
+            let first = out[($j - rows.start) * stride + $i..].as_mut_ptr();
+            // SAFETY: the outputs of weight rows i..i + rm for activation rows j..j + 2 rp, at
+            // `stride`, lie in `out` (the assertion above).
+            unsafe { store_columns::<W, $rm, $rp>(acc, mins, first, stride) };
         }};
     }
     for i in (0..rows_w).step_by(COLUMN_TILE_W) {
