@@ -465,12 +465,20 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
         };
         let mut scales = [const { [const { Scales([0.0; SCALE_PADDING]) }; RM] }; 2];
         store_scales(&mut scales[0], 0);
+        // The weight rows' blocks, unpacked a block ahead too: every dot product of a block
+        // waits for them.
+        let unpack = |b: usize| -> [Unpacked; RM] { std::array::from_fn(|i| W::unpack(w.add(i * kb + b))) };
+        let mut ws = unpack(0);
+        let mut values = ws.map(|u| column_values::<W>(u.q));
         for b in 0..kb {
             prefetch_rows::<W, _MM_HINT_T0>(w, 0..RM, kb, b + PREFETCH_BLOCKS);
-            let ws: [Unpacked; RM] = std::array::from_fn(|i| W::unpack(w.add(i * kb + b)));
-            if b + 1 < kb {
+            let next = if b + 1 < kb {
                 store_scales(&mut scales[(b + 1) % 2], b + 1);
-            }
+                unpack(b + 1)
+            } else {
+                ws
+            };
+            let next_values = next.map(|u| column_values::<W>(u.q));
             let scales = &scales[b % 2];
             if W::ENCODING == Encoding::Min {
                 let sx = _mm512_loadu_ps(x.s.as_ptr().add(b * x.padded + j0));
@@ -478,7 +486,6 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
                     *min = _mm512_fmadd_ps(_mm512_set1_ps(u.m), sx, *min);
                 }
             }
-            let values = ws.map(|u| column_values::<W>(u.q));
             for p in 0..RP {
                 let pair = &*pairs.add(p * kb + b);
                 let xq = _mm512_load_si512(pair.q.as_ptr().cast());
@@ -491,6 +498,7 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
                     row[p] = fmadd_pair_scale(scales.0.as_ptr().add(2 * p), sums, row[p]);
                 }
             }
+            (ws, values) = (next, next_values);
         }
         (acc, mins)
     }
