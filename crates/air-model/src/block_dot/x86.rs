@@ -75,6 +75,27 @@ pub(super) enum Encoding {
     Min,
 }
 
+/// In [`tile_columns`] and the per-block integer kernels (x86_fast.rs), the unsigned operand of
+/// the dot-product instruction holds the weights as `value + offset`: Q8_0's signed values
+/// lifted by 128, Q4_0 and Q5_0 as stored (value + 8, value + 16), the types with a minimum as
+/// stored. Each activation block carries `-offset · Σq` to start from.
+pub(super) const fn lift<W: Weight>() -> i32 {
+    match W::ENCODING {
+        Encoding::Signed => 128,
+        Encoding::Offset(offset) => offset,
+        Encoding::Min => 0,
+    }
+}
+
+/// A weight block's 32 values as the unsigned operand (see [`lift`]).
+#[inline(always)]
+pub(super) unsafe fn lifted<W: Weight>(q: __m256i) -> __m256i {
+    match W::ENCODING {
+        Encoding::Signed => unsafe { _mm256_xor_si256(q, _mm256_set1_epi8(-128)) },
+        _ => q,
+    }
+}
+
 /// A weight block unpacked into registers.
 #[derive(Clone, Copy)]
 pub(super) struct Unpacked {
@@ -257,19 +278,13 @@ impl Activations {
 #[repr(C, align(64))]
 struct PairBlock {
     q: [i8; 64],
-    /// Where each lane's integer sum starts: −offset × the lane's 4 values, with Q8_0's signed
-    /// weights lifted by 128 (see [`column_values`]).
+    /// Where each lane's integer sum starts: −[`lift`] × the sum of the lane's 4 values.
     start: [i32; 2 * LANES],
 }
 
 impl PairBlock {
     /// The pairs of rows 2p, 2p + 1 of `blocks` ((row, block), `kb` blocks a row).
     fn interleave<W: Weight>(blocks: &[QuantizedBlock], kb: usize) -> Vec<Self> {
-        let offset = match W::ENCODING {
-            Encoding::Signed => 128,
-            Encoding::Offset(offset) => offset,
-            Encoding::Min => 0,
-        };
         let rows = blocks.len() / kb;
         let mut pairs = Vec::with_capacity(rows / 2 * kb);
         for p in 0..rows / 2 {
@@ -280,7 +295,7 @@ impl PairBlock {
                     for g in 0..LANES {
                         let group = &q[4 * g..4 * g + 4];
                         pair.q[8 * g + 4 * c..][..4].copy_from_slice(group);
-                        pair.start[2 * g + c] = -offset * group.iter().map(|&v| v as i32).sum::<i32>();
+                        pair.start[2 * g + c] = -lift::<W>() * group.iter().map(|&v| v as i32).sum::<i32>();
                     }
                 }
                 pairs.push(pair);
@@ -416,27 +431,22 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
 }
 
 /// A weight block's values for [`tile_columns`]: each 4-value group in two adjacent 32-bit
-/// lanes (one per activation row of a pair), as the unsigned operand: Q8_0's signed values
-/// lifted by 128, whose products the pair's `start` takes back out (the integer sums are exact,
-/// so they equal ggml's).
+/// lanes (one per activation row of a pair), as the unsigned operand ([`lifted`]; the integer
+/// sums are exact, so they equal ggml's).
 #[inline(always)]
 unsafe fn column_values<W: Weight>(q: __m256i) -> __m512i {
     unsafe {
-        let q = match W::ENCODING {
-            Encoding::Signed => _mm256_xor_si256(q, _mm256_set1_epi8(-128)),
-            _ => q,
-        };
         let twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-        _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(q))
+        _mm512_permutexvar_epi32(twice, _mm512_castsi256_si512(lifted::<W>(q)))
     }
 }
 
 /// One tile: `RM` weight rows from `w` × `RP` pairs of activation rows from `j0` (even), over
 /// all blocks, two outputs per 512-bit register: lane 2g + c carries lane g of [`tile`]'s
 /// register for activation row j0 + 2p + c, with the same operations, so the results are the
-/// same bits ([`pair_hsum`] finishes them). The `RM` × `RP` accumulators stay in registers,
-/// where 4 × 8 tiles of [`tile`]'s 256-bit accumulators spilled. Returns them and, for [`Encoding::Min`], each weight row's
-/// minimum terms (lane: activation row j0 + lane).
+/// same bits ([`store_columns`] finishes them). The `RM` × `RP` accumulators stay in registers,
+/// where 4 × 8 tiles of [`tile`]'s 256-bit accumulators spilled. Returns them and, for
+/// [`Encoding::Min`], each weight row's minimum terms (lane: activation row j0 + lane).
 /// SAFETY (caller): `w` points to `RM` rows of `x.kb` blocks; rows `j0..j0 + 2 * RP` exist in
 /// `x` and `x.pairs` holds them; the CPU has AVX512-F/BW/VNNI.
 #[inline(always)]
@@ -795,13 +805,7 @@ mod tests {
 
     /// The 256-bit tiles of the CPUs without AVX-512, here with its dot-product instruction.
     #[target_feature(enable = "avx512vnni,avx512vl")]
-    unsafe fn ymm_tiles<W: Weight>(
-        w: &[W],
-        x: &Activations,
-        rows: Range<usize>,
-        out: &mut [f32],
-        stride: usize,
-    ) {
+    unsafe fn ymm_tiles<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
         unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_16>(w, x, rows, out, stride) }
     }
 
@@ -847,5 +851,3 @@ mod tests {
         same_bits::<BlockQ5_1>();
     }
 }
-
-

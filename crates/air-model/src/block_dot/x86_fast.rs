@@ -18,7 +18,7 @@
 
 mod avx2;
 
-use super::x86::{Encoding, Weight, prefetch_rows};
+use super::x86::{Encoding, Weight, lift, lifted, prefetch_rows};
 use crate::activation_quant::{q8_1_sum, quantize_q8_block};
 use half::f16;
 use std::arch::x86_64::*;
@@ -62,26 +62,6 @@ fn avx512() -> bool {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
     })
-}
-
-/// The unsigned operand of the dot-product instruction holds the weights as `value + offset`:
-/// Q8_0's signed values lifted by 128, Q4_0 and Q5_0 as stored (value + 8, value + 16), the
-/// types with a minimum as stored. Each activation block carries `-offset · Σq` to start from.
-const fn lift<W: Weight>() -> i32 {
-    match W::ENCODING {
-        Encoding::Signed => 128,
-        Encoding::Offset(offset) => offset,
-        Encoding::Min => 0,
-    }
-}
-
-/// A weight block's 32 values as the unsigned operand (see [`lift`]).
-#[inline(always)]
-unsafe fn lifted<W: Weight>(q: __m256i) -> __m256i {
-    match W::ENCODING {
-        Encoding::Signed => unsafe { _mm256_xor_si256(q, _mm256_set1_epi8(-128)) },
-        _ => q,
-    }
 }
 
 /// One block of an activation row, as [`row_tile`] reads it.
