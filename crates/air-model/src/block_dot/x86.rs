@@ -441,6 +441,52 @@ unsafe fn column_values<W: Weight>(q: __m256i) -> __m512i {
     }
 }
 
+/// One weight block's d_w · d_x for 16 activation rows, aligned for [`tile_columns`]' loads.
+#[repr(align(64))]
+struct Scales([f32; SCALE_PADDING]);
+
+/// [`Scales`] of block `b` of `RM` weight rows from `w` for activation rows from `j0`.
+/// Functions marked to inline, not closures: where the optimiser left a closure as a call, a
+/// tile of more than two weight rows spilled every register around it and ran 7-10 GMAC/s.
+/// SAFETY (caller): as [`tile_columns`], `b` < `x.kb`.
+#[inline(always)]
+unsafe fn store_scales<W: Weight, const RM: usize>(
+    scales: &mut [Scales; RM],
+    w: *const W,
+    x: &Activations,
+    j0: usize,
+    b: usize,
+) {
+    unsafe {
+        let dx = _mm512_loadu_ps(x.d.as_ptr().add(b * x.padded + j0));
+        for (i, scales) in scales.iter_mut().enumerate() {
+            let dw = half_at(w.add(i * x.kb + b).cast());
+            _mm512_store_ps(scales.0.as_mut_ptr(), _mm512_mul_ps(_mm512_set1_ps(dw), dx));
+        }
+    }
+}
+
+/// Block `b` (the last one past the end) of `RM` weight rows from `w`, and its values for
+/// [`tile_columns`].
+/// SAFETY (caller): `w` points to `RM` rows of `kb` blocks.
+#[inline(always)]
+unsafe fn unpack_columns<W: Weight, const RM: usize>(
+    w: *const W,
+    kb: usize,
+    b: usize,
+) -> ([Unpacked; RM], [__m512i; RM]) {
+    let b = b.min(kb - 1);
+    unsafe {
+        let mut ws = [Unpacked { d: 0.0, m: 0.0, q: _mm256_setzero_si256() }; RM];
+        let mut values = [_mm512_setzero_si512(); RM];
+        for i in 0..RM {
+            ws[i] = W::unpack(w.add(i * kb + b));
+            values[i] = column_values::<W>(ws[i].q);
+        }
+        (ws, values)
+    }
+}
+
 /// One tile: `RM` weight rows from `w` × `RP` pairs of activation rows from `j0` (even), over
 /// all blocks, two outputs per 512-bit register: lane 2g + c carries lane g of [`tile`]'s
 /// register for activation row j0 + 2p + c, with the same operations, so the results are the
@@ -461,31 +507,19 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
         let mut acc = [[_mm512_setzero_ps(); RP]; RM];
         let mut mins = [_mm512_setzero_ps(); RM];
         let pairs = x.pairs.as_ptr().add(j0 / 2 * kb);
-        #[repr(align(64))]
-        struct Scales([f32; SCALE_PADDING]);
         // d_w · d_x for the tile's outputs, (weight row, activation row), a block ahead and
         // through memory: each pair's two are then one broadcast load, where a product per
         // register would take the FMA ports from the sums.
-        let store_scales = |scales: &mut [Scales; RM], b: usize| {
-            let dx = _mm512_loadu_ps(x.d.as_ptr().add(b * x.padded + j0));
-            for (i, scales) in scales.iter_mut().enumerate() {
-                let dw = half_at(w.add(i * kb + b).cast());
-                _mm512_store_ps(scales.0.as_mut_ptr(), _mm512_mul_ps(_mm512_set1_ps(dw), dx));
-            }
-        };
         let mut scales = [const { [const { Scales([0.0; SCALE_PADDING]) }; RM] }; 2];
-        store_scales(&mut scales[0], 0);
+        store_scales(&mut scales[0], w, x, j0, 0);
         // The weight rows' blocks, unpacked two blocks ahead: every dot product of a block
         // waits for them (one block ahead: +3-6%, two: +1-3% more; `fast_kernels_at_model_shapes`).
-        let unpack = |b: usize| -> ([Unpacked; RM], [__m512i; RM]) {
-            let ws: [Unpacked; RM] = std::array::from_fn(|i| W::unpack(w.add(i * kb + b.min(kb - 1))));
-            (ws, ws.map(|u| column_values::<W>(u.q)))
-        };
+        let unpack = |b: usize| unpack_columns::<W, RM>(w, kb, b);
         let (mut now, mut ahead) = (unpack(0), unpack(1));
         for b in 0..kb {
             prefetch_rows::<W, _MM_HINT_T0>(w, 0..RM, kb, b + PREFETCH_BLOCKS);
             if b + 1 < kb {
-                store_scales(&mut scales[(b + 1) % 2], b + 1);
+                store_scales(&mut scales[(b + 1) % 2], w, x, j0, b + 1);
             }
             let next = unpack(b + 2);
             let (ws, values) = now;
