@@ -514,14 +514,13 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
         store_scales(&mut scales[0], w, x, j0, 0);
         // The weight rows' blocks, unpacked two blocks ahead: every dot product of a block
         // waits for them (one block ahead: +3-6%, two: +1-3% more; `fast_kernels_at_model_shapes`).
-        let unpack = |b: usize| unpack_columns::<W, RM>(w, kb, b);
-        let (mut now, mut ahead) = (unpack(0), unpack(1));
+        let (mut now, mut ahead) = (unpack_columns::<W, RM>(w, kb, 0), unpack_columns::<W, RM>(w, kb, 1));
         for b in 0..kb {
             prefetch_rows::<W, _MM_HINT_T0>(w, 0..RM, kb, b + PREFETCH_BLOCKS);
             if b + 1 < kb {
                 store_scales(&mut scales[(b + 1) % 2], w, x, j0, b + 1);
             }
-            let next = unpack(b + 2);
+            let next = unpack_columns::<W, RM>(w, kb, b + 2);
             let (ws, values) = now;
             let scales = &scales[b % 2];
             if W::ENCODING == Encoding::Min {
