@@ -1,6 +1,7 @@
 //! Times every matmul of one SmolLM2-shaped step (each layer's Q/K/V together, output,
-//! gate/up together and down, then the output head) with `--cpu-numerics fast`, at 1, 16 and
-//! 512 activation rows, on one thread and on two: the best step of several and its GMAC/s.
+//! gate/up together and down, then the output head) with each `--cpu-numerics` (ggml, then fast
+//! where the CPU has it), at 1, 16 and 512 activation rows, on one thread and on two: the best
+//! step of several and its GMAC/s.
 //!
 //! cargo run --release -p air-model --example matmul_step -- [MODEL.gguf]
 //! (default models/SmolLM2-135M-Instruct.Q4_1.gguf)
@@ -11,16 +12,23 @@ use candle_core::{Device, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    if !CpuNumerics::Fast.supported() {
-        return Err("the fast CPU numerics need an x86-64 CPU with AVX2".into());
-    }
     let file = GgufFile::open(&path)?;
+    for numerics in [CpuNumerics::Ggml, CpuNumerics::Fast] {
+        if numerics.supported() {
+            time_steps(&file, &path, numerics)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prints the best step's time at each row count and thread count for one numerics.
+fn time_steps(file: &GgufFile, path: &str, numerics: CpuNumerics) -> Result<(), Box<dyn std::error::Error>> {
     let layers = file.tensors().iter().filter(|t| t.name.ends_with(".attn_q.weight")).count();
     let mut macs_per_row = 0usize;
     let mut linear = |name: String| -> Result<(Linear, usize), Box<dyn std::error::Error>> {
         let info = file.tensor(&name).ok_or_else(|| format!("{path} has no tensor {name}"))?;
         macs_per_row += info.dims.iter().product::<u64>() as usize;
-        Ok((Linear::new(&file, info, CpuNumerics::Fast)?, info.dims[0] as usize))
+        Ok((Linear::new(file, info, numerics)?, info.dims[0] as usize))
     };
     let mut blocks = Vec::new();
     for l in 0..layers {
@@ -60,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(best)
             })?;
             let gmacs = (rows * macs_per_row) as f64 / best / 1e9;
-            println!("{rows} rows, {threads} threads: {:.2} ms, {gmacs:.1} GMAC/s", best * 1e3);
+            println!("{numerics:?}, {rows} rows, {threads} threads: {:.2} ms, {gmacs:.1} GMAC/s", best * 1e3);
         }
     }
     Ok(())
