@@ -552,7 +552,14 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
         // waits for them (one block ahead: +3-6%, two: +1-3% more; `fast_kernels_at_model_shapes`).
         let (mut now, mut ahead) = (unpack_columns::<W, RM>(w, kb, 0), unpack_columns::<W, RM>(w, kb, 1));
         for b in 0..kb {
-            prefetch_rows::<W, _MM_HINT_T0>(w, 0..RM, kb, b + PREFETCH_BLOCKS);
+            // Past the rows' ends, the next tile's rows (those after the tile's last).
+            let prefetched = b + PREFETCH_BLOCKS;
+            prefetch_rows::<W, _MM_HINT_T0>(
+                w,
+                0..RM,
+                kb,
+                if prefetched < kb { prefetched } else { prefetched + (RM - 1) * kb },
+            );
             if b + 1 < kb {
                 store_scales(&mut scales[(b + 1) % 2], w, x, j0, b + 1);
             }
