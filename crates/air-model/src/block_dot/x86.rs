@@ -236,7 +236,8 @@ impl Activations {
     pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
         let (rows, kb) = (x.len() / k, k / 32);
         let padded = rows + SCALE_PADDING;
-        // Written once each, not zeroed first (zeroing took a third as long as quantizing).
+        // Written once each, not zeroed first: zeroing took about as long as quantizing
+        // (docs/benchmarks.md, eighteenth session).
         let mut blocks = Vec::with_capacity(rows * kb);
         crate::host::for_row_chunks(&mut blocks.spare_capacity_mut()[..rows * kb], kb, k, |first, chunk| {
             for (block, values) in chunk.iter_mut().zip(x[first * k..].chunks_exact(32)) {
