@@ -1,7 +1,8 @@
 // Throughput of the instructions of the ggml-order tile kernels (block_dot/x86.rs), alone and
 // mixed: which ones share the vector ports that bound a tile (docs/benchmarks.md, engine,
-// seventeenth session). Each line runs 8 independent instructions per group, so latency does
-// not limit them; the figure is core cycles per group.
+// seventeenth session). Each line runs 8 independent instructions per group; the figure is core
+// cycles per group. Eight chains hide the latency of all but `vpdpbusd` on Golden Cove (5
+// cycles: its line reads 6.0 there, where 16 chains take 8.0 per 16, so 1 per cycle per port).
 // Build and run: gcc -O2 -mavx512f scripts/vector-ports.c -o /tmp/vector-ports && /tmp/vector-ports
 #include <stdio.h>
 #include <time.h>

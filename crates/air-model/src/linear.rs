@@ -28,10 +28,10 @@ const ROWS_PER_TASK: usize = 48;
 /// 16-row head ran a third slower (docs/benchmarks.md).
 pub(crate) const TILE_COLUMNS: usize = 96;
 /// Work items per thread to aim for: enough to balance the load, few enough that scheduling
-/// stays a small cost (a generation step runs hundreds of matmuls). A batch's items are longer
-/// (a task of one row takes about a microsecond), and a thread that finishes first waits on
-/// average half an item: with 16 rather than 8, 16-row steps ran 2% faster, measured
-/// alternately (docs/benchmarks.md, eighteenth session).
+/// stays a small cost (a generation step runs hundreds of matmuls). A thread that finishes
+/// first waits on average half an item, and a batch's items are long: with 16 rather than 8,
+/// 16-row steps ran 2% faster, alternated with 8 (docs/benchmarks.md, eighteenth session); one
+/// row's items are short, and one row keeps 8.
 fn tasks_per_thread(rows: usize) -> usize {
     if rows == 1 { 8 } else { 16 }
 }
