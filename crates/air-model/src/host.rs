@@ -7,6 +7,9 @@
 
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
+use std::cell::UnsafeCell;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Values per parallel work item: below this a hand-off to another thread costs more than it
 /// saves, so the norms and activations of a generation step of up to 16 rows (SmolLM2's 576
@@ -56,7 +59,7 @@ pub(crate) fn for_row_chunks<T: Send>(
 /// so an idle server burns no CPU.
 pub(crate) fn with_warm_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::cell::Cell;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
     thread_local! {
         /// Whether this worker already polls for some call (a poller stolen by another).
         static POLLING: Cell<bool> = const { Cell::new(false) };
@@ -108,6 +111,94 @@ impl SharedOutput {
     }
 }
 
+/// A buffer that the threads of a parallel region fill in disjoint parts, then read: written
+/// element by element through [`Self::slot`] while nothing reads it, read as a slice once full.
+pub(crate) struct RegionBuffer<T>(Box<[UnsafeCell<MaybeUninit<T>>]>);
+// SAFETY: writers write disjoint elements (see `slot`); reads come after the writes.
+unsafe impl<T: Send + Sync> Sync for RegionBuffer<T> {}
+
+impl<T> RegionBuffer<T> {
+    /// `len` elements, not written yet.
+    /// SAFETY (caller): every element is written through [`Self::slot`] before the buffer is
+    /// read as a slice.
+    pub(crate) unsafe fn uninit(len: usize) -> Self {
+        let cells = Box::into_raw(Box::<[T]>::new_uninit_slice(len)) as *mut [UnsafeCell<MaybeUninit<T>>];
+        // SAFETY: UnsafeCell<MaybeUninit<T>> has the layout of MaybeUninit<T> (repr transparent).
+        Self(unsafe { Box::from_raw(cells) })
+    }
+
+    /// Element `i`, to write.
+    /// SAFETY (caller): no other thread writes or reads element `i` meanwhile, and `i` is in
+    /// bounds.
+    pub(crate) unsafe fn slot(&self, i: usize) -> *mut T {
+        unsafe { self.0.get_unchecked(i).get().cast() }
+    }
+}
+
+impl<T> From<Vec<T>> for RegionBuffer<T> {
+    /// A buffer that starts with `values` (elements a fill may leave alone, such as padding).
+    fn from(values: Vec<T>) -> Self {
+        let cells = Box::into_raw(values.into_boxed_slice()) as *mut [UnsafeCell<MaybeUninit<T>>];
+        // SAFETY: T and UnsafeCell<MaybeUninit<T>> share a layout; every element is written.
+        Self(unsafe { Box::from_raw(cells) })
+    }
+}
+
+impl<T> std::ops::Deref for RegionBuffer<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: every element was written (the contract of `uninit`), and the writes are done.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len()) }
+    }
+}
+
+/// Chunks of work that the tasks of a parallel region share before their own work: each task
+/// first claims and runs chunks until none are left, then waits until every claimed one is
+/// done. A task waits only for chunks that running tasks have claimed, so the region finishes
+/// however many threads run it; the work between two matmuls (quantizing, norms) thus runs on
+/// all the threads the matmul's region wakes, without a region of its own.
+pub(crate) struct ChunkClaims {
+    chunks: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+}
+
+impl ChunkClaims {
+    pub(crate) fn new(chunks: usize) -> Self {
+        Self { chunks, next: AtomicUsize::new(0), done: AtomicUsize::new(0) }
+    }
+
+    /// Runs `chunk(i)` for unclaimed chunks, then returns once every chunk is done (a chunk
+    /// that panics counts as done: the panic ends the region).
+    pub(crate) fn run(&self, chunk: impl Fn(usize)) {
+        /// Counts its chunk done when dropped, after the chunk's writes.
+        struct Done<'a>(&'a AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::Release);
+            }
+        }
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.chunks {
+                break;
+            }
+            let _done = Done(&self.done);
+            chunk(i);
+        }
+        let mut spins = 0u32;
+        while self.done.load(Ordering::Acquire) < self.chunks {
+            // A claimed chunk takes microseconds, unless its thread was preempted.
+            spins += 1;
+            if spins < 4096 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +210,19 @@ mod tests {
         let sum = |t: &Tensor| with_f32(t, |v| v.to_vec()).unwrap();
         assert_eq!(sum(&t.narrow(0, 1, 2).unwrap()), (4..12).map(|v| v as f32).collect::<Vec<_>>());
         assert_eq!(sum(&t.t().unwrap()), vec![0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.]);
+    }
+
+    #[test]
+    fn claimed_chunks_run_once_each_before_any_task_goes_on() {
+        use std::sync::atomic::AtomicU32;
+        let runs: Vec<AtomicU32> = (0..37).map(|_| AtomicU32::new(0)).collect();
+        let claims = ChunkClaims::new(runs.len());
+        (0..64).into_par_iter().for_each(|_| {
+            claims.run(|i| {
+                runs[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
+        });
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub use config::{Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, 
 pub use device::{ComputeDevice, DeviceNumerics, UploadStats};
 pub use error::ModelError;
 pub use kv_cache::KvCache;
-pub use linear::{BATCHED_MATMUL_ROWS, CpuNumerics, Linear};
+pub use linear::{BATCHED_MATMUL_ROWS, CpuNumerics, Input, Linear};
 pub use model::{LoadOptions, Logits, Model, PagedSequence, Sequence};
 pub use synth::{SYNTH_TYPES, SynthSpec};
 pub use weights::{LayerWeights, Weights};

@@ -7,7 +7,7 @@ use crate::ModelError;
 use crate::block_dot::BlockDot;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 use crate::block_dot::FastDot;
-use crate::host::{SharedOutput, with_f32};
+use crate::host::{ChunkClaims, SharedOutput, with_f32};
 use crate::mapped::MappedBlocks;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
 use candle_core::quantized::k_quants;
@@ -52,10 +52,10 @@ struct Product<'a> {
 /// The math a weight matrix of one block type supports.
 trait Blocks: Any + Send + Sync {
     /// out_i (m, n_i) = x (m, k) · W_iᵀ for every product's matrix W_i (n_i, k) in blocks, x
-    /// quantized once and every product's tiles in one parallel region; rows flagged in
-    /// `batched` (empty: none) by the batched arithmetic ([`BlockDot::dots`]). Returns false,
+    /// made and quantized once and every product's tiles in one parallel region; rows flagged
+    /// in `batched` (empty: none) by the batched arithmetic ([`BlockDot::dots`]). Returns false,
     /// computing nothing, when a matrix is not of this one's type and arithmetic.
-    fn matmul(&self, products: &mut [Product<'_>], x: &[f32], m: usize, k: usize, batched: &[bool]) -> bool;
+    fn matmul(&self, products: &mut [Product<'_>], x: Input<'_>, k: usize, batched: &[bool]) -> bool;
     /// Dequantizes row `row` (k values) into `out`.
     fn row(&self, row: usize, k: usize, out: &mut [f32]);
     /// The matrix as `Any`, for [`targets`] to find its type.
@@ -86,21 +86,57 @@ struct Target<'a, W> {
     out: &'a mut [MaybeUninit<f32>],
 }
 
+/// A matmul's input rows: given, or made a chunk of rows at a time inside the matmul's
+/// parallel region, just before they are quantized. The work between two matmuls (a norm, a
+/// gated activation) then runs on every thread that region wakes, instead of on the calling
+/// thread while the others wait.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    /// Rows of `k` values, row-major.
+    Values(&'a [f32]),
+    /// `rows` rows, where `fill(first, out)` writes rows `first..` into `out` (whole rows),
+    /// from any thread: once for each row per matmul region, so again where the matrices of a
+    /// [`Linear::forward_input`] differ in block type; the same values each time.
+    Rows { rows: usize, fill: &'a (dyn Fn(usize, &mut [f32]) + Sync) },
+}
+
+impl Input<'_> {
+    /// Rows of `k` values.
+    fn rows(&self, k: usize) -> usize {
+        match self {
+            Self::Values(x) => x.len() / k.max(1),
+            Self::Rows { rows, .. } => *rows,
+        }
+    }
+}
+
+/// How a matmul quantizes its input: activations for its rows, filled in chunks of rows.
+struct Quantizer<A, F> {
+    /// Space for every row, filled by `quantize_rows`.
+    activations: A,
+    /// The rows of a chunk `quantize_rows` takes are a multiple of this, from a multiple of it.
+    chunk_rows: usize,
+    /// `quantize_rows(activations, first row, values)`; see [`BlockDot::quantize_rows`].
+    quantize_rows: F,
+}
+
 /// out_i (m, n_i) = x (m, k) · W_iᵀ for each target, n_i rows of k values in blocks of `block`
-/// values: `x` quantized once by `quantize`, then `dots(w rows, activations, activation rows,
-/// out, stride)` over (activation rows, weight rows) tiles of all the targets, spread across
-/// the compute pool in one parallel region.
-fn parallel_matmul<W: Sync, A: Sync>(
+/// values, in one parallel region over the compute pool: the tasks first share the input's
+/// chunks of rows ([`ChunkClaims`]: made where `x` is [`Input::Rows`], then quantized), then
+/// compute `dots(w rows, activations, activation rows, out, stride)` over (activation rows,
+/// weight rows) tiles of all the targets.
+/// SAFETY (caller): `q.activations` are a type's unfilled activations for m rows of k values,
+/// `q.quantize_rows` and `q.chunk_rows` the same type's (see [`BlockDot::quantize_rows`]).
+unsafe fn parallel_matmul<W: Sync, A: Sync>(
     targets: &mut [Target<'_, W>],
     block: usize,
-    (x, m, k): (&[f32], usize, usize),
-    quantize: impl FnOnce(&[f32], usize) -> A,
+    (x, k): (Input<'_>, usize),
+    q: Quantizer<A, impl Fn(&A, usize, &[f32]) + Sync>,
     dots: impl Fn(&[W], &A, std::ops::Range<usize>, &mut [f32], usize) + Sync,
 ) {
-    let kb = k / block;
-    let xq = quantize(&x[..m * k], k);
+    let (kb, m) = (k / block, x.rows(k));
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
-    let wanted = (rayon::current_num_threads() * tasks_per_thread(m)).div_ceil(row_tasks);
+    let wanted = (rayon::current_num_threads() * tasks_per_thread(m)).div_ceil(row_tasks.max(1));
     let total_n: usize = targets.iter().map(|t| t.n).sum();
     let per_task = total_n.div_ceil(wanted).next_multiple_of(16).max(MIN_COLUMNS_PER_TASK);
     // (target, its output, its first column) per column task.
@@ -111,7 +147,23 @@ fn parallel_matmul<W: Sync, A: Sync>(
         column_tasks.extend((0..t.n).step_by(per_task).map(|first| (i, dst, first)));
     }
     let targets = &*targets;
+    // Two chunks per thread, so that a thread that comes late still takes a share; at most
+    // 16 rows, so that the rows made for one stay in cache; whole chunks of the quantizer's.
+    let chunk_rows = m.div_ceil(2 * rayon::current_num_threads()).clamp(1, 16).next_multiple_of(q.chunk_rows);
+    let chunks = ChunkClaims::new(m.div_ceil(chunk_rows));
+    let xq = &q.activations;
     (0..column_tasks.len() * row_tasks).into_par_iter().for_each(|task| {
+        chunks.run(|chunk| {
+            let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(m);
+            match x {
+                Input::Values(x) => (q.quantize_rows)(xq, rows.start, &x[rows.start * k..rows.end * k]),
+                Input::Rows { fill, .. } => {
+                    let mut values = vec![0f32; rows.len() * k];
+                    fill(rows.start, &mut values);
+                    (q.quantize_rows)(xq, rows.start, &values);
+                }
+            }
+        });
         let (target, dst, first) = column_tasks[task % column_tasks.len()];
         let (w, n) = (targets[target].w, targets[target].n);
         let cols = first..(first + per_task).min(n);
@@ -121,7 +173,7 @@ fn parallel_matmul<W: Sync, A: Sync>(
         for start in cols.clone().step_by(TILE_COLUMNS) {
             let width = TILE_COLUMNS.min(cols.end - start);
             let tile = &mut tile[..width * rows.len()];
-            dots(&w[start * kb..(start + width) * kb], &xq, rows.clone(), tile, width);
+            dots(&w[start * kb..(start + width) * kb], xq, rows.clone(), tile, width);
             for (r, values) in rows.clone().zip(tile.chunks_exact(width)) {
                 // SAFETY: r < m and the columns within n, so the range is inside the target's
                 // out (m × n); tasks cover disjoint (rows, cols) tiles.
@@ -135,12 +187,20 @@ impl<T> Blocks for MappedBlocks<T>
 where
     T: BlockDot + 'static,
 {
-    fn matmul(&self, products: &mut [Product<'_>], x: &[f32], m: usize, k: usize, batched: &[bool]) -> bool {
+    fn matmul(&self, products: &mut [Product<'_>], x: Input<'_>, k: usize, batched: &[bool]) -> bool {
         let Some(mut targets) = targets::<Self, T>(products, MappedBlocks::blocks) else { return false };
         let kb = k / T::BLCK_SIZE;
-        parallel_matmul(&mut targets, T::BLCK_SIZE, (x, m, k), T::quantize, |w, xq, rows, tile, stride| {
-            T::dots(kb, w, xq, rows, batched, tile, stride)
-        });
+        // SAFETY: T's activations, quantized by T's chunks.
+        unsafe {
+            let q = Quantizer {
+                activations: T::activations(x.rows(k), k),
+                chunk_rows: T::QUANTIZE_ROWS,
+                quantize_rows: |a: &T::Activations, first: usize, values: &[f32]| T::quantize_rows(a, first, values),
+            };
+            parallel_matmul(&mut targets, T::BLCK_SIZE, (x, k), q, |w, xq, rows, tile, stride| {
+                T::dots(kb, w, xq, rows, batched, tile, stride)
+            });
+        }
         true
     }
 
@@ -195,12 +255,22 @@ impl<T> Blocks for FastBlocks<T>
 where
     T: BlockDot + FastDot + 'static,
 {
-    fn matmul(&self, products: &mut [Product<'_>], x: &[f32], m: usize, k: usize, _batched: &[bool]) -> bool {
+    fn matmul(&self, products: &mut [Product<'_>], x: Input<'_>, k: usize, _batched: &[bool]) -> bool {
         let Some(mut targets) = targets::<Self, T>(products, |b| b.0.blocks()) else { return false };
         let kb = k / T::BLCK_SIZE;
-        parallel_matmul(&mut targets, T::BLCK_SIZE, (x, m, k), T::fast_quantize, |w, xq, rows, tile, stride| {
-            T::fast_dots(kb, w, xq, rows, tile, stride)
-        });
+        // SAFETY: T's activations, quantized a row at a time as its fast kernels take them.
+        unsafe {
+            let q = Quantizer {
+                activations: T::fast_activations(x.rows(k), k),
+                chunk_rows: 1,
+                quantize_rows: |a: &T::FastActivations, first: usize, values: &[f32]| {
+                    T::fast_quantize_rows(a, first, values)
+                },
+            };
+            parallel_matmul(&mut targets, T::BLCK_SIZE, (x, k), q, |w, xq, rows, tile, stride| {
+                T::fast_dots(kb, w, xq, rows, tile, stride)
+            });
+        }
         true
     }
 
@@ -298,10 +368,22 @@ impl Linear {
         x: &Tensor,
         batched: &[bool],
     ) -> Result<[Tensor; N], ModelError> {
-        let (m, _) = x.dims2()?;
+        let (_, k) = x.dims2()?;
+        Self::check_width(&layers, k)?;
+        with_f32(x, |xs| Self::forward_input(layers, Input::Values(xs), batched))?
+    }
+
+    /// [`Self::forward_many`] of an [`Input`] whose rows have the matrices' width (they all
+    /// share it).
+    pub fn forward_input<const N: usize>(
+        layers: [&Linear; N],
+        x: Input<'_>,
+        batched: &[bool],
+    ) -> Result<[Tensor; N], ModelError> {
         let ys = Self::products(layers, x, batched)?;
         let mut tensors = Vec::with_capacity(N);
         for (y, l) in ys.into_iter().zip(layers) {
+            let m = y.len() / l.n.max(1);
             tensors.push(Tensor::from_vec(y, (m, l.n), &Device::Cpu)?);
         }
         Ok(tensors.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
@@ -310,36 +392,48 @@ impl Linear {
     /// [`Self::forward`]'s values, row-major, without a tensor around them: for logits, whose
     /// copy out of a tensor costs as much as a small matmul.
     pub fn forward_values(&self, x: &Tensor, batched: &[bool]) -> Result<Vec<f32>, ModelError> {
-        let [y] = Self::products([self], x, batched)?;
+        let (_, k) = x.dims2()?;
+        Self::check_width(&[self], k)?;
+        let [y] = with_f32(x, |xs| Self::products([self], Input::Values(xs), batched))??;
         Ok(y)
     }
 
-    /// The products of [`Self::forward_many`], row-major.
+    /// An error unless every layer takes rows of `k` values.
+    fn check_width(layers: &[&Linear], k: usize) -> Result<(), ModelError> {
+        match layers.iter().find(|l| l.k != k) {
+            Some(other) => Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", other.k))),
+            None => Ok(()),
+        }
+    }
+
+    /// The products of [`Self::forward_input`], row-major.
     fn products<const N: usize>(
         layers: [&Linear; N],
-        x: &Tensor,
+        x: Input<'_>,
         batched: &[bool],
     ) -> Result<[Vec<f32>; N], ModelError> {
-        let (m, k) = x.dims2()?;
-        if let Some(other) = layers.iter().find(|l| l.k != k) {
-            return Err(ModelError::Config(format!("linear layer expects {} inputs, got {k}", other.k)));
+        let Some(k) = layers.first().map(|l| l.k) else { return Ok(layers.map(|_| Vec::new())) };
+        Self::check_width(&layers, k)?;
+        let m = x.rows(k);
+        if let Input::Values(values) = x
+            && values.len() != m * k
+        {
+            return Err(ModelError::Config(format!("{} input values are not rows of {k}", values.len())));
         }
         let mut outs: [Vec<f32>; N] = layers.map(|l| Vec::with_capacity(m * l.n));
-        with_f32(x, |xs| {
-            let mut products: Vec<Product<'_>> = layers
-                .iter()
-                .zip(&mut outs)
-                .map(|(l, out)| Product { blocks: &*l.blocks, n: l.n, out: &mut out.spare_capacity_mut()[..m * l.n] })
-                .collect();
-            let Some(first) = products.first() else { return };
-            if !first.blocks.matmul(&mut products, xs, m, k, batched) {
-                for product in &mut products {
-                    let blocks = product.blocks;
-                    let done = blocks.matmul(std::slice::from_mut(product), xs, m, k, batched);
-                    debug_assert!(done, "a matrix multiplies by its own kernels");
-                }
+        let mut products: Vec<Product<'_>> = layers
+            .iter()
+            .zip(&mut outs)
+            .map(|(l, out)| Product { blocks: &*l.blocks, n: l.n, out: &mut out.spare_capacity_mut()[..m * l.n] })
+            .collect();
+        if !products[0].blocks.matmul(&mut products, x, k, batched) {
+            for product in &mut products {
+                let blocks = product.blocks;
+                let done = blocks.matmul(std::slice::from_mut(product), x, k, batched);
+                debug_assert!(done, "a matrix multiplies by its own kernels");
             }
-        })?;
+        }
+        drop(products);
         for (out, l) in outs.iter_mut().zip(layers) {
             // SAFETY: `matmul` wrote all m × n outputs.
             unsafe { out.set_len(m * l.n) };
@@ -386,7 +480,7 @@ mod tests {
                 linear("blk.0.attn_v.weight"),
                 linear("token_embd.weight"),
             );
-            for rows in [1, 16] {
+            for rows in [1, 16, 37] {
                 let x = Tensor::randn(0f32, 1.0, (rows, 576), &Device::Cpu).unwrap();
                 let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let batched = vec![rows >= BATCHED_MATMUL_ROWS; rows];
@@ -397,6 +491,16 @@ mod tests {
                 let [yq, yh] = Linear::forward_many([&q, &head], &x, &batched).unwrap();
                 assert_eq!(bits(&yq), bits(&together[0]), "{numerics:?}, {rows} rows");
                 assert_eq!(bits(&yh), bits(&head.forward(&x, &batched).unwrap()), "{numerics:?}, {rows} rows");
+                // Rows made inside the region, for matrices of one type and of two: the same.
+                let values = bits(&x);
+                let fill = |first: usize, out: &mut [f32]| out.copy_from_slice(&values[first * 576..][..out.len()]);
+                let made = Input::Rows { rows, fill: &fill };
+                let [mq, mk, mv] = Linear::forward_input([&q, &k, &v], made, &batched).unwrap();
+                for (y, want) in [mq, mk, mv].iter().zip(&together) {
+                    assert_eq!(bits(y), bits(want), "{numerics:?}, {rows} rows made");
+                }
+                let [mq, mh] = Linear::forward_input([&q, &head], made, &batched).unwrap();
+                assert_eq!((bits(&mq), bits(&mh)), (bits(&yq), bits(&yh)), "{numerics:?}, {rows} rows made");
             }
             let wrong = Tensor::zeros((2, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
             assert!(Linear::forward_many([&q, &k], &wrong, &[]).is_err());

@@ -1,11 +1,11 @@
 use crate::Linear;
 use crate::attention::{AttentionShape, F32_QUERY_ROWS, QueryRows, ValueSums, causal_attention};
 use crate::device::{ComputeDevice, DeviceModel, DeviceNumerics, DeviceOptions, UploadStats};
-use crate::host::with_f32;
+use crate::host::{SharedOutput, with_f32};
 use crate::kv_cache::WHOLE;
 use crate::linear::BATCHED_MATMUL_ROWS;
 use crate::rope::{Rope, RopeTables, heads_first};
-use crate::{Activation, CpuNumerics, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
+use crate::{CpuNumerics, Input, KvCache, LayerWeights, ModelConfig, ModelError, Weights};
 use air_gguf::GgufFile;
 use air_kv::{BlockId, KvStore};
 use air_stream::{LayerStreamer, ResidencyPlan, StreamOptions};
@@ -398,7 +398,7 @@ impl Model {
         let c = &self.config;
         let rows = x.dim(0)?;
         let (window, _) = c.layer_attention(index);
-        let h = crate::ops::rms_norm(x, &w.attn_norm, c.rms_norm_eps)?;
+        let (width, eps) = (x.dim(1)?, c.rms_norm_eps);
         // Q, K and V from one quantization of h, then each one's bias and per-head norm.
         let finish = |y: Tensor, bias: &Option<Tensor>, norm: &Option<Tensor>, heads: usize| {
             let mut y = y;
@@ -411,7 +411,15 @@ impl Model {
             }
             Ok::<_, ModelError>(y)
         };
-        let [q_all, k_all, v_all] = Linear::forward_many([&w.wq, &w.wk, &w.wv], &h, batched)?;
+        // The rows normed inside the matmuls' region (see [`Input`]).
+        let attn_norm = w.attn_norm.to_vec1::<f32>()?;
+        let [q_all, k_all, v_all] = with_f32(x, |xs| {
+            let normed = |first: usize, out: &mut [f32]| {
+                out.copy_from_slice(&xs[first * width..][..out.len()]);
+                crate::ops::rms_norm_in_place(out, &attn_norm, eps);
+            };
+            Linear::forward_input([&w.wq, &w.wk, &w.wv], Input::Rows { rows, fill: &normed }, batched)
+        })??;
         let q_all = finish(q_all, &w.bq, &w.q_norm, c.n_head)?;
         let k_all = finish(k_all, &w.bk, &w.k_norm, c.n_head_kv)?;
         let v_all = finish(v_all, &w.bv, &None, c.n_head_kv)?;
@@ -452,15 +460,44 @@ impl Model {
             .collect();
         let attn = causal_attention(&q, rows, &seqs, shape);
         let attn = Tensor::from_vec(attn, (rows, c.n_head * c.head_dim), &self.device)?;
-        let x = crate::ops::add(x, &self.post_norm(w.wo.forward(&attn, batched)?, &w.post_attn_norm)?)?;
+        let attn_out = self.post_norm(w.wo.forward(&attn, batched)?, &w.post_attn_norm)?;
 
-        let h = crate::ops::rms_norm(&x, &w.ffn_norm, c.rms_norm_eps)?;
-        let [gate, up] = Linear::forward_many([&w.w_gate, &w.w_up], &h, batched)?;
-        let gated = match c.activation {
-            Activation::Silu => crate::ops::swiglu(&gate, &up)?,
-            Activation::GeluTanh => crate::ops::geglu(&gate, &up)?,
-        };
-        let ffn = w.w_down.forward(&gated, batched)?;
+        // The residual sum x + attention, then its norm, made inside the gate and up matmuls'
+        // region, each row written to `residual` as it is made; then the gated activation
+        // inside the down matmul's.
+        let mut residual = Vec::with_capacity(rows * width);
+        let residual_rows = SharedOutput::new(residual.as_mut_ptr());
+        let ffn_norm = w.ffn_norm.to_vec1::<f32>()?;
+        let [gate, up] = with_f32(x, |xs| {
+            with_f32(&attn_out, |ys| {
+                let normed_sum = |first: usize, out: &mut [f32]| {
+                    let at = first * width;
+                    for ((v, &a), &b) in out.iter_mut().zip(&xs[at..]).zip(&ys[at..]) {
+                        *v = a + b;
+                    }
+                    // SAFETY: these rows of `residual` (rows × width) are this call's alone.
+                    unsafe { residual_rows.write(at, out) };
+                    crate::ops::rms_norm_in_place(out, &ffn_norm, eps);
+                };
+                Linear::forward_input([&w.w_gate, &w.w_up], Input::Rows { rows, fill: &normed_sum }, batched)
+            })
+        })???;
+        // SAFETY: the region above wrote every row of `residual`.
+        unsafe { residual.set_len(rows * width) };
+        let ff = gate.dim(1)?;
+        let ffn = with_f32(&gate, |gs| {
+            with_f32(&up, |us| {
+                let gated = |first: usize, out: &mut [f32]| {
+                    out.copy_from_slice(&gs[first * ff..][..out.len()]);
+                    for (r, row) in out.chunks_exact_mut(ff).enumerate() {
+                        crate::ops::gate_in_place(c.activation, row, &us[(first + r) * ff..][..ff]);
+                    }
+                };
+                let [y] = Linear::forward_input([&w.w_down], Input::Rows { rows, fill: &gated }, batched)?;
+                Ok::<_, ModelError>(y)
+            })
+        })???;
+        let x = Tensor::from_vec(residual, (rows, width), &self.device)?;
         Ok(crate::ops::add(&x, &self.post_norm(ffn, &w.post_ffn_norm)?)?)
     }
 

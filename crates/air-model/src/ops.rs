@@ -1,5 +1,6 @@
 //! Small CPU ops whose rounding must follow ggml's for logits to agree with llama.cpp.
 
+use crate::Activation;
 use crate::host::{for_row_chunks, with_f32};
 use candle_core::{Device, Tensor};
 
@@ -13,39 +14,53 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
                 candle_core::bail!("RMSNorm weight of {} values for rows of {d}", w.len());
             }
             Ok(map_rows(xs, d, |first, out| {
-                for (g, group) in out.chunks_mut(NORM_ROWS * d).enumerate() {
-                    let at = (first + g * NORM_ROWS) * d;
-                    let input = &xs[at..at + group.len()];
-                    let sums = sums_of_squares(input, d);
-                    for ((row, input), sum) in group.chunks_exact_mut(d).zip(input.chunks_exact(d)).zip(sums) {
-                        let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
-                        for ((v, &x), &wi) in row.iter_mut().zip(input).zip(w) {
-                            *v = (x * scale) * wi;
-                        }
-                    }
-                }
+                out.copy_from_slice(&xs[first * d..][..out.len()]);
+                rms_norm_in_place(out, w, eps);
             }))
         })?
     })??;
     Tensor::from_vec(out, (m, d), &Device::Cpu)
 }
 
-/// Rows whose sums of squares [`rms_norm`] accumulates side by side.
-const NORM_ROWS: usize = 8;
-
-/// Σ v² of each row (of `d` values; at most [`NORM_ROWS`] rows, the array's rest 0) in f64,
-/// value after value as ggml adds them. One row's sum is a chain of dependent f64 additions;
-/// [`NORM_ROWS`] rows' chains are interleaved so that they overlap: 16 rows of 576 values took
-/// 3.7 µs against 6.5 a row at a time.
-fn sums_of_squares(rows: &[f32], d: usize) -> [f64; NORM_ROWS] {
-    let mut sums = [0f64; NORM_ROWS];
-    if rows.len() != NORM_ROWS * d {
-        for (sum, row) in sums.iter_mut().zip(rows.chunks_exact(d)) {
-            *sum = row.iter().map(|&v| (v * v) as f64).sum::<f64>();
+/// [`rms_norm`] of `rows` (whole rows of `weight.len()` values) in place, groups of 8, 4, 2
+/// or 1 rows at a time (see [`sums_of_squares`]).
+pub(crate) fn rms_norm_in_place(rows: &mut [f32], weight: &[f32], eps: f32) {
+    fn norm_group<const N: usize>(group: &mut [f32], weight: &[f32], eps: f32) {
+        let d = weight.len();
+        let sums = sums_of_squares::<N>(group, d);
+        for (row, sum) in group.chunks_exact_mut(d).zip(sums) {
+            let scale = 1.0 / ((sum / d as f64) as f32 + eps).sqrt();
+            for (v, &wi) in row.iter_mut().zip(weight) {
+                *v = (*v * scale) * wi;
+            }
         }
-        return sums;
     }
-    let rows: [&[f32]; NORM_ROWS] = std::array::from_fn(|r| &rows[r * d..(r + 1) * d]);
+    let d = weight.len().max(1);
+    let mut rest = rows;
+    while rest.len() >= d {
+        let n = match rest.len() / d {
+            8.. => 8,
+            4..8 => 4,
+            2..4 => 2,
+            _ => 1,
+        };
+        let (group, tail) = std::mem::take(&mut rest).split_at_mut(n * d);
+        match n {
+            8 => norm_group::<8>(group, weight, eps),
+            4 => norm_group::<4>(group, weight, eps),
+            2 => norm_group::<2>(group, weight, eps),
+            _ => norm_group::<1>(group, weight, eps),
+        }
+        rest = tail;
+    }
+}
+
+/// Σ v² of each of `N` rows of `d` values in f64, value after value as ggml adds them. One
+/// row's sum is a chain of dependent f64 additions; the rows' chains are interleaved so that
+/// they overlap: 16 rows of 576 values took 3.7 µs in groups of 8 against 6.5 a row at a time.
+fn sums_of_squares<const N: usize>(rows: &[f32], d: usize) -> [f64; N] {
+    let mut sums = [0f64; N];
+    let rows: [&[f32]; N] = std::array::from_fn(|r| &rows[r * d..(r + 1) * d]);
     for i in 0..d {
         for (sum, row) in sums.iter_mut().zip(rows) {
             *sum += (row[i] * row[i]) as f64;
@@ -63,20 +78,35 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 
 /// GELU-gated product `gelu(gate) * up` as ggml computes it on the CPU: the gate rounded to f16
 /// and looked up in a table of GELU (tanh form) results rounded to f16, exact beyond ±10.
+/// (The pass gates rows inside the down matmul's region, [`gate_in_place`]; the GPU's exact
+/// kernels are tested against this.)
+#[cfg(all(test, feature = "cuda"))]
 pub fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    combine_rows(gate, up, gelu_gate)
+}
+
+/// The feed-forward's gated activation of one row in place: `x ← act(x) · up`, as [`swiglu`]
+/// or [`geglu`].
+pub(crate) fn gate_in_place(activation: Activation, x: &mut [f32], up: &[f32]) {
+    match activation {
+        Activation::Silu => silu_gate(x, up),
+        Activation::GeluTanh => gelu_gate(x, up),
+    }
+}
+
+/// [`geglu`] of one row in place.
+fn gelu_gate(x: &mut [f32], up: &[f32]) {
     use half::f16;
     let table = gelu_f16_table();
-    combine_rows(gate, up, |x, u| {
-        for (x, &u) in x.iter_mut().zip(u) {
-            *x = if *x <= -10.0 {
-                0.0
-            } else if *x >= 10.0 {
-                *x * u
-            } else {
-                table[f16::from_f32(*x).to_bits() as usize].to_f32() * u
-            };
-        }
-    })
+    for (x, &u) in x.iter_mut().zip(up) {
+        *x = if *x <= -10.0 {
+            0.0
+        } else if *x >= 10.0 {
+            *x * u
+        } else {
+            table[f16::from_f32(*x).to_bits() as usize].to_f32() * u
+        };
+    }
 }
 
 /// `a` (…, d) combined with `b`, of `a`'s shape or one row (d), by `f(row of the result,
@@ -130,23 +160,27 @@ pub(crate) fn gelu_f16_table() -> &'static [half::f16] {
 
 /// SiLU-gated product `silu(gate) * up` as ggml's `ggml_vec_swiglu_f32` computes it:
 /// `x / (1 + e^-x)` with ggml's vectorized exponential, 16 values at a time, libm's `expf` for
-/// a remainder.
+/// a remainder. (As [`geglu`], for the GPU's tests.)
+#[cfg(all(test, feature = "cuda"))]
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    combine_rows(gate, up, silu_gate)
+}
+
+/// [`swiglu`] of one row in place.
+fn silu_gate(g: &mut [f32], u: &[f32]) {
     use crate::exp::{EXP_LANES, exp16};
-    combine_rows(gate, up, |g, u| {
-        let mut chunks = g.chunks_exact_mut(EXP_LANES);
-        let mut ups = u.chunks_exact(EXP_LANES);
-        for (x, up) in (&mut chunks).zip(&mut ups) {
-            let negated: [f32; EXP_LANES] = std::array::from_fn(|i| -x[i]);
-            let e = exp16(&negated);
-            for i in 0..EXP_LANES {
-                x[i] = x[i] / (1.0 + e[i]) * up[i];
-            }
+    let mut chunks = g.chunks_exact_mut(EXP_LANES);
+    let mut ups = u.chunks_exact(EXP_LANES);
+    for (x, up) in (&mut chunks).zip(&mut ups) {
+        let negated: [f32; EXP_LANES] = std::array::from_fn(|i| -x[i]);
+        let e = exp16(&negated);
+        for i in 0..EXP_LANES {
+            x[i] = x[i] / (1.0 + e[i]) * up[i];
         }
-        for (x, up) in chunks.into_remainder().iter_mut().zip(ups.remainder()) {
-            *x = *x / (1.0 + (-*x).exp()) * up;
-        }
-    })
+    }
+    for (x, up) in chunks.into_remainder().iter_mut().zip(ups.remainder()) {
+        *x = *x / (1.0 + (-*x).exp()) * up;
+    }
 }
 
 #[cfg(test)]
@@ -155,9 +189,9 @@ mod tests {
 
     #[test]
     fn rms_norm_sums_each_row_value_after_value() {
-        // 19 rows (groups of 8, 8 and 3) of a wide range of magnitudes, bit for bit against a
-        // row at a time.
-        let (m, d, eps) = (19, 37, 1e-5f32);
+        // 23 rows (groups of 8, 8, 4, 2 and 1) of a wide range of magnitudes, bit for bit
+        // against a row at a time.
+        let (m, d, eps) = (23, 37, 1e-5f32);
         let x: Vec<f32> =
             (0..m * d).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 1.7f32.powi((i % 23) as i32 - 11)).collect();
         let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 / 16.0).collect();

@@ -18,6 +18,7 @@ mod x86_fast;
 mod x86_kquants;
 
 use crate::activation_quant::ActivationQuant;
+use crate::host::RegionBuffer;
 use candle_core::quantized::k_quants::{self, GgmlType};
 use half::{bf16, f16};
 use std::ops::Range;
@@ -26,9 +27,34 @@ use std::ops::Range;
 pub trait BlockDot: GgmlType {
     /// Activation rows, quantized for this type's kernel.
     type Activations: Send + Sync;
+    /// [`Self::quantize_rows`] takes chunks of a multiple of this many rows.
+    const QUANTIZE_ROWS: usize = 1;
 
-    /// Quantizes `x`, rows of `k` values, as ggml does for this weight type.
-    fn quantize(x: &[f32], k: usize) -> Self::Activations;
+    /// Space for `rows` rows of `k` values, quantized by [`Self::quantize_rows`].
+    /// SAFETY (caller): every row is quantized before the activations are read.
+    unsafe fn activations(rows: usize, k: usize) -> Self::Activations;
+
+    /// Quantizes `values` (whole rows) as ggml does for this weight type, into `x`'s rows from
+    /// `first`.
+    /// SAFETY (caller): the rows are a chunk: from a multiple of [`Self::QUANTIZE_ROWS`], a
+    /// multiple of it rows or up to `x`'s end; concurrent calls quantize other chunks; nothing
+    /// reads `x` until every chunk is quantized.
+    unsafe fn quantize_rows(x: &Self::Activations, first: usize, values: &[f32]);
+
+    /// Quantizes `x`, rows of `k` values, on the calling thread (the tests' way).
+    #[cfg(test)]
+    fn quantize(x: &[f32], k: usize) -> Self::Activations {
+        // SAFETY: every chunk, one after the other, before the activations are returned.
+        unsafe {
+            quantize_serially(
+                x,
+                k,
+                Self::QUANTIZE_ROWS,
+                |rows| Self::activations(rows, k),
+                |a, first, values| Self::quantize_rows(a, first, values),
+            )
+        }
+    }
 
     /// For weight rows `w` (each `kb` blocks) and activation rows `rows` of `x`, writes the dot
     /// product of activation row `rows.start + j` and weight row `i` to `out[j * out_stride + i]`.
@@ -49,10 +75,14 @@ pub trait BlockDot: GgmlType {
 macro_rules! candle_rows {
     ($($t:ty),*) => {$(
         impl BlockDot for $t {
-            type Activations = Vec<<$t as GgmlType>::VecDotType>;
+            type Activations = RowBlocks<<$t as GgmlType>::VecDotType>;
 
-            fn quantize(x: &[f32], k: usize) -> Self::Activations {
-                candle_activations::<Self>(x, k)
+            unsafe fn activations(rows: usize, k: usize) -> Self::Activations {
+                unsafe { RowBlocks::new(rows, k) }
+            }
+
+            unsafe fn quantize_rows(x: &Self::Activations, first: usize, values: &[f32]) {
+                unsafe { x.quantize_rows(first, values) }
             }
 
             fn dots(
@@ -76,17 +106,56 @@ macro_rules! candle_rows {
     )*};
 }
 
-/// Quantizes rows of `k` values into candle's activation blocks for `T`.
-fn candle_activations<T: GgmlType>(x: &[f32], k: usize) -> Vec<T::VecDotType>
-where
-    T::VecDotType: ActivationQuant,
-{
-    let per_row = k / T::VecDotType::BLCK_SIZE;
-    let mut q = vec![T::VecDotType::zeros(); x.len() / k * per_row];
-    crate::host::for_row_chunks(&mut q, per_row, k, |first, rows| {
-        ActivationQuant::quantize(&x[first * k..first * k + rows.len() / per_row * k], rows);
-    });
-    q
+/// [`BlockDot::quantize`] for any activation layout: `activations(rows)`, then
+/// `quantize_rows(activations, first row, values)` over chunks of `chunk_rows` rows.
+/// SAFETY (caller): the two are a layout's [`BlockDot::activations`] and
+/// [`BlockDot::quantize_rows`] (or [`FastDot`]'s), with its chunk size.
+#[cfg(test)]
+pub(crate) unsafe fn quantize_serially<A>(
+    x: &[f32],
+    k: usize,
+    chunk_rows: usize,
+    activations: impl FnOnce(usize) -> A,
+    quantize_rows: impl Fn(&A, usize, &[f32]),
+) -> A {
+    let rows = x.len() / k;
+    let a = activations(rows);
+    for (c, values) in x[..rows * k].chunks(chunk_rows * k).enumerate() {
+        quantize_rows(&a, c * chunk_rows, values);
+    }
+    a
+}
+
+/// Activation rows in candle's blocks of `B`, for the row kernels: (row, block).
+pub struct RowBlocks<B> {
+    per_row: usize,
+    blocks: RegionBuffer<B>,
+}
+
+impl<B: ActivationQuant> RowBlocks<B> {
+    /// Space for `rows` rows of `k` values.
+    /// SAFETY (caller): every row is quantized before the blocks are read.
+    unsafe fn new(rows: usize, k: usize) -> Self {
+        let per_row = k / B::BLCK_SIZE;
+        Self { per_row, blocks: unsafe { RegionBuffer::uninit(rows * per_row) } }
+    }
+
+    /// Quantizes `values` into the rows from `first`.
+    /// SAFETY (caller): no other thread writes or reads these rows meanwhile.
+    unsafe fn quantize_rows(&self, first: usize, values: &[f32]) {
+        let blocks = values.len() / (self.per_row * B::BLCK_SIZE) * self.per_row;
+        assert!((first * self.per_row + blocks) <= self.blocks.len());
+        // SAFETY: the rows' blocks are in bounds (asserted) and this call's alone.
+        let rows = unsafe { std::slice::from_raw_parts_mut(self.blocks.slot(first * self.per_row), blocks) };
+        ActivationQuant::quantize(values, rows);
+    }
+}
+
+impl<B> std::ops::Deref for RowBlocks<B> {
+    type Target = [B];
+    fn deref(&self) -> &[B] {
+        &self.blocks
+    }
 }
 
 candle_rows!(f32, f16, bf16, k_quants::BlockQ2K, k_quants::BlockQ3K, k_quants::BlockQ5K);
@@ -106,10 +175,14 @@ candle_rows!(
 macro_rules! k_tiled {
     ($($t:ident),*) => {$(
         impl BlockDot for k_quants::$t {
-            type Activations = Vec<k_quants::BlockQ8K>;
+            type Activations = RowBlocks<k_quants::BlockQ8K>;
 
-            fn quantize(x: &[f32], k: usize) -> Self::Activations {
-                candle_activations::<Self>(x, k)
+            unsafe fn activations(rows: usize, k: usize) -> Self::Activations {
+                unsafe { RowBlocks::new(rows, k) }
+            }
+
+            unsafe fn quantize_rows(x: &Self::Activations, first: usize, values: &[f32]) {
+                unsafe { x.quantize_rows(first, values) }
             }
 
             fn dots(
@@ -137,9 +210,14 @@ macro_rules! tiled {
     ($($t:ident),*) => {$(
         impl BlockDot for k_quants::$t {
             type Activations = x86::Activations;
+            const QUANTIZE_ROWS: usize = x86::QUANTIZE_ROWS;
 
-            fn quantize(x: &[f32], k: usize) -> Self::Activations {
-                x86::Activations::new::<Self>(x, k)
+            unsafe fn activations(rows: usize, k: usize) -> Self::Activations {
+                unsafe { x86::Activations::new::<Self>(rows, k) }
+            }
+
+            unsafe fn quantize_rows(x: &Self::Activations, first: usize, values: &[f32]) {
+                unsafe { x.quantize_rows::<Self>(first, values) }
             }
 
             fn dots(
@@ -158,8 +236,12 @@ macro_rules! tiled {
         impl FastDot for k_quants::$t {
             type FastActivations = x86_fast::Activations;
 
-            fn fast_quantize(x: &[f32], k: usize) -> Self::FastActivations {
-                x86_fast::Activations::new::<Self>(x, k)
+            unsafe fn fast_activations(rows: usize, k: usize) -> Self::FastActivations {
+                unsafe { x86_fast::Activations::new(rows, k) }
+            }
+
+            unsafe fn fast_quantize_rows(x: &Self::FastActivations, first: usize, values: &[f32]) {
+                unsafe { x.quantize_rows::<Self>(first, values) }
             }
 
             fn fast_dots(
@@ -184,8 +266,28 @@ pub trait FastDot: GgmlType + Sync {
     /// Activation rows, quantized for the kernels.
     type FastActivations: Send + Sync;
 
-    /// Quantizes `x`, rows of `k` values, as ggml does for this weight type.
-    fn fast_quantize(x: &[f32], k: usize) -> Self::FastActivations;
+    /// As [`BlockDot::activations`], one row a chunk.
+    /// SAFETY (caller): every row is quantized before the activations are read.
+    unsafe fn fast_activations(rows: usize, k: usize) -> Self::FastActivations;
+
+    /// As [`BlockDot::quantize_rows`], one row a chunk.
+    /// SAFETY (caller): as [`BlockDot::quantize_rows`]'s.
+    unsafe fn fast_quantize_rows(x: &Self::FastActivations, first: usize, values: &[f32]);
+
+    /// Quantizes `x`, rows of `k` values, on the calling thread (the tests' way).
+    #[cfg(test)]
+    fn fast_quantize(x: &[f32], k: usize) -> Self::FastActivations {
+        // SAFETY: every row, one after the other, before the activations are returned.
+        unsafe {
+            quantize_serially(
+                x,
+                k,
+                1,
+                |rows| Self::fast_activations(rows, k),
+                |a, first, values| Self::fast_quantize_rows(a, first, values),
+            )
+        }
+    }
 
     /// As [`BlockDot::dots`], by the per-block integer arithmetic.
     fn fast_dots(

@@ -9,6 +9,7 @@
 
 use super::BlockDot;
 use crate::activation_quant::{q8_1_sum, quantize_q8_block};
+use crate::host::RegionBuffer;
 use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 use half::f16;
 use std::arch::x86_64::*;
@@ -209,14 +210,14 @@ pub struct Activations {
     /// Rows plus [`SCALE_PADDING`]: the row stride of the transposed arrays.
     padded: usize,
     /// The blocks, (row, block).
-    blocks: Vec<QuantizedBlock>,
+    blocks: RegionBuffer<QuantizedBlock>,
     /// Rows 2p and 2p + 1 side by side for [`tile_columns`], (p, block); empty where it does not
     /// run (no AVX-512, fewer than [`MIN_COLUMN_ROWS`] rows).
-    pairs: Vec<PairBlock>,
+    pairs: RegionBuffer<PairBlock>,
     /// Each block's scale (ggml's f16, widened), (block, padded row).
-    d: Vec<f32>,
+    d: RegionBuffer<f32>,
     /// [`Encoding::Min`]: each block's s (d · Σq as ggml's f16, widened), (block, padded row).
-    s: Vec<f32>,
+    s: RegionBuffer<f32>,
 }
 
 /// One block of 32 activations.
@@ -231,17 +232,52 @@ struct QuantizedBlock {
     s: f32,
 }
 
+/// Quantization chunks are whole pairs of rows, which [`PairBlock`] interleaves.
+pub(super) const QUANTIZE_ROWS: usize = 2;
+
 impl Activations {
-    /// Quantizes `x`, rows of `k` values, for weights of type `W`, rows spread over the pool.
-    pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
-        let (rows, kb) = (x.len() / k, k / 32);
-        let padded = rows + SCALE_PADDING;
-        // Written once each, not zeroed first: zeroing took about as long as quantizing
-        // (docs/benchmarks.md, eighteenth session).
-        let mut blocks = Vec::with_capacity(rows * kb);
-        crate::host::for_row_chunks(&mut blocks.spare_capacity_mut()[..rows * kb], kb, k, |first, chunk| {
-            for (block, values) in chunk.iter_mut().zip(x[first * k..].chunks_exact(32)) {
-                let (d, q, sum) = quantize_q8_block(values);
+    /// Space for `rows` rows of `k` values for weights of type `W`, quantized by
+    /// [`Self::quantize_rows`]. The blocks are written once each, not zeroed first: zeroing
+    /// took about as long as quantizing (docs/benchmarks.md, eighteenth session).
+    /// SAFETY (caller): every row is quantized before the activations are read.
+    pub(super) unsafe fn new<W: Weight>(rows: usize, k: usize) -> Self {
+        let (kb, padded) = (k / 32, rows + SCALE_PADDING);
+        let pairs =
+            if matches!(instructions(), Instructions::Avx512Vnni) && rows >= MIN_COLUMN_ROWS { rows / 2 } else { 0 };
+        Self {
+            kb,
+            padded,
+            // SAFETY: the caller's.
+            blocks: unsafe { RegionBuffer::uninit(rows * kb) },
+            pairs: unsafe { RegionBuffer::uninit(pairs * kb) },
+            // Small, and the padding is read: zeroed.
+            d: vec![0.0; kb * padded].into(),
+            s: vec![0.0; if W::ENCODING == Encoding::Min { kb * padded } else { 0 }].into(),
+        }
+    }
+
+    /// Quantizes `values` (whole rows) into rows `first..`: their blocks, their scales in the
+    /// transposed arrays, and their [`PairBlock`]s.
+    /// SAFETY (caller): `first` is even and the rows exist; no other thread writes or reads
+    /// them meanwhile.
+    pub(super) unsafe fn quantize_rows<W: Weight>(&self, first: usize, values: &[f32]) {
+        let k = self.kb * 32;
+        assert!(first.is_multiple_of(QUANTIZE_ROWS) && (first + values.len() / k) * self.kb <= self.blocks.len());
+        for (p, pair) in values.chunks(QUANTIZE_ROWS * k).enumerate() {
+            // SAFETY: the caller's, for each pair of its rows.
+            unsafe { self.quantize_pair::<W>(first + p * QUANTIZE_ROWS, pair) };
+        }
+    }
+
+    /// [`Self::quantize_rows`] of one or two rows from `first` (even).
+    /// SAFETY (caller): as [`Self::quantize_rows`]'s, the rows in bounds.
+    unsafe fn quantize_pair<W: Weight>(&self, first: usize, values: &[f32]) {
+        let (kb, k) = (self.kb, self.kb * 32);
+        let n = values.len() / k;
+        let pair = (n == QUANTIZE_ROWS && (first / 2 + 1) * kb <= self.pairs.len()).then_some(first / 2);
+        for b in 0..kb {
+            let block = |r: usize| {
+                let (d, q, sum) = quantize_q8_block(&values[r * k + b * 32..][..32]);
                 let mut quantized = QuantizedBlock { q, d: f16::from_f32(d).to_f32(), ..Default::default() };
                 match W::ENCODING {
                     Encoding::Min => quantized.s = q8_1_sum(d, sum).to_f32(),
@@ -252,29 +288,24 @@ impl Activations {
                     }
                     Encoding::Signed => {}
                 }
-                block.write(quantized);
-            }
-        });
-        // SAFETY: for_row_chunks hands every element of the first rows · kb to the closure,
-        // which writes each.
-        unsafe { blocks.set_len(rows * kb) };
-        let mut d = vec![0.0; kb * padded];
-        let mut s = vec![0.0; if W::ENCODING == Encoding::Min { kb * padded } else { 0 }];
-        for (r, row) in blocks.chunks_exact(kb).enumerate() {
-            for (b, block) in row.iter().enumerate() {
-                d[b * padded + r] = block.d;
-                if let Some(s) = s.get_mut(b * padded + r) {
-                    *s = block.s;
+                quantized
+            };
+            let rows = [block(0), if n == 2 { block(1) } else { QuantizedBlock::default() }];
+            // SAFETY: these rows' elements, in bounds (asserted), are this call's alone.
+            unsafe {
+                for (r, quantized) in rows.iter().enumerate().take(n) {
+                    self.blocks.slot((first + r) * kb + b).write(*quantized);
+                    self.d.slot(b * self.padded + first + r).write(quantized.d);
+                    if W::ENCODING == Encoding::Min {
+                        self.s.slot(b * self.padded + first + r).write(quantized.s);
+                    }
+                }
+                if let Some(p) = pair {
+                    // SAFETY: AVX512-VNNI CPUs (the only ones with pairs) have AVX2.
+                    self.pairs.slot(p * kb + b).write(PairBlock::of::<W>([&rows[0], &rows[1]]));
                 }
             }
         }
-        let pairs = if matches!(instructions(), Instructions::Avx512Vnni) && rows >= MIN_COLUMN_ROWS {
-            // SAFETY: AVX512-VNNI CPUs have AVX2.
-            unsafe { PairBlock::interleave::<W>(&blocks, kb) }
-        } else {
-            Vec::new()
-        };
-        Self { kb, padded, blocks, d, s, pairs }
     }
 }
 
@@ -289,20 +320,6 @@ struct PairBlock {
 }
 
 impl PairBlock {
-    /// The pairs of rows 2p, 2p + 1 of `blocks` ((row, block), `kb` blocks a row).
-    /// SAFETY (caller): the CPU has AVX2.
-    #[target_feature(enable = "avx2")]
-    unsafe fn interleave<W: Weight>(blocks: &[QuantizedBlock], kb: usize) -> Vec<Self> {
-        let rows = blocks.len() / kb;
-        (0..rows / 2 * kb)
-            .map(|i| {
-                let (first, b) = (i / kb * 2 * kb, i % kb);
-                // SAFETY: the caller's AVX2.
-                unsafe { Self::of::<W>([&blocks[first + b], &blocks[first + kb + b]]) }
-            })
-            .collect()
-    }
-
     /// One block of two rows, `[row 0, row 1]`.
     /// SAFETY (caller): the CPU has AVX2.
     #[inline]
@@ -880,6 +897,20 @@ pub(super) fn dots<W: Weight>(kb: usize, w: &[W], x: &Activations, rows: Range<u
 mod tests {
     use super::*;
 
+    /// `x`, rows of `k` values, quantized for weights of type `W` on the calling thread.
+    fn quantized<W: Weight>(x: &[f32], k: usize) -> Activations {
+        // SAFETY: x86's activations and quantizer, every chunk before the result is read.
+        unsafe {
+            super::super::quantize_serially(
+                x,
+                k,
+                QUANTIZE_ROWS,
+                |rows| Activations::new::<W>(rows, k),
+                |a, first, v| a.quantize_rows::<W>(first, v),
+            )
+        }
+    }
+
     /// The 256-bit tiles of the CPUs without AVX-512, here with its dot-product instruction.
     #[target_feature(enable = "avx512vnni,avx512vl")]
     unsafe fn ymm_tiles<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
@@ -900,7 +931,7 @@ mod tests {
         let kb = k / 32;
         let mut w = vec![W::zeros(); rows_w * kb];
         W::from_float(&data(rows_w * k), &mut w);
-        let x = Activations::new::<W>(&data(rows_x * k), k);
+        let x = quantized::<W>(&data(rows_x * k), k);
         // Odd starts and ends leave rows without a pair; ranges of fewer than MIN_COLUMN_ROWS
         // rows take the 4 × 8 tiles.
         for rows in [0..14, 3..12, 0..1, 5..7, 0..9, 2..4] {

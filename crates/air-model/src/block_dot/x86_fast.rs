@@ -20,6 +20,7 @@ mod avx2;
 
 use super::x86::{Encoding, Weight, lift, lifted, prefetch_rows};
 use crate::activation_quant::{q8_1_sum, quantize_q8_block};
+use crate::host::RegionBuffer;
 use half::f16;
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -97,47 +98,51 @@ impl LaneBlock {
 pub struct Activations {
     kb: usize,
     /// (row, block).
-    blocks: Vec<RowBlock>,
+    blocks: RegionBuffer<RowBlock>,
     /// (group of 16 rows, block); empty when there are too few rows for [`batch_tile`].
-    lanes: Vec<LaneBlock>,
+    lanes: RegionBuffer<LaneBlock>,
 }
 
 impl Activations {
-    /// Quantizes `x`, rows of `k` values, for weights of type `W`: each block once, into both
-    /// layouts, a group of 16 rows per parallel task where there are enough values to pay for
-    /// one.
-    pub(super) fn new<W: Weight>(x: &[f32], k: usize) -> Self {
-        use rayon::prelude::*;
-        let (rows, kb) = (x.len() / k, k / 32);
-        let mut blocks = vec![RowBlock::default(); rows * kb];
-        let mut lanes = vec![LaneBlock::ZERO; if rows >= MIN_BATCH_ROWS { rows.div_ceil(LANES) * kb } else { 0 }];
-        // Rows from `first` (at most 16): their blocks, and their lane group where there is one.
-        let group = |first: usize, blocks: &mut [RowBlock], lanes: &mut [LaneBlock]| {
-            for (lane, row) in blocks.chunks_exact_mut(kb).enumerate() {
-                for (b, (block, values)) in row.iter_mut().zip(x[(first + lane) * k..].chunks_exact(32)).enumerate() {
-                    let (d, q, sum) = quantize_q8_block(values);
-                    let s = if W::ENCODING == Encoding::Min { q8_1_sum(d, sum).to_f32() } else { 0.0 };
-                    *block = RowBlock { q, d: f16::from_f32(d).to_f32(), s, start: -lift::<W>() * sum };
-                    if let Some(to) = lanes.get_mut(b) {
-                        for (g, group) in to.groups.iter_mut().enumerate() {
-                            group[4 * lane..4 * lane + 4].copy_from_slice(&block.q[4 * g..4 * g + 4]);
+    /// Space for `rows` rows of `k` values, quantized by [`Self::quantize_rows`].
+    /// SAFETY (caller): every row is quantized before the activations are read.
+    pub(super) unsafe fn new(rows: usize, k: usize) -> Self {
+        let kb = k / 32;
+        // The lanes of a last group's missing rows stay zero.
+        let lanes = vec![LaneBlock::ZERO; if rows >= MIN_BATCH_ROWS { rows.div_ceil(LANES) * kb } else { 0 }];
+        Self { kb, blocks: unsafe { RegionBuffer::uninit(rows * kb) }, lanes: lanes.into() }
+    }
+
+    /// Quantizes `values` (whole rows) for weights of type `W` into rows `first..`: each block
+    /// once, into both layouts.
+    /// SAFETY (caller): the rows exist; no other thread writes or reads them meanwhile.
+    pub(super) unsafe fn quantize_rows<W: Weight>(&self, first: usize, values: &[f32]) {
+        let (kb, k) = (self.kb, self.kb * 32);
+        assert!((first + values.len() / k) * kb <= self.blocks.len());
+        for (r, row) in values.chunks_exact(k).enumerate() {
+            let (row_index, lane) = (first + r, (first + r) % LANES);
+            for (b, values) in row.chunks_exact(32).enumerate() {
+                let (d, q, sum) = quantize_q8_block(values);
+                let s = if W::ENCODING == Encoding::Min { q8_1_sum(d, sum).to_f32() } else { 0.0 };
+                let block = RowBlock { q, d: f16::from_f32(d).to_f32(), s, start: -lift::<W>() * sum };
+                // SAFETY: the row's block and its lane's bytes of the group's block, in bounds
+                // (asserted; the lanes exist for every row or none), are this call's alone:
+                // written through raw pointers, as other rows write the block's other lanes.
+                unsafe {
+                    self.blocks.slot(row_index * kb + b).write(block);
+                    if !self.lanes.is_empty() {
+                        let to = self.lanes.slot(row_index / LANES * kb + b);
+                        for g in 0..8 {
+                            let group = std::ptr::addr_of_mut!((*to).groups[g]).cast::<i8>();
+                            std::ptr::copy_nonoverlapping(block.q[4 * g..].as_ptr(), group.add(4 * lane), 4);
                         }
-                        (to.start[lane], to.d[lane], to.s[lane]) = (block.start, block.d, block.s);
+                        std::ptr::addr_of_mut!((*to).start[lane]).write(block.start);
+                        std::ptr::addr_of_mut!((*to).d[lane]).write(block.d);
+                        std::ptr::addr_of_mut!((*to).s[lane]).write(block.s);
                     }
                 }
             }
-        };
-        if lanes.is_empty() {
-            group(0, &mut blocks, &mut []);
-        } else if x.len() < 2 * crate::host::VALUES_PER_TASK {
-            for (i, (blocks, lanes)) in blocks.chunks_mut(LANES * kb).zip(lanes.chunks_mut(kb)).enumerate() {
-                group(i * LANES, blocks, lanes);
-            }
-        } else {
-            let groups = blocks.par_chunks_mut(LANES * kb).zip(lanes.par_chunks_mut(kb));
-            groups.enumerate().for_each(|(i, (blocks, lanes))| group(i * LANES, blocks, lanes));
         }
-        Self { kb, blocks, lanes }
     }
 }
 
@@ -423,6 +428,20 @@ unsafe fn dots_avx512<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, o
 mod tests {
     use super::super::tests::data;
     use super::*;
+
+    /// `x`, rows of `k` values, quantized for weights of type `W` on the calling thread.
+    fn quantized<W: Weight>(x: &[f32], k: usize) -> Activations {
+        // SAFETY: these activations and their quantizer, every row before the result is read.
+        unsafe {
+            super::super::quantize_serially(
+                x,
+                k,
+                1,
+                |rows| Activations::new(rows, k),
+                |a, first, v| a.quantize_rows::<W>(first, v),
+            )
+        }
+    }
     use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
 
     /// The arithmetic one output at a time, in scalar code.
@@ -458,7 +477,7 @@ mod tests {
             let mut dequantized = vec![0f32; rows_w * k];
             W::to_float(&w, &mut dequantized);
             let xf = data(rows_x * k, 5);
-            let x = Activations::new::<W>(&xf, k);
+            let x = quantized::<W>(&xf, k);
             for rows in [0..45, 0..1, 3..5, 14..19, 16..20, 5..37, 33..37, 36..37, 3..15, 20..32, 0..7, 32..45, 40..45]
             {
                 let stride = rows_w + 2;
@@ -486,12 +505,13 @@ mod tests {
         }
     }
 
-    /// Many rows quantized at once (across the pool) give each 16-row group the blocks and
-    /// lanes it gets alone (on the calling thread).
+    /// Rows quantized one at a time by the pool's threads, in any order, give the blocks and
+    /// lanes of all rows quantized in order on one thread: rows of a lane group write their
+    /// own bytes of its blocks.
     #[test]
-    fn quantizing_all_rows_at_once_equals_each_group_alone() {
+    fn rows_quantized_apart_equal_rows_quantized_in_order() {
+        use rayon::prelude::*;
         let (k, rows) = (384, 200);
-        assert!(rows * k >= 2 * crate::host::VALUES_PER_TASK, "the parallel path");
         let x = data(rows * k, 3);
         let bytes = |v: &[u8]| v.to_vec();
         // SAFETY: both block types are plain old data of integers and floats.
@@ -501,14 +521,14 @@ mod tests {
                 bytes(std::slice::from_raw_parts(a.lanes.as_ptr().cast(), std::mem::size_of_val(&a.lanes[..]))),
             )
         };
-        let (blocks, lanes) = as_bytes(&Activations::new::<BlockQ4_1>(&x, k));
-        let (mut want_blocks, mut want_lanes) = (Vec::new(), Vec::new());
-        for group in x.chunks(LANES * k) {
-            let (b, l) = as_bytes(&Activations::new::<BlockQ4_1>(group, k));
-            want_blocks.extend(b);
-            want_lanes.extend(l);
-        }
-        assert!(blocks == want_blocks && lanes == want_lanes);
+        let in_order = quantized::<BlockQ4_1>(&x, k);
+        // SAFETY: every row is quantized, each by one call, before the bytes are read.
+        let apart = unsafe {
+            let a = Activations::new(rows, k);
+            (0..rows).into_par_iter().rev().for_each(|r| a.quantize_rows::<BlockQ4_1>(r, &x[r * k..(r + 1) * k]));
+            a
+        };
+        assert!(as_bytes(&in_order) == as_bytes(&apart));
     }
 
     /// Both instruction sets where the CPU has AVX-512, else the AVX2 kernels.
