@@ -1,9 +1,12 @@
-//! Host buffers of the CPU forward pass: a tensor's values read in place (no copy), and work
-//! over rows spread across the compute pool when there are enough rows to pay for it.
+//! Host buffers of the CPU forward pass: a tensor's values read in place (no copy), work over
+//! rows spread across the compute pool when there are enough rows to pay for it, and the
+//! buffers and chunk claims with which a matmul's parallel region makes its own input.
 //!
-//! A prompt pass spends its time in matmuls that use every thread; what runs between them
-//! (activation quantization, norms, gated activations) ran on one thread while the others
-//! waited, about a fifth of a Gemma 3 prompt pass with two threads (docs/benchmarks.md).
+//! A pass spends its time in matmuls that use every thread; what ran between them (activation
+//! quantization, norms, gated activations) ran on one thread while the others waited: about a
+//! fifth of a Gemma 3 prompt pass with two threads, and most of the helper thread's waiting in
+//! a 16-row generation step (docs/benchmarks.md). The matmuls' regions now make and quantize
+//! their input rows themselves ([`ChunkClaims`], `linear::Input`).
 
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
