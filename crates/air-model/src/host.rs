@@ -10,7 +10,7 @@
 
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -112,6 +112,34 @@ impl SharedOutput {
     pub(crate) unsafe fn write(self, at: usize, values: &[f32]) {
         unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) }
     }
+}
+
+/// The uses of [`with_scratch`]'s buffers: one buffer each per thread.
+#[derive(Clone, Copy)]
+pub(crate) enum Scratch {
+    /// Input rows a matmul's region makes before quantizing them.
+    MatmulInput,
+    /// The tile of outputs a matmul task's kernel writes.
+    MatmulTile,
+}
+
+/// Runs `f` on `len` f32 values of this thread's buffer for `use_`, kept from call to call so
+/// that a region's tasks neither allocate nor zero one each time: it holds what the last call
+/// left, so `f` writes every value before reading it. (A call inside another call for the
+/// same use gets a new buffer.)
+pub(crate) fn with_scratch<R>(use_: Scratch, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static BUFFERS: [RefCell<Vec<f32>>; 2] = const { [RefCell::new(Vec::new()), RefCell::new(Vec::new())] };
+    }
+    BUFFERS.with(|buffers| match buffers[use_ as usize].try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            f(&mut buffer[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// A buffer that the threads of a parallel region fill in disjoint parts, then read: written
@@ -226,6 +254,18 @@ mod tests {
             });
             assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
         });
+    }
+
+    #[test]
+    fn scratch_is_kept_per_use_and_nested_calls_get_their_own() {
+        with_scratch(Scratch::MatmulTile, 4, |outer| {
+            outer.fill(1.0);
+            with_scratch(Scratch::MatmulTile, 3, |inner| inner.fill(2.0));
+            with_scratch(Scratch::MatmulInput, 2, |other| other.fill(3.0));
+            assert_eq!(outer, [1.0; 4]);
+        });
+        // The same thread's buffer again, as the last call left it.
+        with_scratch(Scratch::MatmulTile, 2, |again| assert_eq!(again, [1.0; 2]));
     }
 
     #[test]

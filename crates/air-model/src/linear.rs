@@ -7,7 +7,7 @@ use crate::ModelError;
 use crate::block_dot::BlockDot;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 use crate::block_dot::FastDot;
-use crate::host::{ChunkClaims, SharedOutput, with_f32};
+use crate::host::{ChunkClaims, Scratch, SharedOutput, with_f32, with_scratch};
 use crate::mapped::MappedBlocks;
 use air_gguf::{GgufFile, TensorInfo, TensorType};
 use candle_core::quantized::k_quants;
@@ -157,11 +157,10 @@ unsafe fn parallel_matmul<W: Sync, A: Sync>(
             let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(m);
             match x {
                 Input::Values(x) => (q.quantize_rows)(xq, rows.start, &x[rows.start * k..rows.end * k]),
-                Input::Rows { fill, .. } => {
-                    let mut values = vec![0f32; rows.len() * k];
-                    fill(rows.start, &mut values);
-                    (q.quantize_rows)(xq, rows.start, &values);
-                }
+                Input::Rows { fill, .. } => with_scratch(Scratch::MatmulInput, rows.len() * k, |values| {
+                    fill(rows.start, values);
+                    (q.quantize_rows)(xq, rows.start, values);
+                }),
             }
         });
         let (target, dst, first) = column_tasks[task % column_tasks.len()];
@@ -169,17 +168,19 @@ unsafe fn parallel_matmul<W: Sync, A: Sync>(
         let cols = first..(first + per_task).min(n);
         let rows =
             (task / column_tasks.len()) * ROWS_PER_TASK..((task / column_tasks.len() + 1) * ROWS_PER_TASK).min(m);
-        let mut tile = vec![0f32; TILE_COLUMNS.min(cols.len()) * rows.len()];
-        for start in cols.clone().step_by(TILE_COLUMNS) {
-            let width = TILE_COLUMNS.min(cols.end - start);
-            let tile = &mut tile[..width * rows.len()];
-            dots(&w[start * kb..(start + width) * kb], xq, rows.clone(), tile, width);
-            for (r, values) in rows.clone().zip(tile.chunks_exact(width)) {
-                // SAFETY: r < m and the columns within n, so the range is inside the target's
-                // out (m × n); tasks cover disjoint (rows, cols) tiles.
-                unsafe { dst.write(r * n + start, values) };
+        with_scratch(Scratch::MatmulTile, TILE_COLUMNS.min(cols.len()) * rows.len(), |tile| {
+            for start in cols.clone().step_by(TILE_COLUMNS) {
+                let width = TILE_COLUMNS.min(cols.end - start);
+                let tile = &mut tile[..width * rows.len()];
+                // The kernel writes every output of the tile.
+                dots(&w[start * kb..(start + width) * kb], xq, rows.clone(), tile, width);
+                for (r, values) in rows.clone().zip(tile.chunks_exact(width)) {
+                    // SAFETY: r < m and the columns within n, so the range is inside the
+                    // target's out (m × n); tasks cover disjoint (rows, cols) tiles.
+                    unsafe { dst.write(r * n + start, values) };
+                }
             }
-        }
+        });
     });
 }
 
