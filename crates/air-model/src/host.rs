@@ -195,6 +195,7 @@ pub(crate) struct ChunkClaims {
 }
 
 impl ChunkClaims {
+    /// Chunks `0..chunks`, none claimed yet.
     pub(crate) fn new(chunks: usize) -> Self {
         Self { chunks, next: AtomicUsize::new(0), done: AtomicUsize::new(0) }
     }
