@@ -12,7 +12,7 @@ use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 use std::cell::{RefCell, UnsafeCell};
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Values per parallel work item: below this a hand-off to another thread costs more than it
 /// saves, so the norms and activations of a generation step of up to 16 rows (SmolLM2's 576
@@ -62,7 +62,6 @@ pub(crate) fn for_row_chunks<T: Send>(
 /// so an idle server burns no CPU.
 pub(crate) fn with_warm_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::cell::Cell;
-    use std::sync::atomic::AtomicBool;
     thread_local! {
         /// Whether this worker already polls for some call (a poller stolen by another).
         static POLLING: Cell<bool> = const { Cell::new(false) };
@@ -192,22 +191,31 @@ pub(crate) struct ChunkClaims {
     chunks: usize,
     next: AtomicUsize,
     done: AtomicUsize,
+    /// Whether a chunk panicked (its writes unfinished).
+    failed: AtomicBool,
 }
 
 impl ChunkClaims {
     /// Chunks `0..chunks`, none claimed yet.
     pub(crate) fn new(chunks: usize) -> Self {
-        Self { chunks, next: AtomicUsize::new(0), done: AtomicUsize::new(0) }
+        Self { chunks, next: AtomicUsize::new(0), done: AtomicUsize::new(0), failed: AtomicBool::new(false) }
     }
 
-    /// Runs `chunk(i)` for unclaimed chunks, then returns once every chunk is done (a chunk
-    /// that panics counts as done: the panic ends the region).
-    pub(crate) fn run(&self, chunk: impl Fn(usize)) {
-        /// Counts its chunk done when dropped, after the chunk's writes.
-        struct Done<'a>(&'a AtomicUsize);
+    /// Runs `chunk(i)` for unclaimed chunks, then waits until every chunk is done. Returns
+    /// whether all finished: a chunk that panics counts as done but not finished, so that the
+    /// other tasks skip their work (reading what it left unwritten) while its panic ends the
+    /// region.
+    #[must_use]
+    pub(crate) fn run(&self, chunk: impl Fn(usize)) -> bool {
+        /// Counts its chunk done when dropped, after the chunk's writes, and failed if dropped
+        /// by a panic.
+        struct Done<'a>(&'a ChunkClaims);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::Release);
+                if std::thread::panicking() {
+                    self.0.failed.store(true, Ordering::Relaxed);
+                }
+                self.0.done.fetch_add(1, Ordering::Release);
             }
         }
         loop {
@@ -215,7 +223,7 @@ impl ChunkClaims {
             if i >= self.chunks {
                 break;
             }
-            let _done = Done(&self.done);
+            let _done = Done(self);
             chunk(i);
         }
         let mut spins = 0u32;
@@ -228,6 +236,7 @@ impl ChunkClaims {
                 std::thread::yield_now();
             }
         }
+        !self.failed.load(Ordering::Relaxed)
     }
 }
 
@@ -250,11 +259,26 @@ mod tests {
         let runs: Vec<AtomicU32> = (0..37).map(|_| AtomicU32::new(0)).collect();
         let claims = ChunkClaims::new(runs.len());
         (0..64).into_par_iter().for_each(|_| {
-            claims.run(|i| {
+            let finished = claims.run(|i| {
                 runs[i].fetch_add(1, Ordering::Relaxed);
             });
-            assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
+            assert!(finished && runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
         });
+    }
+
+    #[test]
+    fn a_panicking_chunk_ends_the_region_and_no_task_goes_on() {
+        let claims = ChunkClaims::new(8);
+        let went_on = AtomicUsize::new(0);
+        let region = std::panic::catch_unwind(|| {
+            (0..16).into_par_iter().for_each(|_| {
+                if claims.run(|i| assert!(i != 5, "chunk 5 fails")) {
+                    went_on.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        });
+        assert!(region.is_err());
+        assert_eq!(went_on.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -153,7 +153,7 @@ unsafe fn parallel_matmul<W: Sync, A: Sync>(
     let chunks = ChunkClaims::new(m.div_ceil(chunk_rows));
     let xq = &q.activations;
     (0..column_tasks.len() * row_tasks).into_par_iter().for_each(|task| {
-        chunks.run(|chunk| {
+        let made = chunks.run(|chunk| {
             let rows = chunk * chunk_rows..((chunk + 1) * chunk_rows).min(m);
             match x {
                 Input::Values(x) => (q.quantize_rows)(xq, rows.start, &x[rows.start * k..rows.end * k]),
@@ -163,6 +163,10 @@ unsafe fn parallel_matmul<W: Sync, A: Sync>(
                 }),
             }
         });
+        if !made {
+            // A chunk panicked: its panic ends the region; its rows are not to be read.
+            return;
+        }
         let (target, dst, first) = column_tasks[task % column_tasks.len()];
         let (w, n) = (targets[target].w, targets[target].n);
         let cols = first..(first + per_task).min(n);

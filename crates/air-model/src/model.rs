@@ -412,14 +412,15 @@ impl Model {
             Ok::<_, ModelError>(y)
         };
         // The rows normed inside the matmuls' region (see [`Input`]).
-        let attn_norm = w.attn_norm.to_vec1::<f32>()?;
-        let [q_all, k_all, v_all] = with_f32(x, |xs| {
-            let normed = |first: usize, out: &mut [f32]| {
-                out.copy_from_slice(&xs[first * width..][..out.len()]);
-                crate::ops::rms_norm_in_place(out, &attn_norm, eps);
-            };
-            Linear::forward_input([&w.wq, &w.wk, &w.wv], Input::Rows { rows, fill: &normed }, batched)
-        })??;
+        let [q_all, k_all, v_all] = norm_weights(&w.attn_norm, width, |attn_norm| {
+            with_f32(x, |xs| {
+                let normed = |first: usize, out: &mut [f32]| {
+                    out.copy_from_slice(&xs[first * width..][..out.len()]);
+                    crate::ops::rms_norm_in_place(out, attn_norm, eps);
+                };
+                Linear::forward_input([&w.wq, &w.wk, &w.wv], Input::Rows { rows, fill: &normed }, batched)
+            })?
+        })?;
         let q_all = finish(q_all, &w.bq, &w.q_norm, c.n_head)?;
         let k_all = finish(k_all, &w.bk, &w.k_norm, c.n_head_kv)?;
         let v_all = finish(v_all, &w.bv, &None, c.n_head_kv)?;
@@ -467,21 +468,22 @@ impl Model {
         // inside the down matmul's.
         let mut residual = Vec::with_capacity(rows * width);
         let residual_rows = SharedOutput::new(residual.as_mut_ptr());
-        let ffn_norm = w.ffn_norm.to_vec1::<f32>()?;
-        let [gate, up] = with_f32(x, |xs| {
-            with_f32(&attn_out, |ys| {
-                let normed_sum = |first: usize, out: &mut [f32]| {
-                    let at = first * width;
-                    for ((v, &a), &b) in out.iter_mut().zip(&xs[at..]).zip(&ys[at..]) {
-                        *v = a + b;
-                    }
-                    // SAFETY: these rows of `residual` (rows × width) are this call's alone.
-                    unsafe { residual_rows.write(at, out) };
-                    crate::ops::rms_norm_in_place(out, &ffn_norm, eps);
-                };
-                Linear::forward_input([&w.w_gate, &w.w_up], Input::Rows { rows, fill: &normed_sum }, batched)
-            })
-        })???;
+        let [gate, up] = norm_weights(&w.ffn_norm, width, |ffn_norm| {
+            with_f32(x, |xs| {
+                with_f32(&attn_out, |ys| {
+                    let normed_sum = |first: usize, out: &mut [f32]| {
+                        let at = first * width;
+                        for ((v, &a), &b) in out.iter_mut().zip(&xs[at..]).zip(&ys[at..]) {
+                            *v = a + b;
+                        }
+                        // SAFETY: these rows of `residual` (rows × width) are this call's alone.
+                        unsafe { residual_rows.write(at, out) };
+                        crate::ops::rms_norm_in_place(out, ffn_norm, eps);
+                    };
+                    Linear::forward_input([&w.w_gate, &w.w_up], Input::Rows { rows, fill: &normed_sum }, batched)
+                })
+            })??
+        })?;
         // SAFETY: the region above wrote every row of `residual`.
         unsafe { residual.set_len(rows * width) };
         let ff = gate.dim(1)?;
@@ -508,6 +510,21 @@ impl Model {
             None => y,
         })
     }
+}
+
+/// `f` on an RMSNorm's weights read in place, or an error where they do not fit rows of
+/// `width` values.
+fn norm_weights<R>(
+    norm: &Tensor,
+    width: usize,
+    f: impl FnOnce(&[f32]) -> Result<R, ModelError>,
+) -> Result<R, ModelError> {
+    with_f32(norm, |w| {
+        if w.len() != width {
+            return Err(ModelError::Config(format!("RMSNorm weight of {} values for rows of {width}", w.len())));
+        }
+        f(w)
+    })?
 }
 
 /// The streamer for `options`: each layer's bytes are its `blk.N.` tensors; the budget left for

@@ -35,7 +35,10 @@ pub(crate) fn rms_norm_in_place(rows: &mut [f32], weight: &[f32], eps: f32) {
             }
         }
     }
-    let d = weight.len().max(1);
+    let d = weight.len();
+    if d == 0 {
+        return;
+    }
     let mut rest = rows;
     while rest.len() >= d {
         let n = match rest.len() / d {
