@@ -211,9 +211,12 @@ pub struct Activations {
     padded: usize,
     /// The blocks, (row, block).
     blocks: RegionBuffer<QuantizedBlock>,
-    /// Rows 2p and 2p + 1 side by side for [`tile_columns`], (p, block); empty where it does not
-    /// run (no AVX-512, fewer than [`MIN_COLUMN_ROWS`] rows).
+    /// Rows 2p and 2p + 1 side by side for [`tile_columns`], (block, p): a tile reads its pairs'
+    /// blocks at fixed distances. Empty where it does not run (no AVX-512, fewer than
+    /// [`MIN_COLUMN_ROWS`] rows).
     pairs: RegionBuffer<PairBlock>,
+    /// The pairs per block in `pairs`.
+    pair_count: usize,
     /// Each block's scale (ggml's f16, widened), (block, padded row).
     d: RegionBuffer<f32>,
     /// [`Encoding::Min`]: each block's s (d · Σq as ggml's f16, widened), (block, padded row).
@@ -242,14 +245,15 @@ impl Activations {
     /// SAFETY (caller): every row is quantized before the activations are read.
     pub(super) unsafe fn new<W: Weight>(rows: usize, k: usize) -> Self {
         let (kb, padded) = (k / 32, rows + SCALE_PADDING);
-        let pairs =
+        let pair_count =
             if matches!(instructions(), Instructions::Avx512Vnni) && rows >= MIN_COLUMN_ROWS { rows / 2 } else { 0 };
         Self {
             kb,
             padded,
             // SAFETY: the caller's.
             blocks: unsafe { RegionBuffer::uninit(rows * kb) },
-            pairs: unsafe { RegionBuffer::uninit(pairs * kb) },
+            pairs: unsafe { RegionBuffer::uninit(pair_count * kb) },
+            pair_count,
             // Small, and the padding is read: zeroed.
             d: vec![0.0; kb * padded].into(),
             s: vec![0.0; if W::ENCODING == Encoding::Min { kb * padded } else { 0 }].into(),
@@ -274,7 +278,7 @@ impl Activations {
     unsafe fn quantize_pair<W: Weight>(&self, first: usize, values: &[f32]) {
         let (kb, k) = (self.kb, self.kb * 32);
         let n = values.len() / k;
-        let pair = (n == QUANTIZE_ROWS && (first / 2 + 1) * kb <= self.pairs.len()).then_some(first / 2);
+        let pair = (n == QUANTIZE_ROWS && first / 2 < self.pair_count).then_some(first / 2);
         for b in 0..kb {
             let block = |r: usize| {
                 let (d, q, sum) = quantize_q8_block(&values[r * k + b * 32..][..32]);
@@ -302,7 +306,7 @@ impl Activations {
                 }
                 if let Some(p) = pair {
                     // SAFETY: AVX512-VNNI CPUs (the only ones with pairs) have AVX2.
-                    self.pairs.slot(p * kb + b).write(PairBlock::of::<W>([&rows[0], &rows[1]]));
+                    self.pairs.slot(b * self.pair_count + p).write(PairBlock::of::<W>([&rows[0], &rows[1]]));
                 }
             }
         }
@@ -560,28 +564,30 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); RP]; RM];
         let mut mins = [_mm512_setzero_ps(); RM];
-        let pairs = x.pairs.as_ptr().add(j0 / 2 * kb);
+        let pairs = x.pairs.as_ptr().add(j0 / 2);
         // d_w · d_x for the tile's outputs, (weight row, activation row), a block ahead and
         // through memory: each pair's two are then one broadcast load, where a product per
         // register would take the FMA ports from the sums.
         let mut scales = [const { [const { Scales([0.0; SCALE_PADDING]) }; RM] }; 2];
         store_scales(&mut scales[0], w, x, j0, 0);
-        // The weight rows' blocks, unpacked two blocks ahead: every dot product of a block
-        // waits for them (one block ahead: +3-6%, two: +1-3% more; `fast_kernels_at_model_shapes`).
-        let (mut now, mut ahead) = (unpack_columns::<W, RM>(w, kb, 0), unpack_columns::<W, RM>(w, kb, 1));
+        // The weight rows' blocks, unpacked a block ahead: every dot product of a block waits
+        // for them (+3-6%; two blocks ahead gained 1-3% more until the steps took fewer
+        // instructions, then spilled registers; `fast_kernels_at_model_shapes`).
+        let mut now = unpack_columns::<W, RM>(w, kb, 0);
         for b in 0..kb {
-            // Past the rows' ends, the next tile's rows (those after the tile's last).
+            // Past the rows' ends, the next tile's rows (those after the tile's last). Every
+            // block, not once per cache line: the test for a line's first block took more
+            // instructions than the repeated prefetches.
             let prefetched = b + PREFETCH_BLOCKS;
-            prefetch_rows::<W, _MM_HINT_T0>(
-                w,
-                0..RM,
-                kb,
-                if prefetched < kb { prefetched } else { prefetched + (RM - 1) * kb },
-            );
+            let prefetched = if prefetched < kb { prefetched } else { prefetched + (RM - 1) * kb };
+            for i in 0..RM {
+                // SAFETY: a prefetch reads nothing the program sees and never faults.
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + prefetched).cast());
+            }
             if b + 1 < kb {
                 store_scales(&mut scales[(b + 1) % 2], w, x, j0, b + 1);
             }
-            let next = unpack_columns::<W, RM>(w, kb, b + 2);
+            let next = unpack_columns::<W, RM>(w, kb, b + 1);
             let (ws, values) = now;
             let scales = &scales[b % 2];
             if W::ENCODING == Encoding::Min {
@@ -590,46 +596,176 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
                     *min = _mm512_fmadd_ps(_mm512_set1_ps(u.m), sx, *min);
                 }
             }
-            for p in 0..RP {
-                let pair = &*pairs.add(p * kb + b);
-                let xq = _mm512_load_si512(pair.q.as_ptr().cast());
-                let start = match W::ENCODING {
-                    Encoding::Min => _mm512_setzero_si512(),
-                    _ => _mm512_load_si512(pair.start.as_ptr().cast()),
-                };
-                for (row, (scales, values)) in acc.iter_mut().zip(scales.iter().zip(&values)) {
-                    let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, *values, xq));
-                    row[p] = fmadd_pair_scale(scales.0.as_ptr().add(2 * p), sums, row[p]);
-                }
-            }
-            (now, ahead) = (ahead, next);
+            column_steps::<W, RM, RP>(&mut acc, &values, pairs.add(b * x.pair_count), scales);
+            now = next;
         }
         (acc, mins)
     }
 }
 
-/// `acc` + the two scales at `scales`, alternating across the lanes, × `sums`: one broadcast
-/// load and one FMA, in assembly. As intrinsics, the optimiser either forwarded the scales'
-/// stores as shuffles or hoisted a tile's 16 broadcasts to the top of the block and spilled
-/// half of them.
-/// SAFETY (caller): two readable f32 at `scales`; the CPU has AVX512-F.
+/// [`tile_columns`]' dot products of one block: for weight row r (its 32 values `values[r]`,
+/// [`column_values`]) and pair p (the `RP` pairs' blocks consecutive at `pairs`), `acc[r][p]` +
+/// the two scales at `scales[r].0[2p..]` (alternating across the lanes) × the integer sums.
+///
+/// Each step is assembly that addresses the pair block and the scales by fixed displacements
+/// from the block's two pointers. As intrinsics, the optimiser computed every address into a
+/// register of its own (two instructions per step: a sixth of the loop, which the front end
+/// bounds), forwarded the scales' stores as shuffles, or hoisted a tile's 16 broadcasts to the
+/// top of the block and spilled half of them (docs/benchmarks.md, twentieth session).
+/// SAFETY (caller): `RP` pair blocks at `pairs`; the CPU has AVX512-F/VNNI.
+#[inline(always)]
+unsafe fn column_steps<W: Weight, const RM: usize, const RP: usize>(
+    acc: &mut [[__m512; RP]; RM],
+    values: &[__m512i; RM],
+    pairs: *const PairBlock,
+    scales: &[Scales; RM],
+) {
+    const { assert!(RP <= 8 && (RM == 1 || RM == 2), "column tiles are bounded by COLUMN_TILE_P and _W") };
+    let scales = scales.as_ptr();
+    macro_rules! steps {
+        ($($p:literal)*) => {$(
+            if $p < RP {
+                // SAFETY: the caller's, pair $p < RP.
+                unsafe {
+                    if RM == 2 {
+                        let (first, second) = acc.split_at_mut(1);
+                        let (a0, a1) = (&mut first[0][$p], &mut second[0][$p]);
+                        (*a0, *a1) = column_step_2::<W, $p>(values[0], values[1], pairs, scales, *a0, *a1);
+                    } else {
+                        acc[0][$p] = column_step::<W, $p>(values[0], pairs, scales, acc[0][$p]);
+                    }
+                }
+            }
+        )*};
+    }
+    steps!(0 1 2 3 4 5 6 7);
+}
+
+/// Where pair `p`'s block's values lie from the first pair block of [`column_steps`].
+const fn pair_q_at(p: usize) -> usize {
+    p * size_of::<PairBlock>() + std::mem::offset_of!(PairBlock, q)
+}
+
+/// Where pair `p`'s block's starts lie (see [`pair_q_at`]).
+const fn pair_start_at(p: usize) -> usize {
+    p * size_of::<PairBlock>() + std::mem::offset_of!(PairBlock, start)
+}
+
+/// One step of [`column_steps`] for one weight row: the sums start from the pair block's
+/// starts (zeros for [`Encoding::Min`]), are converted, and are added to `acc` times pair
+/// `P`'s two scales, one broadcast load.
+/// SAFETY (caller): as [`column_steps`]', `P` < its `RP`.
 #[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn fmadd_pair_scale(scales: *const f32, sums: __m512, acc: __m512) -> __m512 {
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn column_step<W: Weight, const P: usize>(
+    values: __m512i,
+    pairs: *const PairBlock,
+    scales: *const Scales,
+    acc: __m512,
+) -> __m512 {
     let mut acc = acc;
-    let _scale: __m512;
+    let (_sums, _scale): (__m512, __m512);
+    // SAFETY: the caller's; reads only.
     unsafe {
         std::arch::asm!(
-            "vbroadcastsd {scale}, qword ptr [{scales}]",
-            "vfmadd231ps {acc}, {scale}, {sums}",
+            "vmovdqa64 {sums:z}, zmmword ptr [{pairs} + {start}]",
+            "vpdpbusd {sums:z}, {values:z}, zmmword ptr [{pairs} + {q}]",
+            "vcvtdq2ps {sums:z}, {sums:z}",
+            "vbroadcastsd {scale:z}, qword ptr [{scales} + {scale_at}]",
+            "vfmadd231ps {acc:z}, {scale:z}, {sums:z}",
+            pairs = in(reg) pairs,
             scales = in(reg) scales,
-            scale = out(zmm_reg) _scale,
-            sums = in(zmm_reg) sums,
+            values = in(zmm_reg) values,
             acc = inout(zmm_reg) acc,
+            sums = out(zmm_reg) _sums,
+            scale = out(zmm_reg) _scale,
+            q = const pair_q_at(P),
+            // Min's starts are the zeros (PairBlock::of leaves them).
+            start = const pair_start_at(P),
+            scale_at = const 8 * P,
             options(nostack, readonly, preserves_flags),
         );
     }
     acc
+}
+
+/// [`column_step`] for two weight rows: the pair block's values and starts are loaded once,
+/// and [`Encoding::Min`]'s zero starts are not loaded.
+/// SAFETY (caller): as [`column_steps`]', `P` < its `RP`, two rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn column_step_2<W: Weight, const P: usize>(
+    values0: __m512i,
+    values1: __m512i,
+    pairs: *const PairBlock,
+    scales: *const Scales,
+    acc0: __m512,
+    acc1: __m512,
+) -> (__m512, __m512) {
+    let (mut acc0, mut acc1) = (acc0, acc1);
+    let (_x, _sums0, _sums1): (__m512, __m512, __m512);
+    // SAFETY: the caller's; reads only.
+    unsafe {
+        if W::ENCODING == Encoding::Min {
+            std::arch::asm!(
+                "vmovdqa64 {x:z}, zmmword ptr [{pairs} + {q}]",
+                "vpxord {sums0:z}, {sums0:z}, {sums0:z}",
+                "vpxord {sums1:z}, {sums1:z}, {sums1:z}",
+                "vpdpbusd {sums0:z}, {values0:z}, {x:z}",
+                "vpdpbusd {sums1:z}, {values1:z}, {x:z}",
+                "vcvtdq2ps {sums0:z}, {sums0:z}",
+                "vcvtdq2ps {sums1:z}, {sums1:z}",
+                // The block's values are read: x takes the scales.
+                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale0_at}]",
+                "vfmadd231ps {acc0:z}, {x:z}, {sums0:z}",
+                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale1_at}]",
+                "vfmadd231ps {acc1:z}, {x:z}, {sums1:z}",
+                pairs = in(reg) pairs,
+                scales = in(reg) scales,
+                values0 = in(zmm_reg) values0,
+                values1 = in(zmm_reg) values1,
+                acc0 = inout(zmm_reg) acc0,
+                acc1 = inout(zmm_reg) acc1,
+                x = out(zmm_reg) _x,
+                sums0 = out(zmm_reg) _sums0,
+                sums1 = out(zmm_reg) _sums1,
+                q = const pair_q_at(P),
+                scale0_at = const 8 * P,
+                scale1_at = const size_of::<Scales>() + 8 * P,
+                options(nostack, readonly, preserves_flags),
+            );
+        } else {
+            std::arch::asm!(
+                "vmovdqa64 {x:z}, zmmword ptr [{pairs} + {q}]",
+                "vmovdqa64 {sums0:z}, zmmword ptr [{pairs} + {start}]",
+                "vmovdqa64 {sums1:z}, {sums0:z}",
+                "vpdpbusd {sums0:z}, {values0:z}, {x:z}",
+                "vpdpbusd {sums1:z}, {values1:z}, {x:z}",
+                "vcvtdq2ps {sums0:z}, {sums0:z}",
+                "vcvtdq2ps {sums1:z}, {sums1:z}",
+                // The block's values are read: x takes the scales.
+                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale0_at}]",
+                "vfmadd231ps {acc0:z}, {x:z}, {sums0:z}",
+                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale1_at}]",
+                "vfmadd231ps {acc1:z}, {x:z}, {sums1:z}",
+                pairs = in(reg) pairs,
+                scales = in(reg) scales,
+                values0 = in(zmm_reg) values0,
+                values1 = in(zmm_reg) values1,
+                acc0 = inout(zmm_reg) acc0,
+                acc1 = inout(zmm_reg) acc1,
+                x = out(zmm_reg) _x,
+                sums0 = out(zmm_reg) _sums0,
+                sums1 = out(zmm_reg) _sums1,
+                q = const pair_q_at(P),
+                start = const pair_start_at(P),
+                scale0_at = const 8 * P,
+                scale1_at = const size_of::<Scales>() + 8 * P,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+    }
+    (acc0, acc1)
 }
 
 /// [`hsum`] of two [`tile_columns`] registers of one row pair, weight rows 0 (`a0`) and 1
@@ -782,7 +918,7 @@ unsafe fn column_pair_dots<W: Weight>(w: &[W], x: &Activations, rows: Range<usiz
     let kb = x.kb;
     let rows_w = w.len() / kb;
     assert!(rows.end * kb <= x.blocks.len() && (rows.is_empty() || out.len() >= (rows.len() - 1) * stride + rows_w));
-    assert!(x.pairs.len() >= rows.end / 2 * kb);
+    assert!(x.pair_count >= rows.end / 2);
     macro_rules! single {
         ($i:expr, $j:expr, $rm:literal) => {{
             // SAFETY: weight rows i..i + rm and activation row j exist (loop bounds).
