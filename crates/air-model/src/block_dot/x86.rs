@@ -29,6 +29,12 @@ const SCALE_PADDING: usize = 16;
 /// [`PREFETCH_BLOCKS`] ahead in their row.
 const STREAM_PREFETCH_ROWS: usize = 24;
 const PREFETCH_BLOCKS: usize = 16;
+/// How far ahead [`tile_columns`] prefetches: its weight rows lie side by side and the next
+/// tile's follow, so it reads one stream of bytes, `RM` blocks a step, and asks for the bytes
+/// this far past its place in that stream (about three tiles of SmolLM2's rows). A 16-row step's
+/// matmuls (the `matmul_step` example, one thread) ran about 10% faster than with each row's
+/// block 16 ahead (docs/benchmarks.md, twentieth session).
+const COLUMN_PREFETCH_BYTES: usize = 2048;
 /// Blocks between two weight prefetches of a row: about one per 64-byte cache line.
 const fn blocks_per_prefetch<W>() -> usize {
     let per_line = 64 / size_of::<W>();
@@ -575,14 +581,12 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
         // instructions, then spilled registers; `fast_kernels_at_model_shapes`).
         let mut now = unpack_columns::<W, RM>(w, kb, 0);
         for b in 0..kb {
-            // Past the rows' ends, the next tile's rows (those after the tile's last). Every
-            // block, not once per cache line: the test for a line's first block took more
+            // Every block, not once per cache line: the test for a line's first block took more
             // instructions than the repeated prefetches.
-            let prefetched = b + PREFETCH_BLOCKS;
-            let prefetched = if prefetched < kb { prefetched } else { prefetched + (RM - 1) * kb };
-            for i in 0..RM {
+            let ahead = (w as *const u8).wrapping_add(RM * b * size_of::<W>() + COLUMN_PREFETCH_BYTES);
+            for line in (0..RM * size_of::<W>()).step_by(64) {
                 // SAFETY: a prefetch reads nothing the program sees and never faults.
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(i * kb + prefetched).cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
             }
             if b + 1 < kb {
                 store_scales(&mut scales[(b + 1) % 2], w, x, j0, b + 1);
