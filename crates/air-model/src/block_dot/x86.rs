@@ -509,23 +509,14 @@ unsafe fn column_values<W: Weight>(q: __m256i) -> __m512i {
 #[repr(align(64))]
 struct Scales([f32; SCALE_PADDING]);
 
-/// [`Scales`] of block `b` of `RM` weight rows from `w` for activation rows from `j0`.
-/// Functions marked to inline, not closures: where the optimiser left a closure as a call, a
-/// tile of more than two weight rows spilled every register around it and ran 7-10 GMAC/s.
+/// [`Scales`] of block `b` of `RM` weight rows, unpacked as `ws`, for activation rows from `j0`.
 /// SAFETY (caller): as [`tile_columns`], `b` < `x.kb`.
 #[inline(always)]
-unsafe fn store_scales<W: Weight, const RM: usize>(
-    scales: &mut [Scales; RM],
-    w: *const W,
-    x: &Activations,
-    j0: usize,
-    b: usize,
-) {
+unsafe fn store_scales<const RM: usize>(scales: &mut [Scales; RM], ws: &[Unpacked; RM], x: &Activations, j0: usize, b: usize) {
     unsafe {
         let dx = _mm512_loadu_ps(x.d.as_ptr().add(b * x.padded + j0));
-        for (i, scales) in scales.iter_mut().enumerate() {
-            let dw = half_at(w.add(i * x.kb + b).cast());
-            _mm512_store_ps(scales.0.as_mut_ptr(), _mm512_mul_ps(_mm512_set1_ps(dw), dx));
+        for (scales, u) in scales.iter_mut().zip(ws) {
+            _mm512_store_ps(scales.0.as_mut_ptr(), _mm512_mul_ps(_mm512_set1_ps(u.d), dx));
         }
     }
 }
@@ -574,34 +565,49 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
         // d_w · d_x for the tile's outputs, (weight row, activation row), a block ahead and
         // through memory: each pair's two are then one broadcast load, where a product per
         // register would take the FMA ports from the sums.
-        let mut scales = [const { [const { Scales([0.0; SCALE_PADDING]) }; RM] }; 2];
-        store_scales(&mut scales[0], w, x, j0, 0);
+        let [mut current, mut following] = [const { [const { Scales([0.0; SCALE_PADDING]) }; RM] }; 2];
         // The weight rows' blocks, unpacked a block ahead: every dot product of a block waits
         // for them (+3-6%; two blocks ahead gained 1-3% more until the steps took fewer
         // instructions, then spilled registers; `fast_kernels_at_model_shapes`).
         let mut now = unpack_columns::<W, RM>(w, kb, 0);
-        for b in 0..kb {
-            // Every block, not once per cache line: the test for a line's first block took more
-            // instructions than the repeated prefetches.
-            let ahead = (w as *const u8).wrapping_add(RM * b * size_of::<W>() + COLUMN_PREFETCH_BYTES);
-            for line in (0..RM * size_of::<W>()).step_by(64) {
-                // SAFETY: a prefetch reads nothing the program sees and never faults.
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-            }
-            if b + 1 < kb {
-                store_scales(&mut scales[(b + 1) % 2], w, x, j0, b + 1);
-            }
-            let next = unpack_columns::<W, RM>(w, kb, b + 1);
-            let (ws, values) = now;
-            let scales = &scales[b % 2];
-            if W::ENCODING == Encoding::Min {
-                let sx = _mm512_loadu_ps(x.s.as_ptr().add(b * x.padded + j0));
-                for (min, u) in mins.iter_mut().zip(&ws) {
-                    *min = _mm512_fmadd_ps(_mm512_set1_ps(u.m), sx, *min);
+        store_scales(&mut current, &now.0, x, j0, 0);
+        // Block b with its scales in `$scales`, storing block b + 1's in `$next_scales` if it
+        // exists; block b + 1 unpacked. A macro, unrolled by two, so that the two buffers have
+        // fixed places (not a closure: where the optimiser left a closure as a call, a tile
+        // spilled every register around it).
+        macro_rules! block {
+            ($b:expr, $scales:expr, $next_scales:expr, $has_next:expr) => {{
+                let b = $b;
+                // Every block, not once per cache line: the test for a line's first block took
+                // more instructions than the repeated prefetches.
+                let ahead = (w as *const u8).wrapping_add(RM * b * size_of::<W>() + COLUMN_PREFETCH_BYTES);
+                for line in (0..RM * size_of::<W>()).step_by(64) {
+                    // SAFETY: a prefetch reads nothing the program sees and never faults.
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
                 }
-            }
-            column_steps::<W, RM, RP>(&mut acc, &values, pairs.add(b * x.pair_count), scales);
-            now = next;
+                let next = unpack_columns::<W, RM>(w, kb, b + 1);
+                if $has_next {
+                    store_scales(&mut $next_scales, &next.0, x, j0, b + 1);
+                }
+                let (ws, values) = now;
+                if W::ENCODING == Encoding::Min {
+                    let sx = _mm512_loadu_ps(x.s.as_ptr().add(b * x.padded + j0));
+                    for (min, u) in mins.iter_mut().zip(&ws) {
+                        *min = _mm512_fmadd_ps(_mm512_set1_ps(u.m), sx, *min);
+                    }
+                }
+                column_steps::<W, RM, RP>(&mut acc, &values, pairs.add(b * x.pair_count), &$scales);
+                next
+            }};
+        }
+        let mut b = 0;
+        while b + 1 < kb {
+            now = block!(b, current, following, true);
+            now = block!(b + 1, following, current, b + 2 < kb);
+            b += 2;
+        }
+        if b < kb {
+            block!(b, current, following, false);
         }
         (acc, mins)
     }
