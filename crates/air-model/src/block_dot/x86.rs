@@ -656,14 +656,19 @@ const fn pair_q_at(p: usize) -> usize {
     p * size_of::<PairBlock>() + std::mem::offset_of!(PairBlock, q)
 }
 
-/// Where pair `p`'s block's starts lie (see [`pair_q_at`]).
-const fn pair_start_at(p: usize) -> usize {
-    p * size_of::<PairBlock>() + std::mem::offset_of!(PairBlock, start)
+/// Where pair `P`'s integer sums start: its block's starts, or zeros for [`Encoding::Min`]
+/// (whose starts are not loaded).
+/// SAFETY (caller): as [`column_steps`]', `P` < its `RP`.
+#[inline(always)]
+unsafe fn pair_start<W: Weight, const P: usize>(pairs: *const PairBlock) -> __m512i {
+    match W::ENCODING {
+        Encoding::Min => unsafe { _mm512_setzero_si512() },
+        _ => unsafe { _mm512_load_si512((*pairs.add(P)).start.as_ptr().cast()) },
+    }
 }
 
-/// One step of [`column_steps`] for one weight row: the sums start from the pair block's
-/// starts (zeros for [`Encoding::Min`]), are converted, and are added to `acc` times pair
-/// `P`'s two scales, one broadcast load.
+/// One step of [`column_steps`] for one weight row: the sums from [`pair_start`] plus the dot
+/// product, converted, added to `acc` times pair `P`'s two scales, one broadcast load.
 /// SAFETY (caller): as [`column_steps`]', `P` < its `RP`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vnni")]
@@ -674,24 +679,20 @@ unsafe fn column_step<W: Weight, const P: usize>(
     acc: __m512,
 ) -> __m512 {
     let mut acc = acc;
-    let (_sums, _scale): (__m512, __m512);
     // SAFETY: the caller's; reads only.
     unsafe {
         std::arch::asm!(
-            "vmovdqa64 {sums:z}, zmmword ptr [{pairs} + {start}]",
             "vpdpbusd {sums:z}, {values:z}, zmmword ptr [{pairs} + {q}]",
             "vcvtdq2ps {sums:z}, {sums:z}",
-            "vbroadcastsd {scale:z}, qword ptr [{scales} + {scale_at}]",
-            "vfmadd231ps {acc:z}, {scale:z}, {sums:z}",
+            "vbroadcastsd {values:z}, qword ptr [{scales} + {scale_at}]",
+            "vfmadd231ps {acc:z}, {values:z}, {sums:z}",
             pairs = in(reg) pairs,
             scales = in(reg) scales,
-            values = in(zmm_reg) values,
+            // Read by the dot product, then the scales' register.
+            values = inout(zmm_reg) values => _,
             acc = inout(zmm_reg) acc,
-            sums = out(zmm_reg) _sums,
-            scale = out(zmm_reg) _scale,
+            sums = inout(zmm_reg) pair_start::<W, P>(pairs) => _,
             q = const pair_q_at(P),
-            // Min's starts are the zeros (PairBlock::of leaves them).
-            start = const pair_start_at(P),
             scale_at = const 8 * P,
             options(nostack, readonly, preserves_flags),
         );
@@ -699,8 +700,7 @@ unsafe fn column_step<W: Weight, const P: usize>(
     acc
 }
 
-/// [`column_step`] for two weight rows: the pair block's values and starts are loaded once,
-/// and [`Encoding::Min`]'s zero starts are not loaded.
+/// [`column_step`] for two weight rows: the pair block's values (and starts) loaded once.
 /// SAFETY (caller): as [`column_steps`]', `P` < its `RP`, two rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vnni")]
@@ -713,67 +713,36 @@ unsafe fn column_step_2<W: Weight, const P: usize>(
     acc1: __m512,
 ) -> (__m512, __m512) {
     let (mut acc0, mut acc1) = (acc0, acc1);
-    let (_x, _sums0, _sums1): (__m512, __m512, __m512);
+    // A named output: LLVM printed an unnamed (`_`) 512-bit output as a byte register.
+    let _x: __m512;
     // SAFETY: the caller's; reads only.
     unsafe {
-        if W::ENCODING == Encoding::Min {
-            std::arch::asm!(
-                "vmovdqa64 {x:z}, zmmword ptr [{pairs} + {q}]",
-                "vpxord {sums0:z}, {sums0:z}, {sums0:z}",
-                "vpxord {sums1:z}, {sums1:z}, {sums1:z}",
-                "vpdpbusd {sums0:z}, {values0:z}, {x:z}",
-                "vpdpbusd {sums1:z}, {values1:z}, {x:z}",
-                "vcvtdq2ps {sums0:z}, {sums0:z}",
-                "vcvtdq2ps {sums1:z}, {sums1:z}",
-                // The block's values are read: x takes the scales.
-                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale0_at}]",
-                "vfmadd231ps {acc0:z}, {x:z}, {sums0:z}",
-                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale1_at}]",
-                "vfmadd231ps {acc1:z}, {x:z}, {sums1:z}",
-                pairs = in(reg) pairs,
-                scales = in(reg) scales,
-                values0 = in(zmm_reg) values0,
-                values1 = in(zmm_reg) values1,
-                acc0 = inout(zmm_reg) acc0,
-                acc1 = inout(zmm_reg) acc1,
-                x = out(zmm_reg) _x,
-                sums0 = out(zmm_reg) _sums0,
-                sums1 = out(zmm_reg) _sums1,
-                q = const pair_q_at(P),
-                scale0_at = const 8 * P,
-                scale1_at = const size_of::<Scales>() + 8 * P,
-                options(nostack, readonly, preserves_flags),
-            );
-        } else {
-            std::arch::asm!(
-                "vmovdqa64 {x:z}, zmmword ptr [{pairs} + {q}]",
-                "vmovdqa64 {sums0:z}, zmmword ptr [{pairs} + {start}]",
-                "vmovdqa64 {sums1:z}, {sums0:z}",
-                "vpdpbusd {sums0:z}, {values0:z}, {x:z}",
-                "vpdpbusd {sums1:z}, {values1:z}, {x:z}",
-                "vcvtdq2ps {sums0:z}, {sums0:z}",
-                "vcvtdq2ps {sums1:z}, {sums1:z}",
-                // The block's values are read: x takes the scales.
-                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale0_at}]",
-                "vfmadd231ps {acc0:z}, {x:z}, {sums0:z}",
-                "vbroadcastsd {x:z}, qword ptr [{scales} + {scale1_at}]",
-                "vfmadd231ps {acc1:z}, {x:z}, {sums1:z}",
-                pairs = in(reg) pairs,
-                scales = in(reg) scales,
-                values0 = in(zmm_reg) values0,
-                values1 = in(zmm_reg) values1,
-                acc0 = inout(zmm_reg) acc0,
-                acc1 = inout(zmm_reg) acc1,
-                x = out(zmm_reg) _x,
-                sums0 = out(zmm_reg) _sums0,
-                sums1 = out(zmm_reg) _sums1,
-                q = const pair_q_at(P),
-                start = const pair_start_at(P),
-                scale0_at = const 8 * P,
-                scale1_at = const size_of::<Scales>() + 8 * P,
-                options(nostack, readonly, preserves_flags),
-            );
-        }
+        let start = pair_start::<W, P>(pairs);
+        std::arch::asm!(
+            "vmovdqa64 {x:z}, zmmword ptr [{pairs} + {q}]",
+            "vpdpbusd {sums0:z}, {values0:z}, {x:z}",
+            "vpdpbusd {sums1:z}, {values1:z}, {x:z}",
+            "vcvtdq2ps {sums0:z}, {sums0:z}",
+            "vcvtdq2ps {sums1:z}, {sums1:z}",
+            // The block's values are read: x takes the scales.
+            "vbroadcastsd {x:z}, qword ptr [{scales} + {scale0_at}]",
+            "vfmadd231ps {acc0:z}, {x:z}, {sums0:z}",
+            "vbroadcastsd {x:z}, qword ptr [{scales} + {scale1_at}]",
+            "vfmadd231ps {acc1:z}, {x:z}, {sums1:z}",
+            pairs = in(reg) pairs,
+            scales = in(reg) scales,
+            values0 = in(zmm_reg) values0,
+            values1 = in(zmm_reg) values1,
+            acc0 = inout(zmm_reg) acc0,
+            acc1 = inout(zmm_reg) acc1,
+            x = out(zmm_reg) _x,
+            sums0 = inout(zmm_reg) start => _,
+            sums1 = inout(zmm_reg) start => _,
+            q = const pair_q_at(P),
+            scale0_at = const 8 * P,
+            scale1_at = const size_of::<Scales>() + 8 * P,
+            options(nostack, readonly, preserves_flags),
+        );
     }
     (acc0, acc1)
 }
