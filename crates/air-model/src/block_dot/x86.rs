@@ -62,7 +62,7 @@ pub(super) fn prefetch_rows<W, const HINT: i32>(w: *const W, rows: Range<usize>,
 /// Weight rows per tile.
 const TILE_W: usize = 4;
 /// Activation rows per tile with 16 vector registers (AVX2), and with 32 (AVX-512VL, which runs
-/// these tiles on fewer than [`MIN_COLUMN_ROWS`] rows). Each unpacked weight block serves every
+/// these tiles where [`column_rows`] is false). Each unpacked weight block serves every
 /// row of the tile, so wider tiles amortise the unpacking, although 4 × 8's 32 accumulators
 /// spill. At most [`LANES`]: a tile reads its rows' scales as one vector.
 const TILE_X_16: usize = 3;
@@ -218,8 +218,8 @@ pub struct Activations {
     /// The blocks, (row, block).
     blocks: RegionBuffer<QuantizedBlock>,
     /// Rows 2p and 2p + 1 side by side for [`tile_columns`], (block, p): a tile reads its pairs'
-    /// blocks at fixed distances. Empty where it does not run (no AVX-512, fewer than
-    /// [`MIN_COLUMN_ROWS`] rows).
+    /// blocks at fixed distances. Empty where it does not run (no AVX-512, or not
+    /// [`column_rows`]).
     pairs: RegionBuffer<PairBlock>,
     /// The pairs per block in `pairs`.
     pair_count: usize,
@@ -252,7 +252,7 @@ impl Activations {
     pub(super) unsafe fn new<W: Weight>(rows: usize, k: usize) -> Self {
         let (kb, padded) = (k / 32, rows + SCALE_PADDING);
         let pair_count =
-            if matches!(instructions(), Instructions::Avx512Vnni) && rows >= MIN_COLUMN_ROWS { rows / 2 } else { 0 };
+            if matches!(instructions(), Instructions::Avx512Vnni) && column_rows(rows) { rows / 2 } else { 0 };
         Self {
             kb,
             padded,
@@ -879,12 +879,17 @@ unsafe fn tiled_dots<W: Weight, D: Dot, const TX: usize>(
     }
 }
 
-/// Fewest activation rows that [`tile_columns`] multiplies; fewer go through [`tile`], whose
-/// single-row tiles also prefetch a generation step's weights rows ahead. Single-thread, Q4_1
-/// at k = 576, n = 1536, GMAC/s on 4 to 7 rows: column tiles 39, 34, 48, 42; [`tile`]'s 4 × 4
-/// to 4 × 7 tiles 51, 56, 57, 58; on 8, 12 and 16 rows column tiles 55, 63, 67
-/// (`fast_kernels_at_model_shapes` in block_dot/mod.rs), 4 × 8 tiles 45-58.
-const MIN_COLUMN_ROWS: usize = 8;
+/// Whether `rows` activation rows go through [`tile_columns`]: 8 or more, or an even 4 or 6
+/// (all in pairs); others through [`tile`], whose single-row tiles also prefetch a generation
+/// step's weights rows ahead. Single-thread, Q4_1 at k = 576, n = 1536, as shares of the fast
+/// kernel's rate in the same run (`fast_kernels_at_model_shapes` in block_dot/mod.rs, 5 rounds
+/// alternated): on 4 rows column tiles 0.97-1.08, [`tile`]'s 4 × 4 tiles 0.60-0.98 (median
+/// 0.84); on 6 rows 0.78-1.09 (median 1.02) against 0.63-0.89 (0.77). On 5 and 7 rows the row
+/// left without a pair cost the column tiles more than they gained (35-57 GMAC/s against
+/// 53-63), as it did before their steps took fewer instructions on 8 rows and more.
+fn column_rows(rows: usize) -> bool {
+    rows >= 8 || (rows >= 4 && rows.is_multiple_of(2))
+}
 /// Weight rows and activation row pairs per [`tile_columns`].
 const COLUMN_TILE_W: usize = 2;
 const COLUMN_TILE_P: usize = 8;
@@ -957,7 +962,7 @@ unsafe fn column_pair_dots<W: Weight>(w: &[W], x: &Activations, rows: Range<usiz
 
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vl")]
 unsafe fn dots_avx512vnni<W: Weight>(w: &[W], x: &Activations, rows: Range<usize>, out: &mut [f32], stride: usize) {
-    if rows.len() < MIN_COLUMN_ROWS {
+    if !column_rows(rows.len()) || x.pair_count < rows.end / 2 {
         unsafe { tiled_dots::<W, Avx512Vnni, TILE_X_32>(w, x, rows, out, stride) }
     } else {
         unsafe { column_pair_dots::<W>(w, x, rows, out, stride) }
@@ -1047,9 +1052,9 @@ mod tests {
         let mut w = vec![W::zeros(); rows_w * kb];
         W::from_float(&data(rows_w * k), &mut w);
         let x = quantized::<W>(&data(rows_x * k), k);
-        // Odd starts and ends leave rows without a pair; ranges of fewer than MIN_COLUMN_ROWS
-        // rows take the 4 × 8 tiles.
-        for rows in [0..14, 3..12, 0..1, 5..7, 0..9, 2..4] {
+        // Odd starts and ends leave rows without a pair; ranges that are not `column_rows`
+        // (2 rows, 5 rows) take the 4 × 8 tiles; even 4 and 6 rows the column tiles.
+        for rows in [0..14, 3..12, 0..1, 5..7, 0..9, 2..4, 2..6, 4..10, 1..5, 6..11] {
             let mut columns = vec![0f32; rows.len() * rows_w];
             let mut ymm = vec![0f32; rows.len() * rows_w];
             // SAFETY: the caller checked the CPU's features.
