@@ -25,16 +25,13 @@ const SCALE_PADDING: usize = 16;
 /// cache (a row of a model's matrix is a few hundred bytes to a few KiB, and the tile reads its
 /// rows side by side). On a Zen 4 core that decoded SmolLM2 14-27% faster than 128 blocks ahead
 /// within each row into the first level (4 of 5 alternations), and a model with 4096-wide rows
-/// 41-51% faster (docs/benchmarks.md). Wider tiles, mostly cache-resident, take the block
-/// [`PREFETCH_BLOCKS`] ahead in their row.
+/// 41-51% faster (docs/benchmarks.md).
 const STREAM_PREFETCH_ROWS: usize = 24;
-const PREFETCH_BLOCKS: usize = 16;
-/// How far ahead [`tile_columns`] prefetches: its weight rows lie side by side and the next
-/// tile's follow, so it reads one stream of bytes, `RM` blocks a step, and asks for the bytes
-/// this far past its place in that stream (about three tiles of SmolLM2's rows). A 16-row step's
-/// matmuls (the `matmul_step` example, one thread) ran about 10% faster than with each row's
-/// block 16 ahead (docs/benchmarks.md, twentieth session).
-const COLUMN_PREFETCH_BYTES: usize = 2048;
+/// Wider tiles ask for the bytes this far ahead in their stream ([`prefetch_stream`]; about three
+/// tiles of SmolLM2's rows). A 16-row step's matmuls (the `matmul_step` example, one thread) ran
+/// about 10% faster than with each row's block 16 ahead; 2 to 7 rows' steps ran up to 2x as
+/// fast as with each row's block 16 ahead within the row (docs/benchmarks.md, twentieth session).
+const TILE_PREFETCH_BYTES: usize = 2048;
 /// Blocks between two weight prefetches of a row: about one per 64-byte cache line.
 const fn blocks_per_prefetch<W>() -> usize {
     let per_line = 64 / size_of::<W>();
@@ -56,6 +53,19 @@ pub(super) fn prefetch_rows<W, const HINT: i32>(w: *const W, rows: Range<usize>,
                 unsafe { _mm_prefetch::<HINT>(block.wrapping_add(line)) };
             }
         }
+    }
+}
+
+/// Asks for the weights [`TILE_PREFETCH_BYTES`] ahead of block `b` of a tile of `RM` weight
+/// rows from `w`: the tile's rows lie side by side and the next tile's follow, so a tile reads
+/// one stream of bytes, `RM` blocks a step. Every block, not once per cache line: the test for
+/// a line's first block took more instructions than the repeated prefetches.
+#[inline(always)]
+fn prefetch_stream<W, const RM: usize>(w: *const W, b: usize) {
+    let ahead = (w as *const u8).wrapping_add(RM * b * size_of::<W>() + TILE_PREFETCH_BYTES);
+    for line in (0..RM * size_of::<W>()).step_by(64) {
+        // SAFETY: a prefetch reads nothing the program sees and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
     }
 }
 
@@ -431,7 +441,7 @@ unsafe fn tile<W: Weight, D: Dot, const RM: usize, const RN: usize>(
             if RN == 1 {
                 prefetch_rows::<W, _MM_HINT_T1>(w, STREAM_PREFETCH_ROWS..STREAM_PREFETCH_ROWS + RM, kb, b);
             } else {
-                prefetch_rows::<W, _MM_HINT_T0>(w, 0..RM, kb, b + PREFETCH_BLOCKS);
+                prefetch_stream::<W, RM>(w, b);
             }
             let ws: [Unpacked; RM] = std::array::from_fn(|i| W::unpack(w.add(i * kb + b)));
             // d_w · d_x for the tile's pairs, one vector per weight row (lanes: activation rows);
@@ -578,13 +588,7 @@ unsafe fn tile_columns<W: Weight, const RM: usize, const RP: usize>(
         macro_rules! block {
             ($b:expr, $scales:expr, $next_scales:expr, $has_next:expr) => {{
                 let b = $b;
-                // Every block, not once per cache line: the test for a line's first block took
-                // more instructions than the repeated prefetches.
-                let ahead = (w as *const u8).wrapping_add(RM * b * size_of::<W>() + COLUMN_PREFETCH_BYTES);
-                for line in (0..RM * size_of::<W>()).step_by(64) {
-                    // SAFETY: a prefetch reads nothing the program sees and never faults.
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                }
+                prefetch_stream::<W, RM>(w, b);
                 let next = unpack_columns::<W, RM>(w, kb, b + 1);
                 if $has_next {
                     store_scales(&mut $next_scales, &next.0, x, j0, b + 1);
