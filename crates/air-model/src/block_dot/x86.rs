@@ -29,8 +29,8 @@ const SCALE_PADDING: usize = 16;
 const STREAM_PREFETCH_ROWS: usize = 24;
 /// Wider tiles ask for the bytes this far ahead in their stream ([`prefetch_stream`]; about three
 /// tiles of SmolLM2's rows). A 16-row step's matmuls (the `matmul_step` example, one thread) ran
-/// about 10% faster than with each row's block 16 ahead; 2 to 7 rows' steps ran up to 2x as
-/// fast as with each row's block 16 ahead within the row (docs/benchmarks.md, twentieth session).
+/// about 10% faster than with each row's block 16 ahead, and 2 to 7 rows' decode steps (which
+/// stream the model from memory) 1.3-1.8x as fast (docs/benchmarks.md, twentieth session).
 const TILE_PREFETCH_BYTES: usize = 2048;
 /// Blocks between two weight prefetches of a row: about one per 64-byte cache line.
 const fn blocks_per_prefetch<W>() -> usize {
